@@ -1,0 +1,351 @@
+//! `ferry`: the one binary. Each subcommand is a thin layer over the library crates.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_common::prepare::{prepare, PrepareOptions};
+use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
+use ferry_worker::generate::{generate, SamplingConfig};
+use ferry_worker::schedule::Decay;
+use ferry_worker::train::{self, TrainConfig};
+use ferry_worker::{pretrained, runtime};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Data-parallel pretraining and fine-tuning of GPT, GPT-2 and BERT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize corpora (WikiText files, plain-text books) into token shards.
+    Prepare(PrepareArgs),
+    /// Pretrain a model in this process.
+    Train(TrainArgs),
+    /// Sample text from a trained model.
+    Generate(GenerateArgs),
+    /// Throughput benchmarks (JSON lines on stdout).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Corpus files, directories or glob patterns (WikiText `.tokens`/`.raw`, plain-text books).
+    #[arg(long = "input", short, required = true, num_args = 1..)]
+    inputs: Vec<String>,
+    /// Output directory for shards, index, manifest and tokenizer.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Use this tokenizer.json instead of training a new one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the trained tokenizer.
+    #[arg(long, default_value_t = 8192)]
+    vocab_size: usize,
+    /// Share of documents held out for validation.
+    #[arg(long, default_value_t = 0.02)]
+    val_fraction: f64,
+    /// Seeds the train/validation assignment.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Maximum tokens per shard file.
+    #[arg(long, default_value_t = 16 << 20)]
+    shard_tokens: u64,
+    /// Hide progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Options left out take the saved run's values with --resume, else the defaults shown.
+#[derive(Args)]
+struct TrainArgs {
+    /// Run directory: train.json, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Continue the run directory from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Prepared data directory (from `ferry prepare`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model family [default: gpt2].
+    #[arg(long)]
+    model: Option<String>,
+    /// Named size: tiny, mini, small, base, medium, large [default: tiny].
+    #[arg(long)]
+    size: Option<String>,
+    /// Override a model config field, e.g. --set n_layer=4 (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    overrides: Vec<String>,
+    /// Tokens per sequence [default: the model's context].
+    #[arg(long)]
+    seq_len: Option<i64>,
+    /// Sequences per optimizer step [default: 16].
+    #[arg(long)]
+    global_batch: Option<u64>,
+    /// Sequences per forward/backward pass [default: 8].
+    #[arg(long)]
+    micro_batch: Option<u64>,
+    /// Optimizer steps in total [default: 300].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate [default: 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate [default: 1e-4].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup steps [default: 30].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Decay after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    decay: Option<Decay>,
+    /// AdamW weight decay on matrices and embeddings [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clip, 0 = off [default: 1.0].
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Held-out evaluation every N steps [default: 100].
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    /// Held-out sequences per evaluation [default: 64].
+    #[arg(long)]
+    eval_sequences: Option<u64>,
+    /// Checkpoint every N steps [default: 100].
+    #[arg(long)]
+    checkpoint_interval: Option<u64>,
+    /// Checkpoints kept [default: 3].
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Seed for initialisation, sample order and dropout [default: 1234].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// libtorch threads, 0 = one per core [default: 0].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl TrainArgs {
+    /// Builds the run's config. Resuming keeps the saved config; only settings that do not
+    /// change the math (length, intervals, threads, device) may be changed then.
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = if self.resume {
+            train::load_run_config(&self.run_dir).context("--resume needs the run's train.json")?
+        } else {
+            TrainConfig::default()
+        };
+        let mut fixed = Vec::new();
+        macro_rules! set {
+            ($field:ident, $flag:literal, $changeable:expr) => {
+                if let Some(v) = self.$field.clone() {
+                    if self.resume && !$changeable && c.$field != v {
+                        fixed.push($flag);
+                    }
+                    c.$field = v;
+                }
+            };
+        }
+        set!(data, "--data", false);
+        set!(model, "--model", false);
+        set!(size, "--size", false);
+        set!(global_batch, "--global-batch", false);
+        set!(micro_batch, "--micro-batch", false);
+        set!(steps, "--steps", true);
+        set!(lr, "--lr", false);
+        set!(min_lr, "--min-lr", false);
+        set!(warmup_steps, "--warmup-steps", false);
+        set!(decay, "--decay", false);
+        set!(weight_decay, "--weight-decay", false);
+        set!(grad_clip, "--grad-clip", false);
+        set!(eval_interval, "--eval-interval", true);
+        set!(eval_sequences, "--eval-sequences", true);
+        set!(checkpoint_interval, "--checkpoint-interval", true);
+        set!(keep_checkpoints, "--keep-checkpoints", true);
+        set!(seed, "--seed", false);
+        set!(threads, "--threads", true);
+        set!(device, "--device", true);
+        if self.seq_len.is_some() {
+            if self.resume && c.seq_len != self.seq_len {
+                fixed.push("--seq-len");
+            }
+            c.seq_len = self.seq_len;
+        }
+        if !self.overrides.is_empty() {
+            if self.resume && c.overrides != self.overrides {
+                fixed.push("--set");
+            }
+            c.overrides = self.overrides.clone();
+        }
+        if !fixed.is_empty() {
+            anyhow::bail!(
+                "{}: {} cannot change when resuming (the run's train.json fixes them)",
+                self.run_dir.join(train::TRAIN_CONFIG_FILE).display(),
+                fixed.join(", ")
+            );
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint directory, a run directory (newest checkpoint) or a transformers model dir.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 50)]
+    top_k: i64,
+    /// Nucleus sampling: the smallest set of tokens with probability >= p.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// GPT-2 training tokens/s on random tokens, as shared/bench/torch_gpt2_bench.py measures it.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    #[arg(long, default_value_t = 6)]
+    layers: i64,
+    #[arg(long, default_value_t = 384)]
+    d_model: i64,
+    #[arg(long, default_value_t = 6)]
+    heads: i64,
+    #[arg(long, default_value_t = 256)]
+    ctx: i64,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    #[arg(long, default_value_t = 8192)]
+    vocab: i64,
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 5)]
+    warmup_steps: usize,
+    /// libtorch threads, 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Leave glibc's default of returning freed blocks to the kernel (the PyTorch default).
+    #[arg(long)]
+    default_allocator: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        // One line: the chain of causes joined, so each error names its file and problem.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Prepare(a) => {
+            let opts = PrepareOptions {
+                inputs: a.inputs,
+                output: a.output.clone(),
+                tokenizer: a.tokenizer,
+                vocab_size: a.vocab_size,
+                val_fraction: a.val_fraction,
+                seed: a.seed,
+                shard_tokens: a.shard_tokens,
+                show_progress: !a.no_progress && std::io::stderr().is_terminal(),
+                ..PrepareOptions::default()
+            };
+            let m = prepare(&opts)?;
+            for (name, s) in &m.splits {
+                println!("{name:>5}: {} tokens, {} documents, {} shard(s)", s.tokens, s.documents, s.shards.len());
+            }
+            println!("vocabulary {} ({}), written to {}", m.vocab_size, m.tokenizer_kind, a.output.display());
+        }
+        Command::Train(a) => {
+            let cfg = a.config()?;
+            let progress = !a.no_progress && std::io::stderr().is_terminal();
+            let s = train::run(&cfg, &a.run_dir, a.resume, progress)?;
+            println!(
+                "done: {} steps, train loss {:.4}, val loss {} -> {}, {:.0} tokens/s{}",
+                s.steps,
+                s.last_loss,
+                s.first_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                s.last_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                s.tokens_per_s,
+                s.last_checkpoint.map_or(String::new(), |p| format!(", checkpoint {}", p.display()))
+            );
+        }
+        Command::Generate(a) => {
+            let device = runtime::select_device(&a.device)?;
+            let loaded = pretrained::load_gpt2(&a.model, device)?;
+            let tok_path = loaded.dir.join("tokenizer.json");
+            let tokenizer = ferry_common::tokenizer::load_tokenizer(&tok_path)?;
+            let enc = tokenizer
+                .encode(a.prompt.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display()))?;
+            let mut prompt: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+            let eos = loaded.model.config.eos_token_id;
+            if prompt.is_empty() {
+                prompt.push(eos.unwrap_or(0));
+            }
+            let sampling = SamplingConfig {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+            };
+            let new = generate(&loaded.model, &prompt, &sampling, eos);
+            let ids: Vec<u32> = new.iter().filter(|&&t| Some(t) != eos).map(|&t| t as u32).collect();
+            let text = tokenizer
+                .decode(&ids, true)
+                .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
+            println!("{}{}", a.prompt, text);
+        }
+        Command::Bench(BenchCommand::Train(a)) => {
+            let r = run_train_bench(&TrainBenchConfig {
+                layers: a.layers,
+                d_model: a.d_model,
+                heads: a.heads,
+                ctx: a.ctx,
+                batch: a.batch,
+                vocab: a.vocab,
+                steps: a.steps,
+                warmup_steps: a.warmup_steps,
+                threads: a.threads,
+                keep_freed_memory: !a.default_allocator,
+                seed: 1234,
+                device: runtime::select_device(&a.device)?,
+            });
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}

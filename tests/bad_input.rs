@@ -1,0 +1,128 @@
+//! Bad input gets one clear error line naming the file and the problem, exit code 1, and no
+//! panic (issue: training engine, must-show 4). Every case runs the real `ferry` binary.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use support::*;
+
+/// A small real-text corpus (from the shared books) prepared with a small vocabulary.
+fn small_prepared(name: &str) -> PathBuf {
+    let corpus = scratch(&format!("{name}-corpus"));
+    std::fs::create_dir_all(&corpus).unwrap();
+    let book = std::fs::read_to_string(data_dir().join("books/carroll-alice.txt")).unwrap();
+    std::fs::write(corpus.join("alice.txt"), book.lines().take(1500).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = scratch(&format!("{name}-prepared"));
+    run_ok(ferry().args(["prepare", "--no-progress", "--vocab-size", "400", "--val-fraction", "0.2", "--input"]).arg(&corpus).arg("--output").arg(&out));
+    out
+}
+
+fn prepare_err(input: &Path) -> String {
+    let out = scratch("bad-prepare-out");
+    run_err(ferry().args(["prepare", "--no-progress", "--input"]).arg(input).arg("--output").arg(out))
+}
+
+fn tiny_train(data: &Path, run: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = ferry();
+    c.args(["train", "--no-progress", "--size", "tiny", "--seq-len", "32", "--steps", "2", "--global-batch", "2", "--micro-batch", "2", "--eval-sequences", "2", "--threads", "1", "--data"])
+        .arg(data)
+        .arg("--run-dir")
+        .arg(run)
+        .args(extra);
+    c
+}
+
+#[test]
+fn empty_corpus_file() {
+    let f = scratch("empty").with_extension("txt");
+    std::fs::write(&f, "\n  \n").unwrap();
+    let err = prepare_err(&f);
+    assert!(err.contains(&f.display().to_string()) && err.contains("empty"), "{err}");
+}
+
+#[test]
+fn binary_file() {
+    let f = scratch("binary").with_extension("txt");
+    std::fs::write(&f, b"some text\n\x7fELF\x02\x01\x01\x00\x00\x00binary").unwrap();
+    let err = prepare_err(&f);
+    assert!(err.contains(&f.display().to_string()) && err.contains("binary"), "{err}");
+}
+
+#[test]
+fn invalid_utf8_names_the_line() {
+    let f = scratch("latin1").with_extension("txt");
+    std::fs::write(&f, b"first line\nsecond line\ncaf\xe9 au lait\n").unwrap();
+    let err = prepare_err(&f);
+    assert!(err.contains(&f.display().to_string()) && err.contains("UTF-8") && err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn input_pattern_matching_nothing() {
+    let err = prepare_err(Path::new("/nonexistent/dir/*.tokens"));
+    assert!(err.contains("/nonexistent/dir/*.tokens"), "{err}");
+}
+
+#[test]
+fn missing_tokenizer() {
+    let missing = scratch("no-such-tokenizer").with_extension("json");
+    let out = scratch("missing-tok-out");
+    let err = run_err(ferry().args(["prepare", "--no-progress", "--input"]).arg(data_dir().join("books/blake-poems.txt")).arg("--tokenizer").arg(&missing).arg("--output").arg(out));
+    assert!(err.contains(&missing.display().to_string()) && err.contains("tokenizer"), "{err}");
+}
+
+#[test]
+fn truncated_shard() {
+    let data = small_prepared("truncated");
+    let shard = data.join("train-00000.bin");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
+    let err = run_err(&mut tiny_train(&data, &scratch("truncated-run"), &[]));
+    assert!(err.contains("train-00000.bin") && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn checkpoint_with_one_flipped_byte() {
+    let data = small_prepared("flipped");
+    let run = scratch("flipped-run");
+    run_ok(&mut tiny_train(&data, &run, &[]));
+    let model = run.join("checkpoints/step-00000002/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&model, bytes).unwrap();
+    let err = run_err(ferry().args(["generate", "--model"]).arg(&run));
+    assert!(err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+    let err = run_err(&mut tiny_train(&data, &run, &["--resume", "--steps", "4"]));
+    assert!(err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+}
+
+#[test]
+fn unknown_model_size() {
+    let data = small_prepared("size");
+    let err = run_err(&mut tiny_train(&data, &scratch("size-run"), &["--size", "gigantic"]));
+    assert!(err.contains("gigantic") && err.contains("tiny, mini, small"), "{err}");
+}
+
+#[test]
+fn unknown_config_override() {
+    let data = small_prepared("override");
+    let err = run_err(&mut tiny_train(&data, &scratch("override-run"), &["--set", "n_layers=3"]));
+    assert!(err.contains("n_layers") && err.contains("n_layer"), "{err}");
+}
+
+#[test]
+fn prepared_directory_without_tokenizer() {
+    let data = small_prepared("notok");
+    let run = scratch("notok-run");
+    std::fs::remove_file(data.join("tokenizer.json")).unwrap();
+    let err = run_err(&mut tiny_train(&data, &run, &[]));
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn generate_from_a_directory_that_is_not_a_model() {
+    let dir = scratch("not-a-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = run_err(ferry().args(["generate", "--model"]).arg(&dir));
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+}

@@ -1,0 +1,123 @@
+//! Checkpoint directories: `checkpoints/step-00000100/` holding `model.safetensors` and
+//! `config.json` (a `transformers` model directory), `tokenizer.json`, the optimizer moments,
+//! the trainer state, and `checksums.json` over all of them.
+//!
+//! A checkpoint is built in a hidden temp directory and renamed into place, so a crash never
+//! leaves a half-written `step-*` directory; checksums catch corruption after the fact.
+
+use crate::error::{EngineError, Result};
+use crate::fsutil::{read_json, sha256_file, sync_dir, write_json};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const CHECKSUMS_FILE: &str = "checksums.json";
+
+/// Everything besides tensors needed to continue a run exactly.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed; the next step to run has this 0-based index.
+    pub step: u64,
+    /// Sequences consumed from the sample stream (`step * global_batch`): the data cursor.
+    pub samples_seen: u64,
+    pub tokens_seen: u64,
+    /// The run's seed. Every random choice (sample order, dropout masks) is derived from it and
+    /// the step and micro-batch indices, so this plus `step` is the complete RNG state.
+    pub seed: u64,
+    pub rng_derivation: String,
+    pub optimizer_steps: i64,
+    pub last_loss: Option<f64>,
+}
+
+/// Writes a checkpoint for `step` under `run_dir/checkpoints`; `write_files` fills the temp
+/// directory with everything but the checksums.
+pub fn save(run_dir: &Path, step: u64, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(|e| EngineError::io(&root, e))?;
+    let name = format!("step-{step:08}");
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    write_files(&tmp)?;
+    let mut sums = BTreeMap::new();
+    for entry in std::fs::read_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))? {
+        let path = entry.map_err(|e| EngineError::io(&tmp, e))?.path();
+        let file = path.file_name().expect("entry has a name").to_string_lossy().into_owned();
+        sums.insert(file, sha256_file(&path)?);
+    }
+    write_json(&tmp.join(CHECKSUMS_FILE), &sums)?;
+    sync_dir(&tmp)?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| EngineError::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| EngineError::io(&dest, e))?;
+    sync_dir(&root)?;
+    Ok(dest)
+}
+
+/// Completed checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join("checkpoints");
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(EngineError::io(&root, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| EngineError::io(&root, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let all = list(run_dir)?;
+    let excess = all.len().saturating_sub(keep.max(1));
+    for (_, path) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).map_err(|e| EngineError::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Checks every file listed in `checksums.json`. A directory without one (a model from
+/// `transformers`) is accepted as it is.
+pub fn verify(dir: &Path) -> Result<()> {
+    let sums_path = dir.join(CHECKSUMS_FILE);
+    if !sums_path.exists() {
+        return Ok(());
+    }
+    let sums: BTreeMap<String, String> = read_json(&sums_path)?;
+    for (file, expected) in sums {
+        let path = dir.join(&file);
+        if !path.exists() {
+            return Err(EngineError::file(&path, "listed in checksums.json but missing: the checkpoint is incomplete"));
+        }
+        let found = sha256_file(&path)?;
+        if found != expected {
+            return Err(EngineError::Checksum { path, expected, found });
+        }
+    }
+    Ok(())
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    read_json(&dir.join(STATE_FILE))
+}

@@ -1,0 +1,404 @@
+//! The single-process training loop: read it top to bottom in `run`.
+//!
+//! A step takes the global batch of the sample order, runs it as micro-batches with gradients
+//! accumulated as sums of per-token losses divided by the step's token count, clips, and takes
+//! an AdamW step. Every random choice derives from (seed, step, micro-batch index), so a run
+//! resumed from a checkpoint retraces the uninterrupted one exactly.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::error::{EngineError, Result};
+use crate::fsutil::{read_json, write_json};
+use crate::metrics::MetricsLog;
+use crate::models::{gpt2, overrides::apply_overrides, ParamStore};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::runtime;
+use crate::sampler::{mix_seed, SampleOrder};
+use crate::schedule::{Decay, LrSchedule};
+use crate::weights;
+use ferry_common::shards::TokenSplit;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// Everything that defines a training run; saved as `train.json` in the run directory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model family (`gpt2`).
+    pub model: String,
+    /// Named size: tiny, mini, small, base, medium, large.
+    pub size: String,
+    /// Per-field overrides of the model config, `field=value`.
+    pub overrides: Vec<String>,
+    /// A directory written by `ferry prepare`.
+    pub data: PathBuf,
+    /// Tokens per training sequence; defaults to the model's context length.
+    pub seq_len: Option<i64>,
+    /// Sequences per optimizer step, whatever the number of processes.
+    pub global_batch: u64,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: u64,
+    pub steps: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub decay: Decay,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub grad_clip: f64,
+    pub eval_interval: u64,
+    pub eval_sequences: u64,
+    pub checkpoint_interval: u64,
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    /// libtorch intra-op threads; 0 = one per core.
+    pub threads: usize,
+    /// auto, cpu, cuda or cuda:N.
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "gpt2".into(),
+            size: "tiny".into(),
+            overrides: Vec::new(),
+            data: PathBuf::from("data-prepared"),
+            seq_len: None,
+            global_batch: 16,
+            micro_batch: 8,
+            steps: 300,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 30,
+            decay: Decay::Cosine,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_interval: 100,
+            eval_sequences: 64,
+            checkpoint_interval: 100,
+            keep_checkpoints: 3,
+            seed: 1234,
+            threads: 0,
+            device: "auto".into(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, message: String| Err(EngineError::Config { field: field.into(), message });
+        if self.model != "gpt2" {
+            return bad("model", format!("`{}` is not a known model family (gpt2)", self.model));
+        }
+        gpt2::Config::sized(&self.size, 1)?;
+        if self.micro_batch == 0 || self.global_batch == 0 {
+            return bad("micro_batch", "global_batch and micro_batch must be positive".into());
+        }
+        if self.global_batch % self.micro_batch != 0 {
+            return bad(
+                "global_batch",
+                format!("{} is not a multiple of micro_batch {}", self.global_batch, self.micro_batch),
+            );
+        }
+        if self.steps == 0 {
+            return bad("steps", "must be positive".into());
+        }
+        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad("lr", format!("need 0 <= min_lr ({}) <= lr ({}) and lr > 0", self.min_lr, self.lr));
+        }
+        Ok(())
+    }
+
+    pub fn model_config(&self, vocab_size: i64) -> Result<gpt2::Config> {
+        let mut c = gpt2::Config::sized(&self.size, vocab_size)?;
+        if let Some(t) = self.seq_len {
+            c.n_positions = c.n_positions.max(t);
+        }
+        let c = apply_overrides(&c, &self.overrides)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub const TRAIN_CONFIG_FILE: &str = "train.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub first_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub last_loss: f64,
+    pub tokens_per_s: f64,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+struct Data {
+    train: TokenSplit,
+    val: TokenSplit,
+    tokenizer_path: PathBuf,
+}
+
+/// Training state that lives across steps.
+struct Engine {
+    cfg: TrainConfig,
+    device: Device,
+    seq_len: i64,
+    ps: ParamStore,
+    model: gpt2::Gpt2,
+    opt: AdamW,
+    schedule: LrSchedule,
+    order: SampleOrder,
+    data: Data,
+    flops_per_token: f64,
+    peak_gflops: f64,
+}
+
+/// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
+pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> Result<RunSummary> {
+    cfg.validate()?;
+    std::fs::create_dir_all(run_dir).map_err(|e| EngineError::io(run_dir, e))?;
+    let config_path = run_dir.join(TRAIN_CONFIG_FILE);
+    let resume_from = if resume { checkpoint::latest(run_dir)? } else { None };
+    if !resume && !checkpoint::list(run_dir)?.is_empty() {
+        return Err(EngineError::file(run_dir, "already holds checkpoints: pass --resume to continue it, or choose a new --run-dir"));
+    }
+    write_json(&config_path, cfg)?;
+
+    let mut engine = Engine::new(cfg)?;
+    let mut state = TrainerState {
+        step: 0,
+        samples_seen: 0,
+        tokens_seen: 0,
+        seed: cfg.seed,
+        rng_derivation: "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)".into(),
+        optimizer_steps: 0,
+        last_loss: None,
+    };
+    if let Some(dir) = &resume_from {
+        state = engine.restore(dir)?;
+        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    }
+    let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume_from.as_ref().map(|_| state.step))?;
+
+    let mut first_val = None;
+    if state.step == 0 {
+        let val = engine.evaluate()?;
+        log.write(&json!({"event": "eval", "step": 0, "val_loss": val, "val_ppl": val.exp()}))?;
+        println!("step {:>6}  val_loss {val:.4}  val_ppl {:.1}", 0, val.exp());
+        first_val = Some(val);
+    }
+    let bar = progress_bar(progress, cfg.steps, state.step);
+    let tokens_per_step = cfg.global_batch * engine.seq_len as u64;
+    let (mut last_val, mut last_ckpt, mut last_loss) = (None, None, f64::NAN);
+    let run_start = Instant::now();
+    let first_step = state.step;
+
+    for step in state.step..cfg.steps {
+        let t0 = Instant::now();
+        let lr = engine.schedule.at(step);
+        let (loss, grad_norm) = engine.train_step(step, lr)?;
+        let secs = t0.elapsed().as_secs_f64();
+        last_loss = loss;
+        state.step = step + 1;
+        state.samples_seen += cfg.global_batch;
+        state.tokens_seen += tokens_per_step;
+        state.optimizer_steps = engine.opt.steps();
+        state.last_loss = Some(loss);
+        let tps = tokens_per_step as f64 / secs;
+        let mfu = engine.flops_per_token * tps / 1e9 / engine.peak_gflops;
+        log.write(&json!({
+            "event": "step", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": state.tokens_seen, "step_ms": secs * 1e3, "tokens_per_s": tps, "mfu": mfu,
+            "world_size": 1, "generation": 0,
+        }))?;
+        bar.set_position(state.step);
+        bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s | mfu {:.0}%", 100.0 * mfu));
+        if bar.is_hidden() && (state.step % 10 == 0 || state.step == cfg.steps) {
+            eprintln!("step {:>6}/{}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s", state.step, cfg.steps);
+        }
+
+        let last = state.step == cfg.steps;
+        if last || (cfg.eval_interval > 0 && state.step % cfg.eval_interval == 0) {
+            let val = engine.evaluate()?;
+            log.write(&json!({"event": "eval", "step": state.step, "val_loss": val, "val_ppl": val.exp()}))?;
+            bar.suspend(|| println!("step {:>6}  val_loss {val:.4}  val_ppl {:.1}", state.step, val.exp()));
+            last_val = Some(val);
+        }
+        if last || (cfg.checkpoint_interval > 0 && state.step % cfg.checkpoint_interval == 0) {
+            let dir = engine.save_checkpoint(run_dir, &state)?;
+            checkpoint::prune(run_dir, cfg.keep_checkpoints)?;
+            log.write(&json!({"event": "checkpoint", "step": state.step, "path": dir}))?;
+            last_ckpt = Some(dir);
+        }
+    }
+    bar.finish_and_clear();
+    let trained = (cfg.steps - first_step) * tokens_per_step;
+    Ok(RunSummary {
+        steps: cfg.steps,
+        first_val_loss: first_val,
+        last_val_loss: last_val,
+        last_loss,
+        tokens_per_s: trained as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
+        last_checkpoint: last_ckpt,
+    })
+}
+
+/// Reads the configuration a run directory was started with.
+pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
+    read_json(&run_dir.join(TRAIN_CONFIG_FILE))
+}
+
+fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(at);
+    bar
+}
+
+impl Engine {
+    fn new(cfg: &TrainConfig) -> Result<Self> {
+        runtime::keep_freed_memory();
+        runtime::configure_threads(cfg.threads);
+        let device = runtime::select_device(&cfg.device)?;
+
+        let train = TokenSplit::open(&cfg.data, "train", true)?;
+        let val = TokenSplit::open(&cfg.data, "val", true)?;
+        let manifest = train.manifest().clone();
+        let tokenizer_path = cfg.data.join(&manifest.tokenizer_file);
+        // Checkpoints carry the tokenizer; fail now, not at the first checkpoint.
+        ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
+        let mut mc = cfg.model_config(manifest.vocab_size as i64)?;
+        mc.eos_token_id = Some(manifest.eos_token_id as i64);
+        mc.bos_token_id = Some(manifest.eos_token_id as i64);
+        let seq_len = cfg.seq_len.unwrap_or(mc.n_positions);
+        let num_sequences = train.num_sequences(seq_len as usize);
+        if num_sequences == 0 || val.num_sequences(seq_len as usize) == 0 {
+            return Err(EngineError::file(&cfg.data, format!("too few tokens for one sequence of {seq_len} in train or val")));
+        }
+
+        tch::manual_seed(mix_seed(&[cfg.seed, 0x1417]) as i64 & i64::MAX);
+        let mut ps = ParamStore::new(device);
+        let model = gpt2::Gpt2::new(&mut ps, &mc)?;
+        let flops_per_token = mc.flops_per_token(seq_len, model.non_embedding_params(&ps));
+        let opt = AdamW::new(
+            &ps,
+            AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay },
+        );
+        let schedule = LrSchedule {
+            peak: cfg.lr,
+            min: cfg.min_lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps,
+            decay: cfg.decay,
+        };
+        Ok(Engine {
+            cfg: cfg.clone(),
+            device,
+            seq_len,
+            order: SampleOrder::new(cfg.seed, num_sequences),
+            ps,
+            model,
+            opt,
+            schedule,
+            data: Data { train, val, tokenizer_path },
+            flops_per_token,
+            peak_gflops: runtime::matmul_gflops(device),
+        })
+    }
+
+    /// Sequences `[batch, seq_len + 1]` as (inputs, targets) on the device.
+    fn batch(&self, split: &TokenSplit, indices: &[u64]) -> Result<(Tensor, Tensor)> {
+        let t = self.seq_len as usize;
+        let mut all = Vec::with_capacity(indices.len() * (t + 1));
+        let mut seq = Vec::with_capacity(t + 1);
+        for &i in indices {
+            split.sequence(i, t, &mut seq)?;
+            all.extend_from_slice(&seq);
+        }
+        let tokens = Tensor::from_slice(&all).reshape([indices.len() as i64, t as i64 + 1]).to_device(self.device);
+        Ok((tokens.narrow(1, 0, t as i64), tokens.narrow(1, 1, t as i64)))
+    }
+
+    /// One optimizer step over the global batch; returns (mean token loss, gradient norm).
+    fn train_step(&mut self, step: u64, lr: f64) -> Result<(f64, f64)> {
+        let cfg = &self.cfg;
+        let sequences = self.order.step_sequences(step, cfg.global_batch);
+        let step_tokens = (cfg.global_batch as i64 * self.seq_len) as f64;
+        let mut loss_sum = 0.0;
+        for (micro, chunk) in sequences.chunks(cfg.micro_batch as usize).enumerate() {
+            // Dropout masks depend on the micro-batch's place in the global step, not on
+            // which process runs it.
+            tch::manual_seed(mix_seed(&[cfg.seed, step, micro as u64]) as i64 & i64::MAX);
+            let (inputs, targets) = self.batch(&self.data.train, chunk)?;
+            let loss = self.model.lm_loss_sum(&inputs, &targets, true) / step_tokens;
+            loss.backward();
+            loss_sum += loss.double_value(&[]);
+        }
+        let grad_norm = clip_grad_norm(&self.ps, cfg.grad_clip);
+        self.opt.step(lr);
+        self.ps.zero_grad();
+        if !loss_sum.is_finite() {
+            return Err(EngineError::Config {
+                field: "lr".into(),
+                message: format!("loss became {loss_sum} at step {}: lower the learning rate", step + 1),
+            });
+        }
+        Ok((loss_sum, grad_norm))
+    }
+
+    /// Mean next-token loss over the first `eval_sequences` held-out sequences.
+    fn evaluate(&self) -> Result<f64> {
+        let n = self.data.val.num_sequences(self.seq_len as usize).min(self.cfg.eval_sequences.max(1));
+        let indices: Vec<u64> = (0..n).collect();
+        let (mut total, mut count) = (0.0, 0.0);
+        tch::no_grad(|| -> Result<()> {
+            for chunk in indices.chunks(self.cfg.micro_batch as usize) {
+                let (inputs, targets) = self.batch(&self.data.val, chunk)?;
+                total += self.model.lm_loss_sum(&inputs, &targets, false).double_value(&[]);
+                count += targets.numel() as f64;
+            }
+            Ok(())
+        })?;
+        Ok(total / count)
+    }
+
+    fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
+        checkpoint::save(run_dir, state.step, |dir| {
+            weights::save_safetensors(&dir.join(checkpoint::MODEL_FILE), self.ps.named())?;
+            write_json(&dir.join(checkpoint::CONFIG_FILE), &self.model.config.to_hf_json())?;
+            let tok = &self.data.tokenizer_path;
+            std::fs::copy(tok, dir.join(checkpoint::TOKENIZER_FILE)).map_err(|e| EngineError::io(tok, e))?;
+            weights::save_safetensors(&dir.join(checkpoint::OPTIMIZER_FILE), &self.opt.state_tensors())?;
+            write_json(&dir.join(checkpoint::STATE_FILE), state)
+        })
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
+        checkpoint::verify(dir)?;
+        let state = checkpoint::read_state(dir)?;
+        if state.seed != self.cfg.seed {
+            return Err(EngineError::file(dir, format!("was trained with seed {}, the run config says {}", state.seed, self.cfg.seed)));
+        }
+        let model_path = dir.join(checkpoint::MODEL_FILE);
+        weights::load_into(&self.ps, &weights::load_safetensors(&model_path)?, "transformer.", &model_path)?;
+        let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
+        self.opt.load_state(&weights::load_safetensors(&opt_path)?, state.optimizer_steps, &opt_path)?;
+        Ok(state)
+    }
+}
