@@ -12,7 +12,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Data-parallel pretraining and fine-tuning of GPT, GPT-2 and BERT")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Data-parallel pretraining and fine-tuning of GPT, GPT-2 and BERT"
+)]
+#[command(args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -284,9 +289,19 @@ fn run(cli: Cli) -> Result<()> {
             };
             let m = prepare(&opts)?;
             for (name, s) in &m.splits {
-                println!("{name:>5}: {} tokens, {} documents, {} shard(s)", s.tokens, s.documents, s.shards.len());
+                println!(
+                    "{name:>5}: {} tokens, {} documents, {} shard(s)",
+                    s.tokens,
+                    s.documents,
+                    s.shards.len()
+                );
             }
-            println!("vocabulary {} ({}), written to {}", m.vocab_size, m.tokenizer_kind, a.output.display());
+            println!(
+                "vocabulary {} ({}), written to {}",
+                m.vocab_size,
+                m.tokenizer_kind,
+                a.output.display()
+            );
         }
         Command::Train(a) => {
             let cfg = a.config()?;
@@ -299,7 +314,8 @@ fn run(cli: Cli) -> Result<()> {
                 s.first_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
                 s.last_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
                 s.tokens_per_s,
-                s.last_checkpoint.map_or(String::new(), |p| format!(", checkpoint {}", p.display()))
+                s.last_checkpoint
+                    .map_or(String::new(), |p| format!(", checkpoint {}", p.display()))
             );
         }
         Command::Generate(a) => {
@@ -307,9 +323,9 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = pretrained::load_gpt2(&a.model, device)?;
             let tok_path = loaded.dir.join("tokenizer.json");
             let tokenizer = ferry_common::tokenizer::load_tokenizer(&tok_path)?;
-            let enc = tokenizer
-                .encode(a.prompt.as_str(), false)
-                .map_err(|e| anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display()))?;
+            let enc = tokenizer.encode(a.prompt.as_str(), false).map_err(|e| {
+                anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display())
+            })?;
             let mut prompt: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
             let eos = loaded.model.config.eos_token_id;
             if prompt.is_empty() {
@@ -323,7 +339,11 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
             };
             let new = generate(&loaded.model, &prompt, &sampling, eos);
-            let ids: Vec<u32> = new.iter().filter(|&&t| Some(t) != eos).map(|&t| t as u32).collect();
+            let ids: Vec<u32> = new
+                .iter()
+                .filter(|&&t| Some(t) != eos)
+                .map(|&t| t as u32)
+                .collect();
             let text = tokenizer
                 .decode(&ids, true)
                 .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;

@@ -11,24 +11,66 @@ fn small_prepared(name: &str) -> PathBuf {
     let corpus = scratch(&format!("{name}-corpus"));
     std::fs::create_dir_all(&corpus).unwrap();
     let book = std::fs::read_to_string(data_dir().join("books/carroll-alice.txt")).unwrap();
-    std::fs::write(corpus.join("alice.txt"), book.lines().take(1500).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        corpus.join("alice.txt"),
+        book.lines().take(1500).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
     let out = scratch(&format!("{name}-prepared"));
-    run_ok(ferry().args(["prepare", "--no-progress", "--vocab-size", "400", "--val-fraction", "0.2", "--input"]).arg(&corpus).arg("--output").arg(&out));
+    run_ok(
+        ferry()
+            .args([
+                "prepare",
+                "--no-progress",
+                "--vocab-size",
+                "400",
+                "--val-fraction",
+                "0.2",
+                "--input",
+            ])
+            .arg(&corpus)
+            .arg("--output")
+            .arg(&out),
+    );
     out
 }
 
 fn prepare_err(input: &Path) -> String {
     let out = scratch("bad-prepare-out");
-    run_err(ferry().args(["prepare", "--no-progress", "--input"]).arg(input).arg("--output").arg(out))
+    run_err(
+        ferry()
+            .args(["prepare", "--no-progress", "--input"])
+            .arg(input)
+            .arg("--output")
+            .arg(out),
+    )
 }
 
 fn tiny_train(data: &Path, run: &Path, extra: &[&str]) -> std::process::Command {
     let mut c = ferry();
-    c.args(["train", "--no-progress", "--size", "tiny", "--seq-len", "32", "--steps", "2", "--global-batch", "2", "--micro-batch", "2", "--eval-sequences", "2", "--threads", "1", "--data"])
-        .arg(data)
-        .arg("--run-dir")
-        .arg(run)
-        .args(extra);
+    c.args([
+        "train",
+        "--no-progress",
+        "--size",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--global-batch",
+        "2",
+        "--micro-batch",
+        "2",
+        "--eval-sequences",
+        "2",
+        "--threads",
+        "1",
+        "--data",
+    ])
+    .arg(data)
+    .arg("--run-dir")
+    .arg(run)
+    .args(extra);
     c
 }
 
@@ -37,7 +79,10 @@ fn empty_corpus_file() {
     let f = scratch("empty").with_extension("txt");
     std::fs::write(&f, "\n  \n").unwrap();
     let err = prepare_err(&f);
-    assert!(err.contains(&f.display().to_string()) && err.contains("empty"), "{err}");
+    assert!(
+        err.contains(&f.display().to_string()) && err.contains("empty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -45,7 +90,10 @@ fn binary_file() {
     let f = scratch("binary").with_extension("txt");
     std::fs::write(&f, b"some text\n\x7fELF\x02\x01\x01\x00\x00\x00binary").unwrap();
     let err = prepare_err(&f);
-    assert!(err.contains(&f.display().to_string()) && err.contains("binary"), "{err}");
+    assert!(
+        err.contains(&f.display().to_string()) && err.contains("binary"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -53,7 +101,10 @@ fn invalid_utf8_names_the_line() {
     let f = scratch("latin1").with_extension("txt");
     std::fs::write(&f, b"first line\nsecond line\ncaf\xe9 au lait\n").unwrap();
     let err = prepare_err(&f);
-    assert!(err.contains(&f.display().to_string()) && err.contains("UTF-8") && err.contains("line 3"), "{err}");
+    assert!(
+        err.contains(&f.display().to_string()) && err.contains("UTF-8") && err.contains("line 3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,8 +117,19 @@ fn input_pattern_matching_nothing() {
 fn missing_tokenizer() {
     let missing = scratch("no-such-tokenizer").with_extension("json");
     let out = scratch("missing-tok-out");
-    let err = run_err(ferry().args(["prepare", "--no-progress", "--input"]).arg(data_dir().join("books/blake-poems.txt")).arg("--tokenizer").arg(&missing).arg("--output").arg(out));
-    assert!(err.contains(&missing.display().to_string()) && err.contains("tokenizer"), "{err}");
+    let err = run_err(
+        ferry()
+            .args(["prepare", "--no-progress", "--input"])
+            .arg(data_dir().join("books/blake-poems.txt"))
+            .arg("--tokenizer")
+            .arg(&missing)
+            .arg("--output")
+            .arg(out),
+    );
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("tokenizer"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -77,7 +139,10 @@ fn truncated_shard() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
     let err = run_err(&mut tiny_train(&data, &scratch("truncated-run"), &[]));
-    assert!(err.contains("train-00000.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("train-00000.bin") && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,22 +156,39 @@ fn checkpoint_with_one_flipped_byte() {
     bytes[mid] ^= 0x01;
     std::fs::write(&model, bytes).unwrap();
     let err = run_err(ferry().args(["generate", "--model"]).arg(&run));
-    assert!(err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("checksum mismatch"),
+        "{err}"
+    );
     let err = run_err(&mut tiny_train(&data, &run, &["--resume", "--steps", "4"]));
-    assert!(err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("checksum mismatch"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_model_size() {
     let data = small_prepared("size");
-    let err = run_err(&mut tiny_train(&data, &scratch("size-run"), &["--size", "gigantic"]));
-    assert!(err.contains("gigantic") && err.contains("tiny, mini, small"), "{err}");
+    let err = run_err(&mut tiny_train(
+        &data,
+        &scratch("size-run"),
+        &["--size", "gigantic"],
+    ));
+    assert!(
+        err.contains("gigantic") && err.contains("tiny, mini, small"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_config_override() {
     let data = small_prepared("override");
-    let err = run_err(&mut tiny_train(&data, &scratch("override-run"), &["--set", "n_layers=3"]));
+    let err = run_err(&mut tiny_train(
+        &data,
+        &scratch("override-run"),
+        &["--set", "n_layers=3"],
+    ));
     assert!(err.contains("n_layers") && err.contains("n_layer"), "{err}");
 }
 

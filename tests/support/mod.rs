@@ -44,11 +44,23 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 pub fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{cmd:?} should have failed; stderr: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "{cmd:?}: exit {:?} (a panic exits 101); stderr: {stderr}", out.status);
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{cmd:?}: exit {:?} (a panic exits 101); stderr: {stderr}",
+        out.status
+    );
     assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{cmd:?}: expected one error line, got: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{cmd:?}: expected one error line, got: {stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{cmd:?}: {stderr}");
     lines[0].to_string()
 }
@@ -58,16 +70,28 @@ pub fn prepared_shared_corpus() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let data = data_dir();
-        assert!(data.join("wikitext").is_dir(), "shared data not found at {}: set FERRY_DATA_DIR", data.display());
+        assert!(
+            data.join("wikitext").is_dir(),
+            "shared data not found at {}: set FERRY_DATA_DIR",
+            data.display()
+        );
         let out = scratch("prepared-shared");
-        run_ok(ferry().args(["prepare", "--no-progress", "--output"]).arg(&out).arg("--input").arg(data.join("wikitext")).arg(data.join("books")));
+        run_ok(
+            ferry()
+                .args(["prepare", "--no-progress", "--output"])
+                .arg(&out)
+                .arg("--input")
+                .arg(data.join("wikitext"))
+                .arg(data.join("books")),
+        );
         out
     })
 }
 
 /// A fresh directory under the target dir's scratch space, unique to this test process.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     dir

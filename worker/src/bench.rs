@@ -62,7 +62,15 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> TrainBenchResult {
     (mc.n_layer, mc.n_embd, mc.n_head, mc.n_positions) = (c.layers, c.d_model, c.heads, c.ctx);
     let mut ps = ParamStore::new(c.device);
     let model = gpt2::Gpt2::new(&mut ps, &mc).expect("valid bench config");
-    let mut opt = AdamW::new(&ps, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+    let mut opt = AdamW::new(
+        &ps,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    );
     let peak = runtime::matmul_gflops(c.device);
     let non_emb = model.non_embedding_params(&ps);
     let flops = mc.flops_per_token(c.ctx, non_emb);

@@ -36,7 +36,11 @@ pub struct TrainerState {
 
 /// Writes a checkpoint for `step` under `run_dir/checkpoints`; `write_files` fills the temp
 /// directory with everything but the checksums.
-pub fn save(run_dir: &Path, step: u64, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    step: u64,
+    write_files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| EngineError::io(&root, e))?;
     let name = format!("step-{step:08}");
@@ -49,7 +53,11 @@ pub fn save(run_dir: &Path, step: u64, write_files: impl FnOnce(&Path) -> Result
     let mut sums = BTreeMap::new();
     for entry in std::fs::read_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))? {
         let path = entry.map_err(|e| EngineError::io(&tmp, e))?.path();
-        let file = path.file_name().expect("entry has a name").to_string_lossy().into_owned();
+        let file = path
+            .file_name()
+            .expect("entry has a name")
+            .to_string_lossy()
+            .into_owned();
         sums.insert(file, sha256_file(&path)?);
     }
     write_json(&tmp.join(CHECKSUMS_FILE), &sums)?;
@@ -74,8 +82,14 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     for entry in entries {
         let path = entry.map_err(|e| EngineError::io(&root, e))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             out.push((step, path));
         }
     }
@@ -108,11 +122,18 @@ pub fn verify(dir: &Path) -> Result<()> {
     for (file, expected) in sums {
         let path = dir.join(&file);
         if !path.exists() {
-            return Err(EngineError::file(&path, "listed in checksums.json but missing: the checkpoint is incomplete"));
+            return Err(EngineError::file(
+                &path,
+                "listed in checksums.json but missing: the checkpoint is incomplete",
+            ));
         }
         let found = sha256_file(&path)?;
         if found != expected {
-            return Err(EngineError::Checksum { path, expected, found });
+            return Err(EngineError::Checksum {
+                path,
+                expected,
+                found,
+            });
         }
     }
     Ok(())

@@ -17,7 +17,12 @@ pub struct SamplingConfig {
 }
 
 /// Continues `prompt` and returns only the new tokens; stops early at `stop_token`.
-pub fn generate(model: &Gpt2, prompt: &[i64], cfg: &SamplingConfig, stop_token: Option<i64>) -> Vec<i64> {
+pub fn generate(
+    model: &Gpt2,
+    prompt: &[i64],
+    cfg: &SamplingConfig,
+    stop_token: Option<i64>,
+) -> Vec<i64> {
     tch::manual_seed(cfg.seed as i64 & i64::MAX);
     let device = model.wte_device();
     let ctx = model.config.n_positions as usize;
@@ -27,7 +32,11 @@ pub fn generate(model: &Gpt2, prompt: &[i64], cfg: &SamplingConfig, stop_token: 
         for _ in 0..cfg.max_new_tokens {
             let window = &tokens[tokens.len().saturating_sub(ctx)..];
             let input = Tensor::from_slice(window).unsqueeze(0).to_device(device);
-            let logits = model.logits(&input).get(0).get(window.len() as i64 - 1).to_kind(Kind::Float);
+            let logits = model
+                .logits(&input)
+                .get(0)
+                .get(window.len() as i64 - 1)
+                .to_kind(Kind::Float);
             let next = pick(&logits, cfg);
             tokens.push(next);
             out.push(next);
@@ -59,5 +68,8 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
         let drop = drop_sorted.scatter(0, &order, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    logits.softmax(0, Kind::Float).multinomial(1, false).int64_value(&[0])
+    logits
+        .softmax(0, Kind::Float)
+        .multinomial(1, false)
+        .int64_value(&[0])
 }

@@ -36,12 +36,17 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .map_err(|e| EngineError::io(path, e))?;
-        Ok(MetricsLog { path: path.to_path_buf(), file })
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {
         let line = format!("{record}\n");
-        self.file.write_all(line.as_bytes()).map_err(|e| EngineError::io(&self.path, e))
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| EngineError::io(&self.path, e))
     }
 
     /// Reads every record of a metrics file (for tests and reports).
@@ -49,7 +54,10 @@ impl MetricsLog {
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
         text.lines()
             .enumerate()
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| EngineError::file(path, format!("line {}: {e}", i + 1))))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| EngineError::file(path, format!("line {}: {e}", i + 1)))
+            })
             .collect()
     }
 }

@@ -45,7 +45,11 @@ impl AdamW {
                 decay: p.dim() >= 2,
             })
             .collect();
-        AdamW { config, slots, steps: 0 }
+        AdamW {
+            config,
+            slots,
+            steps: 0,
+        }
     }
 
     pub fn steps(&self) -> i64 {
@@ -83,21 +87,35 @@ impl AdamW {
         let mut out = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
             out.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.shallow_clone()));
+            out.push((
+                format!("exp_avg_sq.{}", s.name),
+                s.exp_avg_sq.shallow_clone(),
+            ));
         }
         out
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: i64, path: &Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        steps: i64,
+        path: &Path,
+    ) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for s in &mut self.slots {
-                for (key, dst) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+                for (key, dst) in [
+                    ("exp_avg", &mut s.exp_avg),
+                    ("exp_avg_sq", &mut s.exp_avg_sq),
+                ] {
                     let name = format!("{key}.{}", s.name);
-                    let src = tensors
-                        .get(&name)
-                        .ok_or_else(|| EngineError::file(path, format!("optimizer state {name} is missing")))?;
+                    let src = tensors.get(&name).ok_or_else(|| {
+                        EngineError::file(path, format!("optimizer state {name} is missing"))
+                    })?;
                     if src.size() != dst.size() {
-                        return Err(EngineError::file(path, format!("optimizer state {name}: shape mismatch")));
+                        return Err(EngineError::file(
+                            path,
+                            format!("optimizer state {name}: shape mismatch"),
+                        ));
                     }
                     dst.f_copy_(&src.to_device(dst.device()))?;
                 }
@@ -113,7 +131,12 @@ impl AdamW {
 /// clipping (as torch.nn.utils.clip_grad_norm_ does).
 pub fn clip_grad_norm(ps: &ParamStore, max_norm: f64) -> f64 {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = ps.named().iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = ps
+            .named()
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(|g| g.defined())
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }

@@ -34,16 +34,27 @@ pub fn load_gpt2(dir: &Path, device: Device) -> Result<LoadedGpt2> {
     let raw: serde_json::Value = read_json(&config_path)?;
     let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     if model_type != "gpt2" {
-        return Err(EngineError::file(&config_path, format!("model_type is `{model_type}`, expected `gpt2`")));
+        return Err(EngineError::file(
+            &config_path,
+            format!("model_type is `{model_type}`, expected `gpt2`"),
+        ));
     }
-    let config: gpt2::Config =
-        serde_json::from_value(raw).map_err(|e| EngineError::file(&config_path, format!("invalid GPT-2 config: {e}")))?;
+    let config: gpt2::Config = serde_json::from_value(raw)
+        .map_err(|e| EngineError::file(&config_path, format!("invalid GPT-2 config: {e}")))?;
     let mut params = ParamStore::new(device);
     let model = gpt2::Gpt2::new(&mut params, &config)?;
     let weights_path = dir.join(checkpoint::MODEL_FILE);
     if !weights_path.exists() {
-        return Err(EngineError::file(&weights_path, "missing (only safetensors weights are read)"));
+        return Err(EngineError::file(
+            &weights_path,
+            "missing (only safetensors weights are read)",
+        ));
     }
-    weights::load_into(&params, &weights::load_safetensors(&weights_path)?, "transformer.", &weights_path)?;
+    weights::load_into(
+        &params,
+        &weights::load_safetensors(&weights_path)?,
+        "transformer.",
+        &weights_path,
+    )?;
     Ok(LoadedGpt2 { dir, params, model })
 }

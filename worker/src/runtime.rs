@@ -11,12 +11,20 @@ pub fn select_device(spec: &str) -> Result<Device> {
         "auto" => Ok(if cuda() { Device::Cuda(0) } else { Device::Cpu }),
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let index: usize = s.strip_prefix("cuda:").map(|i| i.parse()).transpose().map_err(|_| EngineError::Config {
-                field: "device".into(),
-                message: format!("`{s}` is not cuda:N"),
-            })?.unwrap_or(0);
+            let index: usize = s
+                .strip_prefix("cuda:")
+                .map(|i| i.parse())
+                .transpose()
+                .map_err(|_| EngineError::Config {
+                    field: "device".into(),
+                    message: format!("`{s}` is not cuda:N"),
+                })?
+                .unwrap_or(0);
             if !cuda() {
-                return Err(EngineError::Config { field: "device".into(), message: "CUDA requested but no GPU is visible to libtorch".into() });
+                return Err(EngineError::Config {
+                    field: "device".into(),
+                    message: "CUDA requested but no GPU is visible to libtorch".into(),
+                });
             }
             Ok(Device::Cuda(index))
         }
@@ -27,10 +35,48 @@ pub fn select_device(spec: &str) -> Result<Device> {
     }
 }
 
+extern "C" {
+    fn ferry_autocast_cuda_bf16() -> i32;
+}
+
+/// Mixed precision for a device: bf16 autocast on CUDA (float32 master weights, optimizer and
+/// reductions), plain float32 on the CPU, where bf16 matmuls are not faster on these cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Float32,
+    Bf16Autocast,
+}
+
+pub fn precision_for(device: Device) -> Result<Precision> {
+    match device {
+        Device::Cuda(_) => {
+            // SAFETY: the shim only sets libtorch's autocast dtype and catches all exceptions.
+            if unsafe { ferry_autocast_cuda_bf16() } != 0 {
+                return Err(EngineError::Config {
+                    field: "device".into(),
+                    message: "could not select bf16 autocast".into(),
+                });
+            }
+            Ok(Precision::Bf16Autocast)
+        }
+        _ => Ok(Precision::Float32),
+    }
+}
+
+/// Runs `f` under the precision's autocast setting.
+pub fn with_precision<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
+    match precision {
+        Precision::Bf16Autocast => tch::autocast(true, f),
+        Precision::Float32 => f(),
+    }
+}
+
 /// Intra-op threads for libtorch; 0 means one per available core.
 pub fn configure_threads(threads: usize) -> usize {
     let n = if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         threads
     };

@@ -33,7 +33,11 @@ pub struct SampleOrder {
 impl SampleOrder {
     pub fn new(seed: u64, num_sequences: u64) -> Self {
         assert!(num_sequences > 0, "SampleOrder needs at least one sequence");
-        SampleOrder { seed, num_sequences, cached: None }
+        SampleOrder {
+            seed,
+            num_sequences,
+            cached: None,
+        }
     }
 
     pub fn num_sequences(&self) -> u64 {
@@ -62,7 +66,9 @@ impl SampleOrder {
 
     /// The sequences of global step `step` with `global_batch` sequences per step.
     pub fn step_sequences(&mut self, step: u64, global_batch: u64) -> Vec<u64> {
-        (step * global_batch..(step + 1) * global_batch).map(|p| self.at(p).1).collect()
+        (step * global_batch..(step + 1) * global_batch)
+            .map(|p| self.at(p).1)
+            .collect()
     }
 }
 

@@ -42,7 +42,13 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_reaches_floor() {
-        let s = LrSchedule { peak: 1e-3, min: 1e-4, warmup_steps: 10, total_steps: 110, decay: Decay::Cosine };
+        let s = LrSchedule {
+            peak: 1e-3,
+            min: 1e-4,
+            warmup_steps: 10,
+            total_steps: 110,
+            decay: Decay::Cosine,
+        };
         assert!((s.at(0) - 1e-4).abs() < 1e-12);
         assert!((s.at(9) - 1e-3).abs() < 1e-12);
         assert!((s.at(10) - 1e-3).abs() < 1e-12);
@@ -53,7 +59,13 @@ mod tests {
 
     #[test]
     fn linear_decay_is_linear() {
-        let s = LrSchedule { peak: 1.0, min: 0.0, warmup_steps: 0, total_steps: 100, decay: Decay::Linear };
+        let s = LrSchedule {
+            peak: 1.0,
+            min: 0.0,
+            warmup_steps: 0,
+            total_steps: 100,
+            decay: Decay::Linear,
+        };
         assert!((s.at(25) - 0.75).abs() < 1e-12);
     }
 }

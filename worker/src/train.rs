@@ -94,25 +94,45 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, message: String| Err(EngineError::Config { field: field.into(), message });
+        let bad = |field: &str, message: String| {
+            Err(EngineError::Config {
+                field: field.into(),
+                message,
+            })
+        };
         if self.model != "gpt2" {
-            return bad("model", format!("`{}` is not a known model family (gpt2)", self.model));
+            return bad(
+                "model",
+                format!("`{}` is not a known model family (gpt2)", self.model),
+            );
         }
         gpt2::Config::sized(&self.size, 1)?;
         if self.micro_batch == 0 || self.global_batch == 0 {
-            return bad("micro_batch", "global_batch and micro_batch must be positive".into());
+            return bad(
+                "micro_batch",
+                "global_batch and micro_batch must be positive".into(),
+            );
         }
         if self.global_batch % self.micro_batch != 0 {
             return bad(
                 "global_batch",
-                format!("{} is not a multiple of micro_batch {}", self.global_batch, self.micro_batch),
+                format!(
+                    "{} is not a multiple of micro_batch {}",
+                    self.global_batch, self.micro_batch
+                ),
             );
         }
         if self.steps == 0 {
             return bad("steps", "must be positive".into());
         }
         if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            return bad("lr", format!("need 0 <= min_lr ({}) <= lr ({}) and lr > 0", self.min_lr, self.lr));
+            return bad(
+                "lr",
+                format!(
+                    "need 0 <= min_lr ({}) <= lr ({}) and lr > 0",
+                    self.min_lr, self.lr
+                ),
+            );
         }
         Ok(())
     }
@@ -161,6 +181,7 @@ struct Engine {
     data: Data,
     flops_per_token: f64,
     peak_gflops: f64,
+    precision: runtime::Precision,
 }
 
 /// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
@@ -168,9 +189,16 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
     cfg.validate()?;
     std::fs::create_dir_all(run_dir).map_err(|e| EngineError::io(run_dir, e))?;
     let config_path = run_dir.join(TRAIN_CONFIG_FILE);
-    let resume_from = if resume { checkpoint::latest(run_dir)? } else { None };
+    let resume_from = if resume {
+        checkpoint::latest(run_dir)?
+    } else {
+        None
+    };
     if !resume && !checkpoint::list(run_dir)?.is_empty() {
-        return Err(EngineError::file(run_dir, "already holds checkpoints: pass --resume to continue it, or choose a new --run-dir"));
+        return Err(EngineError::file(
+            run_dir,
+            "already holds checkpoints: pass --resume to continue it, or choose a new --run-dir",
+        ));
     }
     write_json(&config_path, cfg)?;
 
@@ -180,7 +208,9 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         samples_seen: 0,
         tokens_seen: 0,
         seed: cfg.seed,
-        rng_derivation: "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)".into(),
+        rng_derivation:
+            "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)"
+                .into(),
         optimizer_steps: 0,
         last_loss: None,
     };
@@ -188,7 +218,10 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         state = engine.restore(dir)?;
         eprintln!("resuming {} at step {}", dir.display(), state.step);
     }
-    let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume_from.as_ref().map(|_| state.step))?;
+    let mut log = MetricsLog::open(
+        &run_dir.join(METRICS_FILE),
+        resume_from.as_ref().map(|_| state.step),
+    )?;
 
     let mut first_val = None;
     if state.step == 0 {
@@ -222,16 +255,28 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
             "world_size": 1, "generation": 0,
         }))?;
         bar.set_position(state.step);
-        bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s | mfu {:.0}%", 100.0 * mfu));
+        bar.set_message(format!(
+            "loss {loss:.4} | {tps:.0} tok/s | mfu {:.0}%",
+            100.0 * mfu
+        ));
         if bar.is_hidden() && (state.step % 10 == 0 || state.step == cfg.steps) {
-            eprintln!("step {:>6}/{}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s", state.step, cfg.steps);
+            eprintln!(
+                "step {:>6}/{}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s",
+                state.step, cfg.steps
+            );
         }
 
         let last = state.step == cfg.steps;
         if last || (cfg.eval_interval > 0 && state.step % cfg.eval_interval == 0) {
             let val = engine.evaluate()?;
             log.write(&json!({"event": "eval", "step": state.step, "val_loss": val, "val_ppl": val.exp()}))?;
-            bar.suspend(|| println!("step {:>6}  val_loss {val:.4}  val_ppl {:.1}", state.step, val.exp()));
+            bar.suspend(|| {
+                println!(
+                    "step {:>6}  val_loss {val:.4}  val_ppl {:.1}",
+                    state.step,
+                    val.exp()
+                )
+            });
             last_val = Some(val);
         }
         if last || (cfg.checkpoint_interval > 0 && state.step % cfg.checkpoint_interval == 0) {
@@ -264,8 +309,10 @@ fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_position(at);
     bar
@@ -276,6 +323,7 @@ impl Engine {
         runtime::keep_freed_memory();
         runtime::configure_threads(cfg.threads);
         let device = runtime::select_device(&cfg.device)?;
+        let precision = runtime::precision_for(device)?;
 
         let train = TokenSplit::open(&cfg.data, "train", true)?;
         let val = TokenSplit::open(&cfg.data, "val", true)?;
@@ -289,7 +337,10 @@ impl Engine {
         let seq_len = cfg.seq_len.unwrap_or(mc.n_positions);
         let num_sequences = train.num_sequences(seq_len as usize);
         if num_sequences == 0 || val.num_sequences(seq_len as usize) == 0 {
-            return Err(EngineError::file(&cfg.data, format!("too few tokens for one sequence of {seq_len} in train or val")));
+            return Err(EngineError::file(
+                &cfg.data,
+                format!("too few tokens for one sequence of {seq_len} in train or val"),
+            ));
         }
 
         tch::manual_seed(mix_seed(&[cfg.seed, 0x1417]) as i64 & i64::MAX);
@@ -298,7 +349,12 @@ impl Engine {
         let flops_per_token = mc.flops_per_token(seq_len, model.non_embedding_params(&ps));
         let opt = AdamW::new(
             &ps,
-            AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay },
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+            },
         );
         let schedule = LrSchedule {
             peak: cfg.lr,
@@ -316,9 +372,14 @@ impl Engine {
             model,
             opt,
             schedule,
-            data: Data { train, val, tokenizer_path },
+            data: Data {
+                train,
+                val,
+                tokenizer_path,
+            },
             flops_per_token,
             peak_gflops: runtime::matmul_gflops(device),
+            precision,
         })
     }
 
@@ -331,7 +392,9 @@ impl Engine {
             split.sequence(i, t, &mut seq)?;
             all.extend_from_slice(&seq);
         }
-        let tokens = Tensor::from_slice(&all).reshape([indices.len() as i64, t as i64 + 1]).to_device(self.device);
+        let tokens = Tensor::from_slice(&all)
+            .reshape([indices.len() as i64, t as i64 + 1])
+            .to_device(self.device);
         Ok((tokens.narrow(1, 0, t as i64), tokens.narrow(1, 1, t as i64)))
     }
 
@@ -346,7 +409,11 @@ impl Engine {
             // which process runs it.
             tch::manual_seed(mix_seed(&[cfg.seed, step, micro as u64]) as i64 & i64::MAX);
             let (inputs, targets) = self.batch(&self.data.train, chunk)?;
-            let loss = self.model.lm_loss_sum(&inputs, &targets, true) / step_tokens;
+            let loss = runtime::with_precision(self.precision, || {
+                self.model
+                    .lm_loss_sum(&inputs, &targets, true)
+                    .to_kind(tch::Kind::Float)
+            }) / step_tokens;
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
@@ -356,7 +423,10 @@ impl Engine {
         if !loss_sum.is_finite() {
             return Err(EngineError::Config {
                 field: "lr".into(),
-                message: format!("loss became {loss_sum} at step {}: lower the learning rate", step + 1),
+                message: format!(
+                    "loss became {loss_sum} at step {}: lower the learning rate",
+                    step + 1
+                ),
             });
         }
         Ok((loss_sum, grad_norm))
@@ -364,13 +434,20 @@ impl Engine {
 
     /// Mean next-token loss over the first `eval_sequences` held-out sequences.
     fn evaluate(&self) -> Result<f64> {
-        let n = self.data.val.num_sequences(self.seq_len as usize).min(self.cfg.eval_sequences.max(1));
+        let n = self
+            .data
+            .val
+            .num_sequences(self.seq_len as usize)
+            .min(self.cfg.eval_sequences.max(1));
         let indices: Vec<u64> = (0..n).collect();
         let (mut total, mut count) = (0.0, 0.0);
         tch::no_grad(|| -> Result<()> {
             for chunk in indices.chunks(self.cfg.micro_batch as usize) {
                 let (inputs, targets) = self.batch(&self.data.val, chunk)?;
-                total += self.model.lm_loss_sum(&inputs, &targets, false).double_value(&[]);
+                let loss = runtime::with_precision(self.precision, || {
+                    self.model.lm_loss_sum(&inputs, &targets, false)
+                });
+                total += loss.double_value(&[]);
                 count += targets.numel() as f64;
             }
             Ok(())
@@ -381,10 +458,17 @@ impl Engine {
     fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
         checkpoint::save(run_dir, state.step, |dir| {
             weights::save_safetensors(&dir.join(checkpoint::MODEL_FILE), self.ps.named())?;
-            write_json(&dir.join(checkpoint::CONFIG_FILE), &self.model.config.to_hf_json())?;
+            write_json(
+                &dir.join(checkpoint::CONFIG_FILE),
+                &self.model.config.to_hf_json(),
+            )?;
             let tok = &self.data.tokenizer_path;
-            std::fs::copy(tok, dir.join(checkpoint::TOKENIZER_FILE)).map_err(|e| EngineError::io(tok, e))?;
-            weights::save_safetensors(&dir.join(checkpoint::OPTIMIZER_FILE), &self.opt.state_tensors())?;
+            std::fs::copy(tok, dir.join(checkpoint::TOKENIZER_FILE))
+                .map_err(|e| EngineError::io(tok, e))?;
+            weights::save_safetensors(
+                &dir.join(checkpoint::OPTIMIZER_FILE),
+                &self.opt.state_tensors(),
+            )?;
             write_json(&dir.join(checkpoint::STATE_FILE), state)
         })
     }
@@ -393,12 +477,27 @@ impl Engine {
         checkpoint::verify(dir)?;
         let state = checkpoint::read_state(dir)?;
         if state.seed != self.cfg.seed {
-            return Err(EngineError::file(dir, format!("was trained with seed {}, the run config says {}", state.seed, self.cfg.seed)));
+            return Err(EngineError::file(
+                dir,
+                format!(
+                    "was trained with seed {}, the run config says {}",
+                    state.seed, self.cfg.seed
+                ),
+            ));
         }
         let model_path = dir.join(checkpoint::MODEL_FILE);
-        weights::load_into(&self.ps, &weights::load_safetensors(&model_path)?, "transformer.", &model_path)?;
+        weights::load_into(
+            &self.ps,
+            &weights::load_safetensors(&model_path)?,
+            "transformer.",
+            &model_path,
+        )?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
-        self.opt.load_state(&weights::load_safetensors(&opt_path)?, state.optimizer_steps, &opt_path)?;
+        self.opt.load_state(
+            &weights::load_safetensors(&opt_path)?,
+            state.optimizer_steps,
+            &opt_path,
+        )?;
         Ok(state)
     }
 }

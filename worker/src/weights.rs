@@ -12,7 +12,11 @@ use tch::{Kind, Tensor};
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let t = t
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let mut bytes = vec![0u8; t.numel() * 4];
         t.f_copy_data_u8(&mut bytes, t.numel())?;
@@ -27,7 +31,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         })
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| EngineError::file(path, e))?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| EngineError::file(path, e))?;
     write_atomic(path, &bytes)
 }
 
@@ -45,22 +50,41 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             Dtype::F64 => Kind::Double,
             Dtype::I64 => Kind::Int64,
             Dtype::U8 | Dtype::BOOL => continue, // masks and buffers, never parameters
-            other => return Err(EngineError::file(path, format!("tensor {name}: unsupported dtype {other:?}"))),
+            other => {
+                return Err(EngineError::file(
+                    path,
+                    format!("tensor {name}: unsupported dtype {other:?}"),
+                ))
+            }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        out.insert(name, if kind == Kind::Int64 { t } else { t.to_kind(Kind::Float) });
+        out.insert(
+            name,
+            if kind == Kind::Int64 {
+                t
+            } else {
+                t.to_kind(Kind::Float)
+            },
+        );
     }
     Ok(out)
 }
 
 /// Copies tensors into the store's parameters by name. A name may also be found without the
 /// `prefix` (`transformer.`, `bert.`): `transformers` base-model checkpoints omit it.
-pub fn load_into(ps: &ParamStore, tensors: &HashMap<String, Tensor>, prefix: &str, path: &Path) -> Result<()> {
+pub fn load_into(
+    ps: &ParamStore,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+) -> Result<()> {
     let mut missing = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, param) in ps.named() {
-            let found = tensors.get(name).or_else(|| name.strip_prefix(prefix).and_then(|n| tensors.get(n)));
+            let found = tensors
+                .get(name)
+                .or_else(|| name.strip_prefix(prefix).and_then(|n| tensors.get(n)));
             let Some(src) = found else {
                 missing.push(name.clone());
                 continue;
@@ -68,10 +92,16 @@ pub fn load_into(ps: &ParamStore, tensors: &HashMap<String, Tensor>, prefix: &st
             if src.size() != param.size() {
                 return Err(EngineError::file(
                     path,
-                    format!("tensor {name}: shape {:?} in the file, the model expects {:?}", src.size(), param.size()),
+                    format!(
+                        "tensor {name}: shape {:?} in the file, the model expects {:?}",
+                        src.size(),
+                        param.size()
+                    ),
                 ));
             }
-            param.shallow_clone().f_copy_(&src.to_device(param.device()))?;
+            param
+                .shallow_clone()
+                .f_copy_(&src.to_device(param.device()))?;
         }
         Ok(())
     })?;
@@ -79,7 +109,11 @@ pub fn load_into(ps: &ParamStore, tensors: &HashMap<String, Tensor>, prefix: &st
         let shown: Vec<_> = missing.iter().take(5).cloned().collect();
         return Err(EngineError::file(
             path,
-            format!("{} tensors missing, e.g. {}", missing.len(), shown.join(", ")),
+            format!(
+                "{} tensors missing, e.g. {}",
+                missing.len(),
+                shown.join(", ")
+            ),
         ));
     }
     Ok(())

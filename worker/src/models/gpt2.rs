@@ -62,8 +62,10 @@ impl Config {
     /// A named size for a given vocabulary. Dropout is off by default: with data this small
     /// per step the regulariser costs more than it buys, and it keeps benchmarks comparable.
     pub fn sized(size: &str, vocab_size: i64) -> Result<Self> {
-        let &(_, n_layer, n_embd, n_head, n_positions) =
-            SIZES.iter().find(|s| s.0 == size).ok_or_else(|| EngineError::UnknownSize {
+        let &(_, n_layer, n_embd, n_head, n_positions) = SIZES
+            .iter()
+            .find(|s| s.0 == size)
+            .ok_or_else(|| EngineError::UnknownSize {
                 family: "gpt2",
                 size: size.to_string(),
                 known: SIZES.iter().map(|s| s.0).collect::<Vec<_>>().join(", "),
@@ -96,19 +98,28 @@ impl Config {
         ];
         for (field, v) in positive {
             if v <= 0 {
-                return Err(EngineError::Config { field: field.into(), message: format!("must be positive, got {v}") });
+                return Err(EngineError::Config {
+                    field: field.into(),
+                    message: format!("must be positive, got {v}"),
+                });
             }
         }
         if self.n_embd % self.n_head != 0 {
             return Err(EngineError::Config {
                 field: "n_head".into(),
-                message: format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head),
+                message: format!(
+                    "n_embd ({}) must be divisible by n_head ({})",
+                    self.n_embd, self.n_head
+                ),
             });
         }
         if Activation::from_hf(&self.activation_function).is_none() {
             return Err(EngineError::Config {
                 field: "activation_function".into(),
-                message: format!("`{}` is not supported (gelu_new, gelu, relu)", self.activation_function),
+                message: format!(
+                    "`{}` is not supported (gelu_new, gelu, relu)",
+                    self.activation_function
+                ),
             });
         }
         Ok(())
@@ -122,7 +133,10 @@ impl Config {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
         let o = v.as_object_mut().expect("object");
-        o.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+        o.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
         o.insert("model_type".into(), "gpt2".into());
         o.insert("n_ctx".into(), self.n_positions.into());
         o.insert("tie_word_embeddings".into(), true.into());
@@ -183,7 +197,14 @@ impl Gpt2 {
             .collect();
         let ln_f = LayerNorm::new(ps, "transformer.ln_f", d, eps);
         let activation = Activation::from_hf(&c.activation_function).expect("validated");
-        Ok(Gpt2 { config: c.clone(), wte, wpe, blocks, ln_f, activation })
+        Ok(Gpt2 {
+            config: c.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            activation,
+        })
     }
 
     /// Parameters that are not embeddings (for FLOP accounting).
@@ -205,10 +226,21 @@ impl Gpt2 {
             let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
             let heads = qkv.reshape([b, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (heads.get(0), heads.get(1), heads.get(2));
-            let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, attn_p, true, None, false);
+            let a = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                attn_p,
+                true,
+                None,
+                false,
+            );
             let a = a.transpose(1, 2).reshape([b, t, c.n_embd]);
             x = x + blk.attn_proj.forward(&a).dropout(c.resid_pdrop, train);
-            let m = self.activation.apply(&blk.c_fc.forward(&blk.ln_2.forward(&x)));
+            let m = self
+                .activation
+                .apply(&blk.c_fc.forward(&blk.ln_2.forward(&x)));
             x = x + blk.mlp_proj.forward(&m).dropout(c.resid_pdrop, train);
         }
         self.ln_f.forward(&x)
@@ -225,7 +257,13 @@ impl Gpt2 {
         let hidden = self.hidden_states(input_ids, train);
         let logits = hidden.matmul(&self.wte.tr());
         let v = self.config.vocab_size;
-        logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Sum, -100, 0.0)
+        logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
+            &targets.reshape([-1]),
+            None,
+            tch::Reduction::Sum,
+            -100,
+            0.0,
+        )
     }
 }
 

@@ -24,7 +24,9 @@ impl Conv1D {
         let mut out_shape = size.clone();
         let n_out = self.weight.size()[1];
         *out_shape.last_mut().expect("non-empty shape") = n_out;
-        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).reshape(out_shape)
+        self.bias
+            .addmm(&x.reshape([-1, n_in]), &self.weight)
+            .reshape(out_shape)
     }
 }
 
@@ -35,7 +37,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(ps: &mut ParamStore, prefix: &str, n_in: i64, n_out: i64, std: f64, bias: bool) -> Self {
+    pub fn new(
+        ps: &mut ParamStore,
+        prefix: &str,
+        n_in: i64,
+        n_out: i64,
+        std: f64,
+        bias: bool,
+    ) -> Self {
         Linear {
             weight: ps.normal(format!("{prefix}.weight"), &[n_out, n_in], std),
             bias: bias.then(|| ps.zeros(format!("{prefix}.bias"), &[n_out])),
@@ -65,7 +74,13 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 

@@ -6,7 +6,10 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// Applies `field=value` overrides. Values are parsed as JSON (`4`, `0.1`, `"gelu"`, `null`),
 /// falling back to a plain string, so `activation_function=gelu` works unquoted.
-pub fn apply_overrides<T: Serialize + DeserializeOwned>(config: &T, overrides: &[String]) -> Result<T> {
+pub fn apply_overrides<T: Serialize + DeserializeOwned>(
+    config: &T,
+    overrides: &[String],
+) -> Result<T> {
     let mut value = serde_json::to_value(config).map_err(|e| EngineError::Config {
         field: "<config>".into(),
         message: e.to_string(),

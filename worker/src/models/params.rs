@@ -13,7 +13,10 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device) -> Self {
-        ParamStore { device, params: Vec::new() }
+        ParamStore {
+            device,
+            params: Vec::new(),
+        }
     }
 
     pub fn device(&self) -> Device {
