@@ -48,29 +48,11 @@ fn prepare_err(input: &Path) -> String {
 
 fn tiny_train(data: &Path, run: &Path, extra: &[&str]) -> std::process::Command {
     let mut c = ferry();
-    c.args([
-        "train",
-        "--no-progress",
-        "--size",
-        "tiny",
-        "--seq-len",
-        "32",
-        "--steps",
-        "2",
-        "--global-batch",
-        "2",
-        "--micro-batch",
-        "2",
-        "--eval-sequences",
-        "2",
-        "--threads",
-        "1",
-        "--data",
-    ])
-    .arg(data)
-    .arg("--run-dir")
-    .arg(run)
-    .args(extra);
+    c.args(["train", "--no-progress", "--threads", "1"])
+        .args(TWO_STEP_RUN)
+        .arg("--data")
+        .arg(data);
+    c.arg("--run-dir").arg(run).args(extra);
     c
 }
 

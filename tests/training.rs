@@ -154,24 +154,7 @@ fn resume_after_kill_retraces_the_uninterrupted_run() {
 fn resume_changing_the_math_is_refused() {
     let data = prepared_shared_corpus();
     let run = scratch("resume-refused");
-    run_ok(&mut train_cmd(
-        data,
-        &run,
-        &[
-            "--size",
-            "tiny",
-            "--seq-len",
-            "32",
-            "--steps",
-            "2",
-            "--global-batch",
-            "2",
-            "--micro-batch",
-            "2",
-            "--eval-sequences",
-            "2",
-        ],
-    ));
+    run_ok(&mut train_cmd(data, &run, TWO_STEP_RUN));
     let err = run_err(&mut train_cmd(data, &run, &["--resume", "--lr", "0.5"]));
     assert!(err.contains("train.json") && err.contains("--lr"), "{err}");
     let err = run_err(&mut train_cmd(

@@ -6,6 +6,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+/// Model and batch options for a two-step `ferry train` that finishes in about a second.
+pub const TWO_STEP_RUN: &[&str] = &[
+    "--size",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--steps",
+    "2",
+    "--global-batch",
+    "2",
+    "--micro-batch",
+    "2",
+    "--eval-sequences",
+    "2",
+];
+
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env("RUST_BACKTRACE", "0");
