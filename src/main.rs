@@ -363,7 +363,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep_freed_memory: !a.default_allocator,
                 seed: 1234,
                 device: runtime::select_device(&a.device)?,
-            });
+            })?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }

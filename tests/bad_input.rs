@@ -190,3 +190,25 @@ fn generate_from_a_directory_that_is_not_a_model() {
     let err = run_err(ferry().args(["generate", "--model"]).arg(&dir));
     assert!(err.contains(&dir.display().to_string()), "{err}");
 }
+
+#[test]
+fn sequence_longer_than_the_model_context() {
+    let data = small_prepared("ctx");
+    let err = run_err(&mut tiny_train(
+        &data,
+        &scratch("ctx-run"),
+        &["--set", "n_positions=16"],
+    ));
+    assert!(
+        err.contains("seq_len") && err.contains("n_positions (16)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_with_heads_not_dividing_the_width() {
+    let err = run_err(ferry().args([
+        "bench", "train", "--heads", "5", "--steps", "1", "--device", "cpu",
+    ]));
+    assert!(err.contains("n_head") && err.contains("384"), "{err}");
+}

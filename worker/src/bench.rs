@@ -1,6 +1,7 @@
 //! Training throughput on random tokens: the same measurement, fields and FLOP accounting as
 //! `shared/bench/torch_gpt2_bench.py`, so the two print comparable JSON lines.
 
+use crate::error::Result;
 use crate::models::{gpt2, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
@@ -52,7 +53,7 @@ pub struct TrainBenchResult {
     pub loss_last: f64,
 }
 
-pub fn run_train_bench(c: &TrainBenchConfig) -> TrainBenchResult {
+pub fn run_train_bench(c: &TrainBenchConfig) -> Result<TrainBenchResult> {
     if c.keep_freed_memory {
         runtime::keep_freed_memory();
     }
@@ -61,7 +62,7 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> TrainBenchResult {
     let mut mc = gpt2::Config::sized("small", c.vocab).expect("known size");
     (mc.n_layer, mc.n_embd, mc.n_head, mc.n_positions) = (c.layers, c.d_model, c.heads, c.ctx);
     let mut ps = ParamStore::new(c.device);
-    let model = gpt2::Gpt2::new(&mut ps, &mc).expect("valid bench config");
+    let model = gpt2::Gpt2::new(&mut ps, &mc)?;
     let mut opt = AdamW::new(
         &ps,
         AdamWConfig {
@@ -99,7 +100,7 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> TrainBenchResult {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let tps = tokens * c.steps as f64 / elapsed;
-    TrainBenchResult {
+    Ok(TrainBenchResult {
         r#impl: "ferry",
         world: 1,
         threads_per_rank: threads,
@@ -124,5 +125,5 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> TrainBenchResult {
         mfu_vs_peak: flops * tps / 1e9 / peak,
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
-    }
+    })
 }

@@ -144,6 +144,15 @@ impl TrainConfig {
         }
         let c = apply_overrides(&c, &self.overrides)?;
         c.validate()?;
+        if let Some(t) = self.seq_len.filter(|&t| t <= 0 || t > c.n_positions) {
+            return Err(EngineError::Config {
+                field: "seq_len".into(),
+                message: format!(
+                    "{t} must be between 1 and the model's n_positions ({})",
+                    c.n_positions
+                ),
+            });
+        }
         Ok(c)
     }
 }
