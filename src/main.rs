@@ -9,6 +9,9 @@ use ferry_worker::schedule::Decay;
 use ferry_worker::train::{self, TrainConfig};
 use ferry_worker::{pretrained, runtime};
 use std::io::IsTerminal;
+
+mod bench_coordinator;
+mod cluster;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -31,6 +34,14 @@ enum Command {
     Train(TrainArgs),
     /// Sample text from a trained model.
     Generate(GenerateArgs),
+    /// Serve a job's control plane: membership, rendezvous, sample schedule, durable state.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Show a running job: phase, step, generation and a table of workers.
+    Status(cluster::StatusArgs),
+    /// Change the number of workers of a running job (at the next step boundary).
+    Scale(cluster::ScaleArgs),
+    /// Stop a running job after its current step.
+    Stop(cluster::StopArgs),
     /// Throughput benchmarks (JSON lines on stdout).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -233,6 +244,8 @@ struct GenerateArgs {
 enum BenchCommand {
     /// GPT-2 training tokens/s on random tokens, as shared/bench/torch_gpt2_bench.py measures it.
     Train(BenchTrainArgs),
+    /// Load-test a coordinator with many simulated workers: RPC latency, CPU and memory.
+    Coordinator(bench_coordinator::BenchCoordinatorArgs),
 }
 
 #[derive(Args)]
@@ -275,6 +288,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Coordinator(a) => cluster::run_coordinator(a)?,
+        Command::Status(a) => cluster::run_status(a)?,
+        Command::Scale(a) => cluster::run_scale(a)?,
+        Command::Stop(a) => cluster::run_stop(a)?,
         Command::Prepare(a) => {
             let opts = PrepareOptions {
                 inputs: a.inputs,
@@ -349,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
             println!("{}{}", a.prompt, text);
         }
+        Command::Bench(BenchCommand::Coordinator(a)) => bench_coordinator::run(a)?,
         Command::Bench(BenchCommand::Train(a)) => {
             let r = run_train_bench(&TrainBenchConfig {
                 layers: a.layers,

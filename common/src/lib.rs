@@ -1,12 +1,23 @@
 //! ferry-common: the pieces shared by the ferry binaries. The data pipeline lives here:
 //! corpus readers ([`corpus`]), tokenizer training ([`tokenizer`]), the on-disk token shard
 //! format and its reader ([`shards`]), and the `prepare` step that ties them together
-//! ([`prepare`]).
+//! ([`prepare`]). So do the job spec ([`job`]), the sample order every worker follows
+//! ([`sampler`]), and the coordinator's gRPC protocol with an authenticated client ([`proto`],
+//! [`client`]).
 
+pub mod client;
 pub mod corpus;
 pub mod error;
+pub mod job;
 pub mod prepare;
+pub mod sampler;
 pub mod shards;
 pub mod tokenizer;
+
+/// Code generated from `proto/ferry.proto`.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("ferry.v1");
+}
 
 pub use error::DataError;

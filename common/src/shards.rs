@@ -164,6 +164,12 @@ fn check_file_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Training windows of `seq_len` (+1 target token) that fit in `tokens` tokens. The coordinator
+/// counts them from the manifest alone, so this must be the one formula everywhere.
+pub fn sequences_in(tokens: u64, seq_len: u64) -> u64 {
+    tokens.saturating_sub(1).checked_div(seq_len).unwrap_or(0)
+}
+
 /// A read-only view of one split of a prepared directory, backed by memory maps of its shards.
 pub struct TokenSplit {
     /// `<dir>/<split>`, for error messages.
@@ -262,10 +268,7 @@ impl TokenSplit {
     /// How many training windows of `seq_len + 1` tokens fit: window `i` starts at token
     /// `i * seq_len`, so consecutive windows share their boundary token.
     pub fn num_sequences(&self, seq_len: usize) -> u64 {
-        self.len_tokens()
-            .saturating_sub(1)
-            .checked_div(seq_len as u64)
-            .unwrap_or(0)
+        sequences_in(self.len_tokens(), seq_len as u64)
     }
 
     /// Fills `out` with window `index`: the `seq_len + 1` tokens from token `index * seq_len`.

@@ -1,1 +1,15 @@
+//! ferry-coordinator: the control plane of a pretraining job.
+//!
+//! * [`state`]: membership, generations, the sample schedule and the ledger (pure logic);
+//! * [`store`]: durable job state in redb;
+//! * [`service`]: the gRPC services and the job-token check;
+//! * [`http`]: `/metrics` and the status page;
+//! * [`server`]: `ferry coordinator`, wiring it all together.
 
+pub mod http;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub use server::{serve, ServeConfig, ENDPOINT_FILE};

@@ -2,6 +2,8 @@
 //! project's Python venv, and prepared-shard fixtures built once per test binary.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -11,7 +11,7 @@ pub mod models;
 pub mod optim;
 pub mod pretrained;
 pub mod runtime;
-pub mod sampler;
+pub use ferry_common::sampler;
 pub mod schedule;
 pub mod train;
 pub mod weights;

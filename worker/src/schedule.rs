@@ -1,14 +1,6 @@
 //! Learning-rate schedules: linear warmup, then cosine or linear decay to a floor.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Decay {
-    Cosine,
-    Linear,
-    Constant,
-}
+pub use ferry_common::job::Decay;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LrSchedule {

@@ -12,7 +12,7 @@ use crate::metrics::MetricsLog;
 use crate::models::{gpt2, overrides::apply_overrides, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
-use crate::sampler::{mix_seed, SampleOrder};
+use ferry_common::sampler::{mix_seed, SampleOrder};
 use crate::schedule::{Decay, LrSchedule};
 use crate::weights;
 use ferry_common::shards::TokenSplit;
@@ -157,6 +157,40 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// The engine settings of a cluster job: what every worker of the job trains with.
+    /// `threads` and `device` are the worker's own.
+    pub fn from_job(spec: &ferry_common::job::JobSpec, threads: usize, device: &str) -> TrainConfig {
+        let o = &spec.optimizer;
+        TrainConfig {
+            model: spec.model.family.name().into(),
+            size: spec.model.size.clone(),
+            overrides: spec.override_strings(),
+            data: spec.data.shards.clone(),
+            seq_len: Some(spec.data.seq_len as i64),
+            global_batch: spec.batch.global,
+            micro_batch: spec.batch.micro,
+            steps: spec.job.steps,
+            lr: o.lr,
+            min_lr: o.min_lr,
+            warmup_steps: o.warmup_steps,
+            decay: o.decay,
+            weight_decay: o.weight_decay,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            grad_clip: o.grad_clip,
+            eval_interval: spec.eval.every,
+            eval_sequences: spec.eval.sequences,
+            checkpoint_interval: spec.checkpoint.every,
+            keep_checkpoints: spec.checkpoint.keep as usize,
+            seed: spec.job.seed,
+            threads,
+            device: device.into(),
+        }
+    }
+}
+
 pub const TRAIN_CONFIG_FILE: &str = "train.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
@@ -171,26 +205,26 @@ pub struct RunSummary {
     pub last_checkpoint: Option<PathBuf>,
 }
 
-struct Data {
+pub(crate) struct Data {
     train: TokenSplit,
     val: TokenSplit,
     tokenizer_path: PathBuf,
 }
 
 /// Training state that lives across steps.
-struct Engine {
-    cfg: TrainConfig,
-    device: Device,
-    seq_len: i64,
-    ps: ParamStore,
-    model: gpt2::Gpt2,
-    opt: AdamW,
-    schedule: LrSchedule,
-    order: SampleOrder,
-    data: Data,
-    flops_per_token: f64,
-    peak_gflops: f64,
-    precision: runtime::Precision,
+pub(crate) struct Engine {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) device: Device,
+    pub(crate) seq_len: i64,
+    pub(crate) ps: ParamStore,
+    pub(crate) model: gpt2::Gpt2,
+    pub(crate) opt: AdamW,
+    pub(crate) schedule: LrSchedule,
+    pub(crate) order: SampleOrder,
+    pub(crate) data: Data,
+    pub(crate) flops_per_token: f64,
+    pub(crate) peak_gflops: f64,
+    pub(crate) precision: runtime::Precision,
 }
 
 /// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
@@ -328,7 +362,7 @@ fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
 }
 
 impl Engine {
-    fn new(cfg: &TrainConfig) -> Result<Self> {
+    pub(crate) fn new(cfg: &TrainConfig) -> Result<Self> {
         runtime::keep_freed_memory();
         runtime::configure_threads(cfg.threads);
         let device = runtime::select_device(&cfg.device)?;
@@ -409,14 +443,30 @@ impl Engine {
 
     /// One optimizer step over the global batch; returns (mean token loss, gradient norm).
     fn train_step(&mut self, step: u64, lr: f64) -> Result<(f64, f64)> {
+        let sequences = self.order.step_sequences(step, self.cfg.global_batch);
+        let loss = self.forward_backward(step, 0, &sequences)?;
+        let grad_norm = self.apply_update(step, lr, loss)?;
+        Ok((loss, grad_norm))
+    }
+
+    /// Forward and backward over `sequences`, a run of whole micro-batches of step `step`
+    /// starting at micro-batch `first_micro`. Each token's loss is divided by the token count
+    /// of the whole global step, so gradients (and the returned loss) summed over all the
+    /// step's micro-batches, in one process or many, are the step's mean.
+    pub(crate) fn forward_backward(
+        &mut self,
+        step: u64,
+        first_micro: u64,
+        sequences: &[u64],
+    ) -> Result<f64> {
         let cfg = &self.cfg;
-        let sequences = self.order.step_sequences(step, cfg.global_batch);
         let step_tokens = (cfg.global_batch as i64 * self.seq_len) as f64;
         let mut loss_sum = 0.0;
-        for (micro, chunk) in sequences.chunks(cfg.micro_batch as usize).enumerate() {
+        for (k, chunk) in sequences.chunks(cfg.micro_batch as usize).enumerate() {
             // Dropout masks depend on the micro-batch's place in the global step, not on
             // which process runs it.
-            tch::manual_seed(mix_seed(&[cfg.seed, step, micro as u64]) as i64 & i64::MAX);
+            let micro = first_micro + k as u64;
+            tch::manual_seed(mix_seed(&[cfg.seed, step, micro]) as i64 & i64::MAX);
             let (inputs, targets) = self.batch(&self.data.train, chunk)?;
             let loss = runtime::with_precision(self.precision, || {
                 self.model
@@ -426,23 +476,29 @@ impl Engine {
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
-        let grad_norm = clip_grad_norm(&self.ps, cfg.grad_clip);
+        Ok(loss_sum)
+    }
+
+    /// Clips the accumulated gradients, takes the optimizer step and clears the gradients;
+    /// returns the gradient norm. `loss` is the step's loss, checked for divergence.
+    pub(crate) fn apply_update(&mut self, step: u64, lr: f64, loss: f64) -> Result<f64> {
+        let grad_norm = clip_grad_norm(&self.ps, self.cfg.grad_clip);
         self.opt.step(lr);
         self.ps.zero_grad();
-        if !loss_sum.is_finite() {
+        if !loss.is_finite() {
             return Err(EngineError::Config {
                 field: "lr".into(),
                 message: format!(
-                    "loss became {loss_sum} at step {}: lower the learning rate",
+                    "loss became {loss} at step {}: lower the learning rate",
                     step + 1
                 ),
             });
         }
-        Ok((loss_sum, grad_norm))
+        Ok(grad_norm)
     }
 
     /// Mean next-token loss over the first `eval_sequences` held-out sequences.
-    fn evaluate(&self) -> Result<f64> {
+    pub(crate) fn evaluate(&self) -> Result<f64> {
         let n = self
             .data
             .val
@@ -464,7 +520,7 @@ impl Engine {
         Ok(total / count)
     }
 
-    fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
+    pub(crate) fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
         checkpoint::save(run_dir, state.step, |dir| {
             weights::save_safetensors(&dir.join(checkpoint::MODEL_FILE), self.ps.named())?;
             write_json(
@@ -482,7 +538,7 @@ impl Engine {
         })
     }
 
-    fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
+    pub(crate) fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
         checkpoint::verify(dir)?;
         let state = checkpoint::read_state(dir)?;
         if state.seed != self.cfg.seed {

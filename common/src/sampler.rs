@@ -72,6 +72,28 @@ impl SampleOrder {
     }
 }
 
+/// The micro-batches of one step that rank `rank` of `world` runs: `(first, count)`, indices
+/// within the step. Ranks get contiguous runs of whole micro-batches, as even as possible, so a
+/// step's slice is covered exactly once whatever the world size.
+pub fn rank_micro_batches(micro_batches: u64, world: u64, rank: u64) -> (u64, u64) {
+    assert!(world > 0 && rank < world, "rank {rank} outside world {world}");
+    let first = micro_batches * rank / world;
+    let end = micro_batches * (rank + 1) / world;
+    (first, end - first)
+}
+
+/// FNV-1a over the little-endian bytes of sequence ids: a worker's proof of what it trained.
+pub fn sequences_digest(ids: &[u64]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in ids {
+        for b in id.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +117,21 @@ mod tests {
         let c = SampleOrder::new(2, 500).step_sequences(3, 16);
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn rank_slices_cover_every_micro_batch_once() {
+        for micro_batches in [1u64, 2, 7, 16, 64] {
+            for world in 1..=micro_batches.min(9) {
+                let mut next = 0;
+                for rank in 0..world {
+                    let (first, count) = rank_micro_batches(micro_batches, world, rank);
+                    assert_eq!(first, next);
+                    assert!(count >= micro_batches / world && count >= 1);
+                    next = first + count;
+                }
+                assert_eq!(next, micro_batches);
+            }
+        }
     }
 }

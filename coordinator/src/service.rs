@@ -1,0 +1,281 @@
+//! The gRPC services: thin translations between protobuf messages and [`JobState`], plus
+//! per-method latency metrics. All logic lives in the state machine.
+
+use crate::state::{JobState, NextStepOutcome, RendezvousOutcome};
+use ferry_common::proto::{
+    self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply,
+    rendezvous_reply,
+};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// How long one `Rendezvous` call waits for the group before answering WAIT. Short enough that
+/// calls stay well inside client deadlines and survive coordinator restarts by being re-sent.
+const RENDEZVOUS_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<Mutex<JobState>>,
+}
+
+impl Service {
+    pub fn new(state: Arc<Mutex<JobState>>) -> Service {
+        Service { state }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        // A panic while holding the lock would be a bug; the state itself is still consistent
+        // because every mutation persists before it changes memory, so keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Records latency and outcome of one RPC.
+fn observe<T>(method: &'static str, start: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
+    let code = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(s) => format!("{:?}", s.code()).to_lowercase(),
+    };
+    metrics::histogram!("ferry_rpc_seconds", "method" => method).record(start.elapsed().as_secs_f64());
+    metrics::counter!("ferry_rpc_total", "method" => method, "code" => code).increment(1);
+    if let Err(s) = &result {
+        if !matches!(s.code(), tonic::Code::FailedPrecondition) {
+            tracing::debug!(method, code = ?s.code(), "{}", s.message());
+        }
+    }
+    result.map(Response::new)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinReply>, Status> {
+        let start = Instant::now();
+        let r = req.into_inner();
+        let result = self.lock().join(r.host, r.data_addr, r.devices, r.pid, Instant::now());
+        observe("join", start, result)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let start = Instant::now();
+        let result = self.lock().heartbeat(req.get_ref(), Instant::now());
+        observe("heartbeat", start, result)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, _req: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let rx = self.lock().subscribe_events();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
+            // A slow watcher that fell behind just misses events; it re-reads Status if it cares.
+            .filter_map(|e| e.ok().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn rendezvous(
+        &self,
+        req: Request<proto::RendezvousRequest>,
+    ) -> Result<Response<proto::RendezvousReply>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
+        let mut changes = self.lock().subscribe_changes();
+        let result = loop {
+            changes.borrow_and_update();
+            let outcome = self.lock().rendezvous(&req, Instant::now());
+            let status = match outcome {
+                Err(e) => break Err(e),
+                Ok(RendezvousOutcome::Ready(reply)) => break Ok(reply),
+                Ok(RendezvousOutcome::Released) => rendezvous_reply::Status::Released,
+                Ok(RendezvousOutcome::Stopped) => rendezvous_reply::Status::Stopped,
+                Ok(RendezvousOutcome::Finished) => rendezvous_reply::Status::Finished,
+                Ok(RendezvousOutcome::Wait(message)) => {
+                    let timed_out = tokio::select! {
+                        r = changes.changed() => r.is_err(),
+                        _ = tokio::time::sleep_until(deadline) => true,
+                    };
+                    if !timed_out {
+                        continue;
+                    }
+                    break Ok(proto::RendezvousReply {
+                        status: rendezvous_reply::Status::Wait as i32,
+                        message,
+                        ..Default::default()
+                    });
+                }
+            };
+            break Ok(proto::RendezvousReply {
+                status: status as i32,
+                ..Default::default()
+            });
+        };
+        observe("rendezvous", start, result)
+    }
+
+    async fn next_step(
+        &self,
+        req: Request<proto::NextStepRequest>,
+    ) -> Result<Response<proto::NextStepReply>, Status> {
+        let start = Instant::now();
+        let result = self.lock().next_step(req.get_ref(), Instant::now()).map(|o| {
+            let (status, plan) = match o {
+                NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p)),
+                NextStepOutcome::Regroup => (next_step_reply::Status::Regroup, None),
+                NextStepOutcome::Finished => (next_step_reply::Status::Finished, None),
+                NextStepOutcome::Stopped => (next_step_reply::Status::Stopped, None),
+                NextStepOutcome::Released => (next_step_reply::Status::Released, None),
+            };
+            proto::NextStepReply {
+                status: status as i32,
+                plan,
+            }
+        });
+        observe("next_step", start, result)
+    }
+
+    async fn commit_step(
+        &self,
+        req: Request<proto::CommitStepRequest>,
+    ) -> Result<Response<proto::CommitStepReply>, Status> {
+        let start = Instant::now();
+        let result = self.lock().commit(req.get_ref(), Instant::now());
+        observe("commit_step", start, result)
+    }
+
+    async fn report_checkpoint(
+        &self,
+        req: Request<proto::CheckpointReport>,
+    ) -> Result<Response<proto::CheckpointReply>, Status> {
+        let start = Instant::now();
+        let result = self
+            .lock()
+            .report_checkpoint(req.get_ref(), Instant::now())
+            .map(|()| proto::CheckpointReply {});
+        observe("report_checkpoint", start, result)
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<proto::FailureReport>,
+    ) -> Result<Response<proto::FailureReply>, Status> {
+        let start = Instant::now();
+        let result = self
+            .lock()
+            .report_failure(req.get_ref(), Instant::now())
+            .map(|generation| proto::FailureReply { generation });
+        observe("report_failure", start, result)
+    }
+
+    async fn leave(&self, req: Request<proto::LeaveRequest>) -> Result<Response<proto::LeaveReply>, Status> {
+        let start = Instant::now();
+        let result = self
+            .lock()
+            .leave(&req.get_ref().worker_id, Instant::now())
+            .map(|left| proto::LeaveReply { left });
+        observe("leave", start, result)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn status(&self, _req: Request<proto::StatusRequest>) -> Result<Response<proto::StatusReply>, Status> {
+        let start = Instant::now();
+        let result = Ok(self.lock().status(Instant::now()));
+        observe("status", start, result)
+    }
+
+    async fn scale(&self, req: Request<proto::ScaleRequest>) -> Result<Response<proto::ScaleReply>, Status> {
+        let start = Instant::now();
+        let result = self.lock().scale(req.get_ref().workers, Instant::now());
+        observe("scale", start, result)
+    }
+
+    async fn stop(&self, _req: Request<proto::StopRequest>) -> Result<Response<proto::StopReply>, Status> {
+        let start = Instant::now();
+        let result = self.lock().stop().map(|committed_steps| proto::StopReply { committed_steps });
+        observe("stop", start, result)
+    }
+
+    async fn ledger(&self, req: Request<proto::LedgerRequest>) -> Result<Response<proto::LedgerReply>, Status> {
+        let start = Instant::now();
+        let r = req.get_ref();
+        let state = self.lock();
+        let result = state.ledger(r.from_step, r.to_step).map(|entries| {
+            let (num_sequences, global_batch, seed, rollbacks) = state.ledger_meta();
+            proto::LedgerReply {
+                entries: entries
+                    .into_iter()
+                    .map(|e| proto::LedgerEntry {
+                        step: e.step,
+                        generation: e.generation,
+                        world_size: e.world_size,
+                        slices: e
+                            .slices
+                            .into_iter()
+                            .map(|s| proto::RankSlice {
+                                rank: s.rank,
+                                worker_id: s.worker_id,
+                                stream_start: s.stream_start,
+                                count: s.count,
+                            })
+                            .collect(),
+                        loss: e.loss,
+                        tokens: e.tokens,
+                        step_time_s: e.step_time_s,
+                    })
+                    .collect(),
+                num_sequences,
+                global_batch,
+                seed,
+                rollbacks,
+            }
+        });
+        drop(state);
+        observe("ledger", start, result)
+    }
+}
+
+/// The server-side token check: every RPC must carry `authorization: Bearer <job token>`.
+#[derive(Clone)]
+pub struct TokenCheck {
+    expected: Arc<Vec<u8>>,
+}
+
+impl TokenCheck {
+    pub fn new(token: &str) -> TokenCheck {
+        TokenCheck {
+            expected: Arc::new(format!("Bearer {token}").into_bytes()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req.metadata().get("authorization").map(|v| v.as_bytes());
+        let ok = given.is_some_and(|g| constant_time_eq(g, &self.expected));
+        if ok {
+            return Ok(req);
+        }
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        let why = if given.is_none() { "no job token" } else { "wrong job token" };
+        tracing::warn!(%peer, "rejected an RPC: {why}");
+        metrics::counter!("ferry_rpc_rejected_total", "reason" => why).increment(1);
+        Err(Status::unauthenticated(format!("{why}: this coordinator needs the job's token")))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,455 @@
+//! The coordinator against a real server process on loopback: scheduling invariants,
+//! membership, failure detection, authentication and durability across `kill -9`.
+
+mod support;
+
+use ferry_common::client::with_backoff;
+use ferry_common::proto::{self, rendezvous_reply::Status as Rdzv};
+use std::time::{Duration, Instant};
+use support::cluster::*;
+use tonic::Code;
+
+/// 256-token sequences of the shared corpus: about 9,800 of them, so with 512 per step an
+/// epoch is 19.2 steps and 20 steps complete one and start the next.
+const SEQ: u64 = 256;
+const G: u64 = 512;
+const MICRO: u64 = 8;
+
+fn job(name: &str, cluster: &str) -> String {
+    job_toml(&support::scratch(&format!("{name}-run")), G, MICRO, SEQ, cluster)
+}
+
+async fn join_n(c: &CoordinatorProc, n: usize, host: &str) -> Vec<SimWorker> {
+    let clients = c.clients();
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(SimWorker::join(&clients, &format!("{host}{i}")).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_sequence_trained_once_for_world_sizes_1_to_8() {
+    for world in 1..=8u32 {
+        let c = CoordinatorProc::start(
+            &format!("sched-w{world}"),
+            &job("sched", &format!("min_workers = {world}\nsettle_s = 0.0")),
+            &[],
+        );
+        let mut workers = join_n(&c, world as usize, "host").await;
+        let statuses = rendezvous_all(&mut workers).await;
+        assert!(statuses.iter().all(|s| *s == Rdzv::Ready), "{statuses:?}");
+        let mut ranks: Vec<u32> = workers.iter().map(|w| w.rank).collect();
+        ranks.sort();
+        assert_eq!(ranks, (0..world).collect::<Vec<_>>());
+        assert!(workers.iter().all(|w| w.world == world));
+        run_steps(&mut workers, 20).await;
+        let ledger = c.ledger().await;
+        assert_eq!(ledger.entries.len(), 20);
+        assert!(ledger.entries.iter().all(|e| e.world_size == world));
+        let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
+        assert_eq!(verify_exactly_once(&ledger, &trained), 1, "world {world}: one full epoch");
+    }
+}
+
+#[tokio::test]
+async fn world_size_changes_mid_epoch_keep_exactly_once() {
+    let c = CoordinatorProc::start(
+        "sched-elastic",
+        &job("sched-elastic", "min_workers = 3\nsettle_s = 0.0"),
+        &[],
+    );
+    let mut workers = join_n(&c, 3, "a").await;
+    rendezvous_all(&mut workers).await;
+    let g1 = workers[0].generation;
+    run_steps(&mut workers, 7).await;
+
+    // Two join mid-epoch: the group grows at the next step boundary, in a new generation.
+    workers.extend(join_n(&c, 2, "b").await);
+    run_steps(&mut workers, 6).await;
+    assert_eq!(workers.len(), 5);
+    assert!(workers.iter().all(|w| w.world == 5 && w.generation == g1 + 1));
+
+    // A graceful leave: the worker finishes the step in hand and is released at the boundary.
+    let leaver = workers[1].id.clone();
+    let left = workers[1]
+        .c
+        .coordinator
+        .leave(proto::LeaveRequest { worker_id: leaver.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!left.left, "a training member leaves at the next boundary, not at once");
+    let gone = run_steps(&mut workers, 30).await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].id, leaver);
+    assert!(workers.iter().all(|w| w.world == 4 && w.generation == g1 + 2));
+
+    let ledger = c.ledger().await;
+    let sizes: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
+    assert_eq!(sizes[..7], [3; 7]);
+    assert_eq!(sizes[7..13], [5; 6]);
+    assert!(sizes[13..].iter().all(|&w| w == 4));
+    let trained: Vec<Trained> = workers
+        .iter()
+        .chain(gone.iter())
+        .flat_map(|w| w.trained.clone())
+        .collect();
+    // 43 steps of 512 over ~9,800 sequences: two full epochs, each exactly once.
+    assert_eq!(verify_exactly_once(&ledger, &trained), 2);
+    let status = c.status().await;
+    assert_eq!(status.workers.len(), 4, "the leaver is gone from the table");
+}
+
+#[tokio::test]
+async fn silent_worker_is_declared_dead_and_survivor_regroups() {
+    let c = CoordinatorProc::start(
+        "heartbeat",
+        &job("heartbeat", "min_workers = 1\nsettle_s = 0.5\nheartbeat_timeout_s = 1.0"),
+        &[],
+    );
+    let mut workers = join_n(&c, 2, "h").await;
+    rendezvous_all(&mut workers).await;
+    assert!(workers.iter().all(|w| w.world == 2));
+    run_steps(&mut workers, 3).await;
+    let mut survivor = workers.remove(0);
+    let silent = workers.remove(0);
+    let silent_since = Instant::now();
+
+    // The survivor keeps heartbeating; the other says nothing more.
+    let detected = loop {
+        survivor.heartbeat().await.unwrap();
+        let st = c.status().await;
+        if !st.workers.iter().any(|w| w.worker_id == silent.id) {
+            break silent_since.elapsed();
+        }
+        assert!(silent_since.elapsed() < Duration::from_secs(10), "never declared dead");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        detected >= Duration::from_millis(900) && detected < Duration::from_millis(2500),
+        "declared dead after {detected:?} with a 1 s timeout"
+    );
+    assert!(c.log_text().contains("declared dead"));
+
+    // The group re-forms without it; the uncommitted step is redone by the new group.
+    let g = survivor.generation;
+    assert_eq!(survivor.next_step().await.unwrap(), Next::Regroup);
+    assert_eq!(survivor.rendezvous(Duration::from_secs(10)).await, Rdzv::Ready);
+    assert_eq!((survivor.world, survivor.rank), (1, 0));
+    assert!(survivor.generation > g);
+    let mut alone = vec![survivor];
+    run_steps(&mut alone, 2).await;
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 5);
+    assert_eq!(ledger.entries[4].world_size, 1);
+
+    // The dead worker's id is no longer accepted.
+    let err = silent.heartbeat().await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test]
+async fn rpcs_without_the_job_token_are_rejected() {
+    let c = CoordinatorProc::start("auth", &job("auth", ""), &[]);
+    let wrong = c.clients_with_token("not-the-token");
+    let err = wrong
+        .coordinator
+        .clone()
+        .join(proto::JoinRequest {
+            host: "intruder".into(),
+            data_addr: "intruder:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = wrong.admin.clone().stop(proto::StopRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // No token at all: a bare client without the interceptor.
+    let mut bare =
+        proto::admin_client::AdminClient::connect(format!("http://{}", c.grpc)).await.unwrap();
+    let err = bare.scale(proto::ScaleRequest { workers: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let log = c.log_text();
+    assert!(log.contains("rejected an RPC: wrong job token"), "{log}");
+    assert!(log.contains("rejected an RPC: no job token"), "{log}");
+    // Nothing they asked for happened.
+    let st = c.status().await;
+    assert_eq!(st.phase, "waiting");
+    assert!(st.workers.is_empty());
+    assert_eq!(st.target_workers, st.max_workers);
+}
+
+#[tokio::test]
+async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
+    let mut c = CoordinatorProc::start(
+        "restart",
+        &job("restart", "min_workers = 2\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0"),
+        &[],
+    );
+    let mut workers = join_n(&c, 2, "r").await;
+    rendezvous_all(&mut workers).await;
+    let generation = workers[0].generation;
+    run_steps(&mut workers, 5).await;
+
+    // Step 5 is in flight: both ranks have their plans, rank 0's commit lands, then kill -9.
+    for w in workers.iter_mut() {
+        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
+    }
+    assert_eq!(workers[0].commit().await.unwrap(), 6);
+    c.kill9();
+
+    // A worker calling while the coordinator is down retries with backoff until it is back.
+    let hb_worker = workers[1].id.clone();
+    let hb_clients = workers[1].c.clone();
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = with_backoff(Duration::from_secs(30), || {
+            let mut coord = hb_clients.coordinator.clone();
+            let id = hb_worker.clone();
+            async move {
+                coord
+                    .heartbeat(proto::HeartbeatRequest {
+                        worker_id: id,
+                        generation,
+                        ..Default::default()
+                    })
+                    .await
+            }
+        })
+        .await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.restart();
+    let (r, waited) = waiting.await.unwrap();
+    r.expect("the heartbeat got through after the restart");
+    assert!(waited >= Duration::from_millis(1000), "it really waited ({waited:?})");
+
+    let st = c.status().await;
+    assert_eq!(st.committed_steps, 6, "the commit made before the kill survived");
+    assert_eq!(st.generation, generation, "the group goes on in the same generation");
+    assert_eq!(st.workers.len(), 2);
+    // Rank 1's late report of step 5 is a confirmation; then training continues.
+    assert_eq!(workers[1].commit().await.unwrap(), 6);
+    run_steps(&mut workers, 4).await;
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 10);
+    let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
+    verify_exactly_once(&ledger, &trained);
+    assert!(c.log_text().contains("resuming job"));
+}
+
+#[tokio::test]
+async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
+    let c = CoordinatorProc::start("hostile", &job("hostile", "min_workers = 2\nsettle_s = 0.0"), &[]);
+    let mut workers = join_n(&c, 2, "x").await;
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 3).await;
+    let before = c.ledger().await;
+    let mut coord = workers[0].c.coordinator.clone();
+    let id = workers[0].id.clone();
+    let gen = workers[0].generation;
+
+    // Wrong generation: one from the future, one from the past.
+    let err = coord
+        .next_step(proto::NextStepRequest { worker_id: id.clone(), generation: gen + 5, step: 3 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("from the future"), "{}", err.message());
+    let err = coord
+        .commit_step(proto::CommitStepRequest {
+            worker_id: id.clone(),
+            generation: gen - 1,
+            step: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("regroup"), "{}", err.message());
+
+    // Unknown worker id.
+    let err = coord
+        .heartbeat(proto::HeartbeatRequest { worker_id: "w999-nobody".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("w999-nobody"));
+
+    // Out-of-range steps: far ahead, and a step already committed long ago.
+    for step in [1_000_000, 0] {
+        let err = coord
+            .next_step(proto::NextStepRequest { worker_id: id.clone(), generation: gen, step })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange, "step {step}: {err:?}");
+        assert!(err.message().contains("next step to run is 3"), "{}", err.message());
+    }
+
+    // A commit that does not match the plan it claims to have trained.
+    assert_eq!(workers[0].next_step().await.unwrap(), Next::Plan);
+    let err = coord
+        .commit_step(proto::CommitStepRequest {
+            worker_id: id.clone(),
+            generation: gen,
+            step: 3,
+            sequences_digest: 12345,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("digest"), "{}", err.message());
+
+    // An oversized message is refused, not buffered.
+    let err = coord
+        .join(proto::JoinRequest {
+            host: "h".repeat(3 << 20),
+            data_addr: "h:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal),
+        "{err:?}"
+    );
+    // Malformed fields.
+    let err = coord
+        .join(proto::JoinRequest { host: "h".into(), data_addr: "no-port".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = coord
+        .rendezvous(proto::RendezvousRequest {
+            worker_id: id.clone(),
+            known_generation: gen + 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Random bytes straight to the gRPC port, and a half-open connection.
+    {
+        use std::io::{Read, Write};
+        let mut junk = std::net::TcpStream::connect(&c.grpc).unwrap();
+        let mut seed = 0x1234_5678_u64;
+        let bytes: Vec<u8> = (0..64 * 1024)
+            .map(|_| (ferry_common::sampler::splitmix64(&mut seed) & 0xff) as u8)
+            .collect();
+        let _ = junk.write_all(&bytes);
+        junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut sink = Vec::new();
+        let _ = junk.read_to_end(&mut sink);
+        let _idle = std::net::TcpStream::connect(&c.grpc).unwrap();
+    }
+
+    // Still serving, and nothing changed: the honest workers carry on.
+    let after = c.ledger().await;
+    assert_eq!(after.entries, before.entries);
+    for w in workers.iter_mut() {
+        w.plan = None;
+    }
+    run_steps(&mut workers, 2).await;
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 5);
+    let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
+    verify_exactly_once(&ledger, &trained);
+}
+
+#[tokio::test]
+async fn metrics_status_page_and_admin_commands() {
+    let c = CoordinatorProc::start("observe", &job("observe", "min_workers = 2\nsettle_s = 0.0"), &[]);
+    let mut workers = join_n(&c, 2, "o").await;
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 4).await;
+    for w in &workers {
+        w.heartbeat().await.unwrap();
+    }
+
+    let (status, metrics) = http_get(&c.http, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(metrics.contains("ferry_committed_steps 4"), "{metrics}");
+    assert!(metrics.contains("ferry_world_size 2"), "{metrics}");
+    assert!(metrics.contains("ferry_rpc_seconds"), "{metrics}");
+    let (status, page) = http_get(&c.http, "/");
+    assert!(status.contains("200"), "{status}");
+    assert!(page.contains("<svg") && page.contains("<path d='M"), "the loss curve is drawn");
+    for w in &workers {
+        assert!(page.contains(&w.id));
+    }
+
+    let state = c.state.clone();
+    let token = c.token_file.clone();
+    let admin = move |args: &[&str]| {
+        support::run_ok(
+            support::ferry()
+                .args(args)
+                .arg("--state")
+                .arg(&state)
+                .arg("--token-file")
+                .arg(&token),
+        )
+    };
+    let table = String::from_utf8(admin(&["status"]).stdout).unwrap();
+    assert!(table.contains("phase running") && table.contains("step 4/100000"), "{table}");
+    for w in &workers {
+        assert!(table.contains(&w.id), "{table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&admin(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["world_size"], 2);
+
+    let out = String::from_utf8(admin(&["scale", "--workers", "3"]).stdout).unwrap();
+    assert!(out.contains("target set to 3"), "{out}");
+    let err = support::run_err(
+        support::ferry()
+            .args(["scale", "--workers", "1000", "--state"])
+            .arg(&c.state)
+            .arg("--token-file")
+            .arg(&c.token_file),
+    );
+    assert!(err.contains("cluster.max_workers"), "{err}");
+
+    admin(&["stop"]);
+    assert_eq!(workers[0].next_step().await.unwrap(), Next::Stopped);
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    let dir = support::scratch("tls-certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let c = CoordinatorProc::start(
+        "tls",
+        &job("tls", ""),
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    let port = c.grpc.rsplit_once(':').unwrap().1.to_string();
+    let secure = ferry_common::client::Clients::connect_lazy(&ferry_common::client::ClientConfig {
+        address: format!("localhost:{port}"),
+        token: TOKEN.into(),
+        tls_ca: Some(cert_path.clone()),
+        tls_domain: None,
+    })
+    .unwrap();
+    let st = secure.admin.clone().status(proto::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.job_name, "coordinator-test");
+    // Plain text to a TLS port fails.
+    let err = c.clients().admin.clone().status(proto::StatusRequest {}).await.unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+}

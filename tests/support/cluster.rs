@@ -1,0 +1,452 @@
+//! A real `ferry coordinator` process and simulated workers that speak its gRPC protocol: they
+//! join, heartbeat, rendezvous, take step plans and commit them, recording what they "trained".
+#![allow(dead_code)]
+
+use super::{ferry, prepared_shared_corpus, scratch};
+use ferry_common::client::{ClientConfig, Clients};
+use ferry_common::proto::{self, next_step_reply, rendezvous_reply};
+use ferry_common::sampler::sequences_digest;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use tonic::Status;
+
+pub const TOKEN: &str = "test-token-7d1f";
+
+/// A job spec on the shared corpus; `extra` is appended (more sections or keys).
+pub fn job_toml(run_dir: &Path, global: u64, micro: u64, seq_len: u64, cluster: &str) -> String {
+    format!(
+        r#"[job]
+name = "coordinator-test"
+steps = 100000
+run_dir = "{run}"
+seed = 7
+
+[model]
+family = "gpt2"
+size = "tiny"
+
+[data]
+shards = "{shards}"
+seq_len = {seq_len}
+
+[batch]
+global = {global}
+micro = {micro}
+
+[cluster]
+{cluster}
+"#,
+        run = run_dir.display(),
+        shards = prepared_shared_corpus().display(),
+    )
+}
+
+pub struct CoordinatorProc {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub grpc: String,
+    pub http: String,
+    pub log: PathBuf,
+    pub token_file: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+impl CoordinatorProc {
+    /// Starts a coordinator for `job` in a fresh scratch directory named `name`.
+    pub fn start(name: &str, job: &str, extra_args: &[&str]) -> CoordinatorProc {
+        let dir = scratch(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let job_path = dir.join("job.toml");
+        std::fs::write(&job_path, job).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let mut c = CoordinatorProc {
+            child: None,
+            state: dir.join("state"),
+            log: dir.join("coordinator.log"),
+            dir,
+            grpc: String::new(),
+            http: String::new(),
+            token_file,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn(Some(&job_path), "127.0.0.1:0");
+        c
+    }
+
+    fn spawn(&mut self, job: Option<&Path>, listen: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = ferry();
+        cmd.arg("coordinator");
+        if let Some(job) = job {
+            cmd.arg("--job").arg(job);
+        }
+        cmd.args(["--listen", listen, "--state"])
+            .arg(&self.state)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&self.extra_args)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn ferry coordinator");
+        let pid = child.id();
+        self.child = Some(child);
+        let endpoint = self.state.join("endpoint.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoint) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    if v["pid"].as_u64() == Some(u64::from(pid)) {
+                        self.grpc = v["grpc"].as_str().unwrap().to_string();
+                        self.http = v["http"].as_str().unwrap().to_string();
+                        return;
+                    }
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("coordinator exited with {status}: {}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "coordinator did not start: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same state directory and port, without the job file.
+    pub fn restart(&mut self) {
+        let listen = self.grpc.clone();
+        self.spawn(None, &listen);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn clients(&self) -> Clients {
+        self.clients_with_token(TOKEN)
+    }
+
+    pub fn clients_with_token(&self, token: &str) -> Clients {
+        Clients::connect_lazy(&ClientConfig {
+            address: self.grpc.clone(),
+            token: token.to_string(),
+            tls_ca: None,
+            tls_domain: None,
+        })
+        .unwrap()
+    }
+
+    pub async fn status(&self) -> proto::StatusReply {
+        self.clients()
+            .admin
+            .status(proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn ledger(&self) -> proto::LedgerReply {
+        self.clients()
+            .admin
+            .ledger(proto::LedgerRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What one simulated worker trained in one committed step.
+#[derive(Clone, Debug)]
+pub struct Trained {
+    pub step: u64,
+    pub generation: u64,
+    pub rank: u32,
+    pub stream_start: u64,
+    pub ids: Vec<u64>,
+}
+
+pub struct SimWorker {
+    pub c: Clients,
+    pub id: String,
+    pub generation: u64,
+    pub rank: u32,
+    pub world: u32,
+    /// Steps applied to the "weights" this worker holds, if it holds any.
+    pub state_step: Option<u64>,
+    pub plan: Option<proto::StepPlan>,
+    pub trained: Vec<Trained>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    Plan,
+    Regroup,
+    Finished,
+    Stopped,
+    Released,
+}
+
+impl SimWorker {
+    pub async fn join(c: &Clients, host: &str) -> SimWorker {
+        let mut c = c.clone();
+        let reply = c
+            .coordinator
+            .join(proto::JoinRequest {
+                host: host.into(),
+                data_addr: format!("{host}:9"),
+                devices: vec!["cpu".into()],
+                pid: 1,
+            })
+            .await
+            .expect("join")
+            .into_inner();
+        SimWorker {
+            c,
+            id: reply.worker_id,
+            generation: 0,
+            rank: 0,
+            world: 0,
+            state_step: None,
+            plan: None,
+            trained: Vec::new(),
+        }
+    }
+
+    pub async fn heartbeat(&self) -> Result<proto::HeartbeatReply, Status> {
+        self.c
+            .coordinator
+            .clone()
+            .heartbeat(proto::HeartbeatRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                step: self.state_step.unwrap_or(0),
+                loss: 1.0,
+                tokens_per_s: 100.0,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Calls Rendezvous until the answer is not WAIT (or `patience` runs out).
+    pub async fn rendezvous(&mut self, patience: Duration) -> rendezvous_reply::Status {
+        let deadline = Instant::now() + patience;
+        loop {
+            let reply = self
+                .c
+                .coordinator
+                .rendezvous(proto::RendezvousRequest {
+                    worker_id: self.id.clone(),
+                    known_generation: self.generation,
+                    has_state: self.state_step.is_some(),
+                    state_step: self.state_step.unwrap_or(0),
+                    blob: self.id.as_bytes().to_vec(),
+                })
+                .await
+                .expect("rendezvous")
+                .into_inner();
+            let status = reply.status();
+            if status == rendezvous_reply::Status::Wait {
+                assert!(Instant::now() < deadline, "{}: still waiting: {}", self.id, reply.message);
+                continue;
+            }
+            if status == rendezvous_reply::Status::Ready {
+                self.generation = reply.generation;
+                self.rank = reply.rank;
+                self.world = reply.world_size;
+                assert_eq!(reply.peers.len(), reply.world_size as usize);
+                // Everyone ends up with rank 0's state (the broadcast).
+                self.state_step = Some(reply.start_step);
+            }
+            return status;
+        }
+    }
+
+    pub async fn next_step(&mut self) -> Result<Next, Status> {
+        let reply = self
+            .c
+            .coordinator
+            .next_step(proto::NextStepRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                step: self.state_step.unwrap_or(0),
+            })
+            .await?
+            .into_inner();
+        Ok(match reply.status() {
+            next_step_reply::Status::Plan => {
+                let plan = reply.plan.expect("PLAN carries a plan");
+                assert_eq!(plan.rank, self.rank);
+                assert_eq!(plan.generation, self.generation);
+                self.plan = Some(plan);
+                Next::Plan
+            }
+            next_step_reply::Status::Regroup => Next::Regroup,
+            next_step_reply::Status::Finished => Next::Finished,
+            next_step_reply::Status::Stopped => Next::Stopped,
+            next_step_reply::Status::Released => Next::Released,
+            other => panic!("unexpected NextStep status {other:?}"),
+        })
+    }
+
+    /// Commits the current plan ("applies" the step) and records what was trained.
+    pub async fn commit(&mut self) -> Result<u64, Status> {
+        let plan = self.plan.clone().expect("a plan to commit");
+        let reply = self
+            .c
+            .coordinator
+            .commit_step(proto::CommitStepRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                step: plan.step,
+                loss: 10.0 / (1.0 + plan.step as f64),
+                tokens: plan.global_batch * 64,
+                step_time_s: 0.01,
+                allreduce_s: 0.001,
+                sequences_digest: sequences_digest(&plan.sequence_ids),
+            })
+            .await?
+            .into_inner();
+        self.state_step = Some(plan.step + 1);
+        self.trained.push(Trained {
+            step: plan.step,
+            generation: plan.generation,
+            rank: plan.rank,
+            stream_start: plan.stream_start,
+            ids: plan.sequence_ids,
+        });
+        self.plan = None;
+        Ok(reply.committed_steps)
+    }
+}
+
+/// All workers come to rendezvous at once (it blocks until the group is complete).
+pub async fn rendezvous_all(workers: &mut [SimWorker]) -> Vec<rendezvous_reply::Status> {
+    futures::future::join_all(
+        workers
+            .iter_mut()
+            .map(|w| w.rendezvous(Duration::from_secs(60))),
+    )
+    .await
+}
+
+/// Runs `steps` lockstep steps with `workers` (every rank fetches its plan, then every rank
+/// commits, as an all-reduce would order them). Regroups whenever asked to. Workers told to
+/// go (RELEASED) are taken out of `workers` and returned.
+pub async fn run_steps(workers: &mut Vec<SimWorker>, steps: u64) -> Vec<SimWorker> {
+    let mut gone = Vec::new();
+    let mut done = 0;
+    while done < steps {
+        let mut regroup = false;
+        let mut i = 0;
+        while i < workers.len() {
+            match workers[i].next_step().await.expect("next_step") {
+                Next::Plan => i += 1,
+                Next::Regroup => {
+                    regroup = true;
+                    i += 1;
+                }
+                Next::Released => gone.push(workers.remove(i)),
+                other => panic!("{}: unexpected {other:?}", workers[i].id),
+            }
+        }
+        if regroup {
+            for w in workers.iter_mut() {
+                w.plan = None;
+            }
+            let statuses = rendezvous_all(workers).await;
+            assert!(statuses.iter().all(|s| *s == rendezvous_reply::Status::Ready), "{statuses:?}");
+            continue;
+        }
+        for w in workers.iter_mut() {
+            w.commit().await.expect("commit");
+        }
+        done += 1;
+    }
+    gone
+}
+
+/// Checks the coordinator's ledger and what the workers trained against each other and against
+/// the promise: stream positions `0 .. steps*G` each trained exactly once, by the ranks the
+/// ledger names; every complete epoch a permutation of all sequences. Returns epochs completed.
+pub fn verify_exactly_once(ledger: &proto::LedgerReply, trained: &[Trained]) -> u64 {
+    let g = ledger.global_batch;
+    let n = ledger.num_sequences;
+    let steps = ledger.entries.len() as u64;
+    for (i, e) in ledger.entries.iter().enumerate() {
+        assert_eq!(e.step, i as u64, "ledger steps are contiguous from 0");
+        assert_eq!(e.slices.len() as u32, e.world_size);
+        let mut next = e.step * g;
+        for (r, s) in e.slices.iter().enumerate() {
+            assert_eq!(s.rank as usize, r);
+            assert_eq!(s.stream_start, next, "step {}: slices are contiguous", e.step);
+            assert!(s.count > 0);
+            next += s.count;
+        }
+        assert_eq!(next, (e.step + 1) * g, "step {}: slices cover the global batch", e.step);
+    }
+    // Stream position -> sequence id, from what workers were told and trained.
+    let mut by_position = vec![None; (steps * g) as usize];
+    for t in trained.iter().filter(|t| t.step < steps) {
+        let e = &ledger.entries[t.step as usize];
+        assert_eq!(e.generation, t.generation, "step {} trained by its ledger generation", t.step);
+        let slice = &e.slices[t.rank as usize];
+        assert_eq!(slice.stream_start, t.stream_start);
+        assert_eq!(slice.count, t.ids.len() as u64);
+        for (k, id) in t.ids.iter().enumerate() {
+            let slot = &mut by_position[(t.stream_start + k as u64) as usize];
+            assert!(slot.is_none() || *slot == Some(*id), "position trained twice differently");
+            *slot = Some(*id);
+        }
+    }
+    let ids: Vec<u64> = by_position
+        .iter()
+        .enumerate()
+        .map(|(p, id)| id.unwrap_or_else(|| panic!("stream position {p} was never trained")))
+        .collect();
+    let epochs = steps * g / n;
+    for e in 0..epochs {
+        let mut epoch: Vec<u64> = ids[(e * n) as usize..((e + 1) * n) as usize].to_vec();
+        epoch.sort_unstable();
+        assert!(
+            epoch.iter().enumerate().all(|(i, &id)| id == i as u64),
+            "epoch {e} is not a permutation of all {n} sequences"
+        );
+    }
+    // The partial epoch: no repeats.
+    let mut tail: Vec<u64> = ids[(epochs * n) as usize..].to_vec();
+    tail.sort_unstable();
+    assert!(tail.windows(2).all(|w| w[0] != w[1]), "a sequence repeats within an epoch");
+    epochs
+}
+
+/// One HTTP/1.1 GET on loopback; returns (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
