@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

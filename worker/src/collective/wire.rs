@@ -1,0 +1,144 @@
+//! Socket settings, byte views of float buffers and the small header that opens every TCP
+//! operation, so ranks that disagree about the operation fail instead of misreading data.
+
+use super::CollectiveError;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// Kernel socket buffers for data connections: large enough that a sender rarely stalls on a
+/// full buffer while its peer is busy summing a piece.
+const SOCKET_BUFFER_BYTES: libc::c_int = 8 << 20;
+
+pub(crate) fn configure_data_socket(s: &TcpStream, timeout: Duration) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    set_buffer(s, libc::SO_SNDBUF)?;
+    set_buffer(s, libc::SO_RCVBUF)
+}
+
+fn set_buffer(s: &TcpStream, option: libc::c_int) -> io::Result<()> {
+    let size = SOCKET_BUFFER_BYTES;
+    // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True when the peer has closed or reset the connection. Unread data is not a hang-up: the
+/// peer may already have started the next operation.
+pub(crate) fn hung_up(s: &TcpStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let rc = unsafe { libc::poll(&mut fd, 1, 0) };
+    rc > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; u8 has alignment 1; same length in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+pub(crate) fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub(crate) enum OpKind {
+    AllReduce = 1,
+    Broadcast = 2,
+    AllGather = 3,
+}
+
+impl OpKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            OpKind::AllReduce => "all_reduce",
+            OpKind::Broadcast => "broadcast",
+            OpKind::AllGather => "all_gather",
+        }
+    }
+}
+
+/// Opens each transfer: which operation, its sequence number in this group, a per-kind
+/// detail (broadcast root, all-gather block owner) and the payload length in bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct OpHeader {
+    pub kind: OpKind,
+    pub seq: u64,
+    pub detail: u32,
+    pub len: u64,
+}
+
+const HEADER_MAGIC: [u8; 3] = *b"FRO";
+const HEADER_BYTES: usize = 24;
+
+impl OpHeader {
+    pub(crate) fn write_to(&self, mut w: impl Write) -> io::Result<()> {
+        let mut b = [0u8; HEADER_BYTES];
+        b[..3].copy_from_slice(&HEADER_MAGIC);
+        b[3] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.detail.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        w.write_all(&b)
+    }
+
+    /// Reads the peer's header and checks it against ours. `detail` and `len` are compared
+    /// only when `exact` (all-gather blocks carry their own owner and length).
+    pub(crate) fn expect_from(
+        &self,
+        mut r: impl Read,
+        peer: usize,
+        exact: bool,
+    ) -> Result<OpHeader, CollectiveError> {
+        let op = self.kind.name();
+        let mut b = [0u8; HEADER_BYTES];
+        r.read_exact(&mut b)
+            .map_err(|e| CollectiveError::from_socket(e, peer, op))?;
+        let mismatch = |reason: String| CollectiveError::Protocol { peer, op, reason };
+        if b[..3] != HEADER_MAGIC {
+            return Err(mismatch("not an operation header".into()));
+        }
+        let seq = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+        let got = OpHeader {
+            kind: self.kind,
+            detail: u32::from_le_bytes(b[4..8].try_into().unwrap_or_default()),
+            seq,
+            len: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+        };
+        if b[3] != self.kind as u8 || seq != self.seq {
+            return Err(mismatch(format!(
+                "peer is at operation #{seq} kind {}, this rank at #{} {op}",
+                b[3], self.seq
+            )));
+        }
+        if exact && (got.detail != self.detail || got.len != self.len) {
+            return Err(mismatch(format!(
+                "peer has length {} bytes / detail {}, this rank {} / {}",
+                got.len, got.detail, self.len, self.detail
+            )));
+        }
+        Ok(got)
+    }
+}
