@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: prepare the corpora, pretrain a small GPT-2 for a few minutes, sample from it.
+# The main job: prepare the corpora, pretrain a small GPT-2 for a few minutes with a coordinator
+# and two worker processes (data-parallel over a TCP/shared-memory ring), sample from it.
 # Data comes from $FERRY_DATA_DIR (default ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,9 +8,8 @@ cd "$(dirname "$0")/.."
 
 data=${FERRY_DATA_DIR:-../shared/data}
 ferry=target/release/ferry
-run=${FERRY_RUN_DIR:-runs/gpt2-mini}
-prepared=${FERRY_PREPARED_DIR:-data-prepared/wikitext-books}
-steps=${FERRY_MAIN_STEPS:-600}   # a few minutes on two cores
+run=runs/gpt2-mini                        # job.run_dir in jobs/gpt2-mini-wikitext.toml
+prepared=data-prepared/wikitext-books     # data.shards in the job file
 for d in "$data/wikitext" "$data/books"; do
     [ -d "$d" ] || { echo "error: $d not found: set FERRY_DATA_DIR (see README, 'Data')" >&2; exit 1; }
 done
@@ -17,12 +17,18 @@ done
 echo "== prepare: tokenizer + shards from $data/wikitext and $data/books"
 $ferry prepare --input "$data/wikitext" "$data/books" --output "$prepared"
 
-echo "== pretrain GPT-2 (mini) in $run"
-resume=()
-if [ -d "$run/checkpoints" ] && [ -f "$run/train.json" ]; then resume=(--resume); fi
-$ferry train --data "$prepared" --run-dir "$run" "${resume[@]}" \
-    --size mini --seq-len 128 --global-batch 16 --micro-batch 16 --steps "$steps" \
-    --lr 1e-3 --warmup-steps 50 --eval-interval 100 --checkpoint-interval 100
+echo "== pretrain GPT-2 (mini): coordinator + 2 worker processes, data-parallel"
+job=jobs/gpt2-mini-wikitext.toml
+if [ -n "${FERRY_MAIN_STEPS:-}" ]; then
+    # Same job with fewer (or more) steps, in its own run directory.
+    run=runs/gpt2-mini-$FERRY_MAIN_STEPS
+    mkdir -p "$run"
+    sed -e "s/^steps = .*/steps = $FERRY_MAIN_STEPS/" -e "s|^run_dir = .*|run_dir = \"$run\"|" \
+        "$job" > "$run/job.toml"
+    job=$run/job.toml
+fi
+# Running this again resumes the job from its coordinator state and checkpoints.
+$ferry launch --local --workers 2 "$job"
 
 echo "== sample"
 $ferry generate --model "$run" --prompt "The history of the" --max-new-tokens 60 --seed 1

@@ -126,7 +126,7 @@ heartbeat_timeout_s = {hb_timeout}
         w = a.workers,
         dir = dir.display(),
         data = a.data.display(),
-        hb_timeout = (a.heartbeat_s * 4.0).max(5.0),
+        hb_timeout = (a.heartbeat_s * 30.0).max(30.0),
     );
     std::fs::write(dir.join("job.toml"), job)?;
     let token = ferry_coordinator::state::new_id();
@@ -196,12 +196,15 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
     let n = a.workers as usize;
 
     rt.block_on(async {
-        // Join everyone.
+        // Join everyone; each starts heartbeating (every heartbeat_s) as soon as it has joined.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hb_every = Duration::from_secs_f64(a.heartbeat_s);
         let t_join = Instant::now();
         let mut joins = tokio::task::JoinSet::new();
         for i in 0..n {
             let mut c = pool[i % pool.len()].coordinator.clone();
             let lat = lat.clone();
+            let stop = stop.clone();
             joins.spawn(async move {
                 let t = Instant::now();
                 let r = c
@@ -213,7 +216,30 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                     })
                     .await;
                 lat.lock().unwrap().record("join", t);
-                r.map(|r| (i, r.into_inner().worker_id))
+                let id = r?.into_inner().worker_id;
+                let mut hb = c.clone();
+                let hb_id = id.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(hb_every);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tick.tick().await;
+                        let t = Instant::now();
+                        let ok = hb
+                            .heartbeat(proto::HeartbeatRequest {
+                                worker_id: hb_id.clone(),
+                                generation: 1,
+                                step: 0,
+                                loss: 3.0,
+                                tokens_per_s: 1000.0,
+                            })
+                            .await
+                            .is_ok();
+                        if ok {
+                            lat.lock().unwrap().record("heartbeat", t);
+                        }
+                    }
+                });
+                Ok::<_, tonic::Status>((i, id))
             });
         }
         let mut sims: Vec<Option<Sim>> = (0..n).map(|_| None).collect();
@@ -223,39 +249,6 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
         }
         let sims: Vec<Sim> = sims.into_iter().map(|s| s.expect("joined")).collect();
         let join_s = t_join.elapsed().as_secs_f64();
-        let ids: Arc<Vec<String>> = Arc::new(sims.iter().map(|s| s.id.clone()).collect());
-
-        // Heartbeats: each worker every heartbeat_s, spread evenly over the interval.
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hb_every = Duration::from_secs_f64(a.heartbeat_s);
-        for (i, id) in ids.iter().enumerate() {
-            let mut c = pool[i % pool.len()].coordinator.clone();
-            let lat = lat.clone();
-            let stop = stop.clone();
-            let id = id.clone();
-            let offset = hb_every.mul_f64(i as f64 / n as f64);
-            tokio::spawn(async move {
-                tokio::time::sleep(offset).await;
-                let mut tick = tokio::time::interval(hb_every);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    tick.tick().await;
-                    let t = Instant::now();
-                    let ok = c
-                        .heartbeat(proto::HeartbeatRequest {
-                            worker_id: id.clone(),
-                            generation: 1,
-                            step: 0,
-                            loss: 3.0,
-                            tokens_per_s: 1000.0,
-                        })
-                        .await
-                        .is_ok();
-                    if ok {
-                        lat.lock().unwrap().record("heartbeat", t);
-                    }
-                }
-            });
-        }
 
         // Rendezvous: all at once, as a real group does.
         let t_rdzv = Instant::now();

@@ -80,6 +80,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -249,5 +250,61 @@ pub fn run_stop(a: StopArgs) -> Result<()> {
     }));
     let reply = reply.map_err(|s| rpc_error(&address, s))?;
     println!("job stopped after {} committed steps", reply.committed_steps);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Address the collective (data plane) listens on; port 0 picks a free one.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    data_listen: String,
+    /// Host name or IP that peers use to reach this worker [default: 127.0.0.1 when the
+    /// coordinator is on loopback, else $HOSTNAME].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// libtorch intra-op threads; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Seconds to keep retrying an unreachable coordinator before giving up.
+    #[arg(long, default_value_t = 120)]
+    patience_s: u64,
+}
+
+pub fn run_worker(a: WorkerArgs) -> Result<()> {
+    let address = match &a.connect.state {
+        Some(dir) => endpoint_from_state(dir)?,
+        None => a.connect.coordinator.clone(),
+    };
+    let host = address
+        .rsplit_once(':')
+        .map_or(address.as_str(), |(h, _)| h)
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_string();
+    let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+    let advertise = match a.advertise {
+        Some(h) => h,
+        None if loopback => "127.0.0.1".to_string(),
+        None => std::env::var("HOSTNAME").context("no --advertise given and $HOSTNAME is not set")?,
+    };
+    let exit = ferry_worker::data_parallel::run_worker(ferry_worker::data_parallel::WorkerOptions {
+        coordinator: ClientConfig {
+            address,
+            token: load_token(a.connect.token_file.as_deref())?,
+            tls_ca: a.connect.tls_ca.clone(),
+            tls_domain: None,
+        },
+        data_listen: a.data_listen,
+        advertise_host: advertise,
+        threads: a.threads,
+        device: a.device,
+        patience: Duration::from_secs(a.patience_s),
+    })?;
+    eprintln!("worker done: {exit:?}");
     Ok(())
 }

@@ -4,6 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_common::prepare::{prepare, PrepareOptions};
 use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
+use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
+use ferry_worker::collective::Transport;
 use ferry_worker::generate::{generate, SamplingConfig};
 use ferry_worker::schedule::Decay;
 use ferry_worker::train::{self, TrainConfig};
@@ -12,6 +14,7 @@ use std::io::IsTerminal;
 
 mod bench_coordinator;
 mod cluster;
+mod launch;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -36,6 +39,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve a job's control plane: membership, rendezvous, sample schedule, durable state.
     Coordinator(cluster::CoordinatorArgs),
+    /// Train as one data-parallel rank of a coordinator's job.
+    Worker(cluster::WorkerArgs),
+    /// Run a whole job on this machine: coordinator plus N worker processes.
+    Launch(launch::LaunchArgs),
     /// Show a running job: phase, step, generation and a table of workers.
     Status(cluster::StatusArgs),
     /// Change the number of workers of a running job (at the next step boundary).
@@ -246,6 +253,35 @@ enum BenchCommand {
     Train(BenchTrainArgs),
     /// Load-test a coordinator with many simulated workers: RPC latency, CPU and memory.
     Coordinator(bench_coordinator::BenchCoordinatorArgs),
+    /// All-reduce bandwidth of the CPU ring, as shared/bench/allreduce_bench.py measures gloo.
+    /// Start one process per rank; rank 0 prints the JSON lines.
+    Allreduce(BenchAllreduceArgs),
+}
+
+#[derive(Args)]
+struct BenchAllreduceArgs {
+    #[arg(long)]
+    rank: usize,
+    #[arg(long)]
+    world: usize,
+    /// Comma-separated host:port of every rank; each rank listens on its own.
+    #[arg(long, value_delimiter = ',', required = true)]
+    peers: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
+    sizes_mib: Vec<usize>,
+    /// auto: shared memory when all peers are on this host.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: Transport,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 50)]
+    max_iters: usize,
+    /// Approximate seconds per size; sets the iteration count.
+    #[arg(long, default_value_t = 20.0)]
+    budget_s: f64,
+    /// Seconds to wait for a peer before failing.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -289,6 +325,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(a) => cluster::run_coordinator(a)?,
+        Command::Worker(a) => cluster::run_worker(a)?,
+        Command::Launch(a) => launch::run(a)?,
         Command::Status(a) => cluster::run_status(a)?,
         Command::Scale(a) => cluster::run_scale(a)?,
         Command::Stop(a) => cluster::run_stop(a)?,
@@ -383,6 +421,26 @@ fn run(cli: Cli) -> Result<()> {
                 device: runtime::select_device(&a.device)?,
             })?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::Bench(BenchCommand::Allreduce(a)) => {
+            let config = AllReduceBenchConfig {
+                rank: a.rank,
+                world: a.world,
+                peers: a.peers,
+                sizes_mib: a.sizes_mib,
+                transport: a.transport,
+                warmup: a.warmup,
+                max_iters: a.max_iters,
+                budget_s: a.budget_s,
+                timeout: std::time::Duration::from_secs(a.timeout_s),
+            };
+            let mut printed = Ok(());
+            run_allreduce_bench(&config, |record| {
+                if printed.is_ok() {
+                    printed = serde_json::to_string(record).map(|line| println!("{line}"));
+                }
+            })?;
+            printed?;
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use ferry_common::client::with_backoff;
 use ferry_common::proto::{self, rendezvous_reply::Status as Rdzv};
 use std::time::{Duration, Instant};
 use support::cluster::*;
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 /// 256-token sequences of the shared corpus: about 9,800 of them, so with 512 per step an
@@ -43,6 +44,9 @@ async fn every_sequence_trained_once_for_world_sizes_1_to_8() {
         ranks.sort();
         assert_eq!(ranks, (0..world).collect::<Vec<_>>());
         assert!(workers.iter().all(|w| w.world == world));
+        // Every rank got rank 0's blob (its NCCL unique id, on GPUs).
+        let rank0 = workers.iter().find(|w| w.rank == 0).unwrap().id.clone();
+        assert!(workers.iter().all(|w| w.blob == rank0.as_bytes()), "rank 0's blob for all");
         run_steps(&mut workers, 20).await;
         let ledger = c.ledger().await;
         assert_eq!(ledger.entries.len(), 20);
@@ -452,4 +456,78 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     // Plain text to a TLS port fails.
     let err = c.clients().admin.clone().status(proto::StatusRequest {}).await.unwrap_err();
     assert_ne!(err.code(), Code::Ok);
+}
+
+#[tokio::test]
+async fn quorum_standby_and_watch_events() {
+    let c = CoordinatorProc::start(
+        "quorum",
+        &job("quorum", "min_workers = 2\nmax_workers = 2\nsettle_s = 0.0"),
+        &[],
+    );
+    let mut events = c
+        .clients()
+        .coordinator
+        .clone()
+        .watch(proto::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let clients = c.clients();
+    let mut first = SimWorker::join(&clients, "q0").await;
+    // One worker is below the quorum: rendezvous answers WAIT, saying why.
+    let reply = first
+        .c
+        .coordinator
+        .rendezvous(proto::RendezvousRequest { worker_id: first.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Rdzv::Wait);
+    assert!(reply.message.contains("quorum of 2"), "{}", reply.message);
+
+    let mut workers = vec![first, SimWorker::join(&clients, "q1").await];
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 2).await;
+    // A third worker beyond max_workers stands by.
+    let mut spare = SimWorker::join(&clients, "q2").await;
+    let reply = spare
+        .c
+        .coordinator
+        .rendezvous(proto::RendezvousRequest { worker_id: spare.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Rdzv::Wait);
+    assert!(reply.message.contains("standing by"), "{}", reply.message);
+    run_steps(&mut workers, 1).await;
+    assert!(workers.iter().all(|w| w.world == 2), "the spare did not displace anyone");
+
+    // A member leaves gracefully; the spare takes its place at the next boundary.
+    let leaver = workers.remove(1);
+    leaver
+        .c
+        .coordinator
+        .clone()
+        .leave(proto::LeaveRequest { worker_id: leaver.id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(workers[0].next_step().await.unwrap(), Next::Regroup);
+    workers.push(spare);
+    let statuses = rendezvous_all(&mut workers).await;
+    assert!(statuses.iter().all(|s| *s == Rdzv::Ready), "{statuses:?}");
+    run_steps(&mut workers, 1).await;
+    spare = workers.pop().unwrap();
+    assert_eq!(spare.world, 2);
+    assert_eq!(c.ledger().await.entries.len(), 4);
+
+    // The watch stream saw it all.
+    let mut kinds = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+        kinds.push(e.kind());
+    }
+    use proto::watch_event::Kind;
+    for want in [Kind::Membership, Kind::Committed, Kind::Released] {
+        assert!(kinds.contains(&want), "no {want:?} event in {kinds:?}");
+    }
 }

@@ -25,9 +25,13 @@ use crate::store::{
 use ferry_common::job::JobSpec;
 use ferry_common::proto::{self, watch_event::Kind};
 use ferry_common::sampler::{rank_micro_batches, sequences_digest, SampleOrder};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tonic::Status;
+
+/// Groups up to this size get every rank's address at rendezvous; larger ones only their ring
+/// neighbours' (see `RendezvousReply.peer_ranks`).
+pub const FULL_PEER_LIST_MAX: usize = 1024;
 
 /// Timing rules derived from the job spec.
 #[derive(Clone, Copy, Debug)]
@@ -121,6 +125,8 @@ pub struct JobState {
     /// The generation that ran before the current proposal, for late commits.
     previous: Option<FormedRecord>,
     membership_pending: bool,
+    /// Worker id -> rank in `job.formed`, so per-RPC lookups do not scan the group.
+    rank_index: HashMap<String, usize>,
     last_join: Instant,
     order: SampleOrder,
     ledger_tail: Option<LedgerRecord>,
@@ -170,6 +176,7 @@ impl JobState {
             handed_out: None,
             previous: None,
             membership_pending: false,
+            rank_index: HashMap::new(),
             last_join: now,
             ledger_tail: None,
             loss_history: Vec::new(),
@@ -195,6 +202,7 @@ impl JobState {
                 state.ledger_tail = loaded.ledger.into_iter().last();
             }
         }
+        state.index_ranks();
         state.publish_gauges();
         Ok(state)
     }
@@ -255,10 +263,15 @@ impl JobState {
     }
 
     fn rank_of(&self, id: &str) -> Option<usize> {
-        self.job
-            .formed
-            .as_ref()
-            .and_then(|f| f.ranks.iter().position(|r| r == id))
+        self.rank_index.get(id).copied()
+    }
+
+    /// Rebuilds the rank index after `job.formed` changed.
+    fn index_ranks(&mut self) {
+        self.rank_index = match &self.job.formed {
+            Some(f) => f.ranks.iter().enumerate().map(|(r, id)| (id.clone(), r)).collect(),
+            None => HashMap::new(),
+        };
     }
 
     // ----- membership -----
@@ -294,8 +307,9 @@ impl JobState {
             join_seq: self.job.next_join_seq,
         };
         self.job.next_join_seq += 1;
+        // No flush: a join lost in a crash only makes that worker join again.
         self.store.put_worker(&rec).map_err(store_err)?;
-        self.store.save_job(&self.job).map_err(store_err)?;
+        self.store.save_job_lazily(&self.job).map_err(store_err)?;
         tracing::info!(worker = %rec.id, host = %rec.host, addr = %rec.data_addr, "worker joined");
         let id = rec.id.clone();
         self.workers.insert(id.clone(), Worker::new(rec, now));
@@ -335,7 +349,10 @@ impl JobState {
     /// Graceful leave: at once when the worker is not training, else at the next boundary.
     pub fn leave(&mut self, id: &str, now: Instant) -> Result<bool, Status> {
         self.worker_mut(id, now)?.leaving = true;
-        let training = matches!(self.phase, Phase::Formed) && self.rank_of(id).is_some();
+        let training = matches!(self.phase, Phase::Formed)
+            && self.rank_of(id).is_some()
+            && !self.job.stopped
+            && !self.finished();
         if training {
             self.membership_pending = true;
             tracing::info!(worker = %id, "worker leaves at the next step boundary");
@@ -433,6 +450,7 @@ impl JobState {
                 if !matches!(self.phase, Phase::Idle) {
                     tracing::warn!("{} workers, below the quorum of {min}: waiting", members.len());
                     self.previous = self.job.formed.take().or(self.previous.take());
+                    self.index_ranks();
                     self.phase = Phase::Idle;
                     self.store.save_job(&self.job).map_err(store_err)?;
                     self.emit(Kind::Membership, "", format!("waiting for {min} workers"));
@@ -491,6 +509,7 @@ impl JobState {
         if let Some(formed) = self.job.formed.take() {
             self.previous = Some(formed);
         }
+        self.index_ranks();
         self.job.generation += 1;
         self.membership_pending = false;
         tracing::info!(
@@ -580,6 +599,7 @@ impl JobState {
             source,
             checkpoint_path,
         });
+        self.index_ranks();
         self.phase = Phase::Formed;
         self.handed_out = None;
         self.store.save_job(&self.job).map_err(store_err)?;
@@ -700,12 +720,24 @@ impl JobState {
 
     fn ready_reply(&self, rank: usize) -> proto::RendezvousReply {
         let f = self.job.formed.as_ref().expect("called with a formed group");
+        let world = f.ranks.len();
+        let (peers, peer_ranks) = if world <= FULL_PEER_LIST_MAX {
+            (f.peers.clone(), Vec::new())
+        } else {
+            let mut ranks = vec![(rank + world - 1) % world, rank, (rank + 1) % world];
+            ranks.dedup();
+            (
+                ranks.iter().map(|&r| f.peers[r].clone()).collect(),
+                ranks.iter().map(|&r| r as u32).collect(),
+            )
+        };
         proto::RendezvousReply {
             status: proto::rendezvous_reply::Status::Ready as i32,
             generation: f.generation,
             rank: rank as u32,
-            world_size: f.ranks.len() as u32,
-            peers: f.peers.clone(),
+            world_size: world as u32,
+            peers,
+            peer_ranks,
             blob: f.blob.clone(),
             start_step: f.start_step,
             state_source: match f.source {
@@ -836,8 +868,7 @@ impl JobState {
                 req.step
             )));
         }
-        let formed = self.job.formed.clone().expect("member of a formed group");
-        let world = formed.ranks.len() as u64;
+        let world = self.job.formed.as_ref().map_or(1, |f| f.ranks.len()) as u64;
         let expected = self.expected_digest(req.step, rank as u64, world);
         if req.sequences_digest != expected {
             return Err(Status::invalid_argument(format!(
@@ -852,6 +883,8 @@ impl JobState {
             }
         }
         if !confirming {
+            // Once per step: the record names every rank's slice.
+            let formed = self.job.formed.clone().expect("member of a formed group");
             self.record_commit(&formed, req.loss, req.tokens, req.step_time_s)?;
             if req.step_time_s > 0.0 {
                 metrics::gauge!("ferry_tokens_per_second").set(req.tokens as f64 / req.step_time_s);

@@ -2,8 +2,10 @@
 //!
 //! What must survive a `kill -9` of the coordinator: the job spec, the committed step count and
 //! the ledger of committed steps (written in one transaction, fsynced), the current generation
-//! and its ranks, the scale target, the stop flag and the latest checkpoint. Worker records are
-//! written with eventual durability: losing one only makes that worker join again.
+//! and its ranks, the scale target, the stop flag and the latest checkpoint. Worker records
+//! are written without a flush of their own (they reach the disk with the next durable
+//! commit): losing one in a crash only makes that worker join again, and a join storm of
+//! thousands of workers does not cost thousands of disk flushes.
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -215,6 +217,16 @@ impl Store {
         })
     }
 
+    /// Like [`Store::save_job`] but without a flush; for changes whose loss in a crash is
+    /// harmless (the join counter). They reach the disk with the next durable commit.
+    pub fn save_job_lazily(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+        self.write(Durability::None, |txn| {
+            txn.open_table(META)?.insert(JOB_KEY, job.as_slice())?;
+            Ok(())
+        })
+    }
+
     /// Records a committed step and the new job record atomically.
     pub fn commit_step(&self, entry: &LedgerRecord, job: &JobRecord) -> Result<(), StoreError> {
         let entry_bytes = serde_json::to_vec(entry).map_err(|e| self.err(e))?;
@@ -254,7 +266,7 @@ impl Store {
 
     pub fn put_worker(&self, worker: &WorkerRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(worker).map_err(|e| self.err(e))?;
-        self.write(Durability::Eventual, |txn| {
+        self.write(Durability::None, |txn| {
             txn.open_table(WORKERS)?
                 .insert(worker.id.as_str(), bytes.as_slice())?;
             Ok(())
@@ -262,7 +274,7 @@ impl Store {
     }
 
     pub fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
-        self.write(Durability::Eventual, |txn| {
+        self.write(Durability::None, |txn| {
             txn.open_table(WORKERS)?.remove(id)?;
             Ok(())
         })

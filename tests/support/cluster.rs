@@ -195,6 +195,8 @@ pub struct SimWorker {
     pub state_step: Option<u64>,
     pub plan: Option<proto::StepPlan>,
     pub trained: Vec<Trained>,
+    /// The group's blob from the last rendezvous (rank 0's offer).
+    pub blob: Vec<u8>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -229,6 +231,7 @@ impl SimWorker {
             state_step: None,
             plan: None,
             trained: Vec::new(),
+            blob: Vec::new(),
         }
     }
 
@@ -276,6 +279,7 @@ impl SimWorker {
                 assert_eq!(reply.peers.len(), reply.world_size as usize);
                 // Everyone ends up with rank 0's state (the broadcast).
                 self.state_step = Some(reply.start_step);
+                self.blob = reply.blob;
             }
             return status;
         }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;
+pub mod data_parallel;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

@@ -56,6 +56,11 @@ impl AdamW {
         self.steps
     }
 
+    /// Sets the step count (bias corrections depend on it) after state arrives from elsewhere.
+    pub fn set_steps(&mut self, steps: i64) {
+        self.steps = steps;
+    }
+
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
         let c = self.config;

@@ -1,0 +1,352 @@
+//! `ferry launch --local`: a whole job on one machine, like `torchrun --standalone`.
+//!
+//! Starts a coordinator and N worker processes on loopback, splits the cores between the
+//! workers, prefixes every line a process prints with its name, shows one progress bar, and
+//! keeps the worker count at the job's target: workers that crash are restarted (up to
+//! `--max-restarts`), and `ferry scale` from another terminal adds workers here. The first
+//! Ctrl-C stops the job at a step boundary (rank 0 writes a checkpoint); a second one kills.
+//! Run the same command again to resume: the coordinator's state lives in the run directory.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ferry_common::client::{ClientConfig, Clients, TOKEN_ENV};
+use ferry_common::job::JobSpec;
+use ferry_common::proto;
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Run the coordinator and all workers on this machine (loopback networking).
+    #[arg(long)]
+    local: bool,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// The job spec (TOML).
+    job: PathBuf,
+    /// Coordinator state directory [default: <job.run_dir>/coordinator].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// libtorch threads per worker [default: cores / workers].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Restarts of workers that exit with an error, over the whole run.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// Hide the progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn catch_interrupts() {
+    // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+}
+
+/// Prints through the progress bar when there is one, so lines and bar do not tear.
+#[derive(Clone)]
+struct Console {
+    bar: indicatif::ProgressBar,
+}
+
+impl Console {
+    fn line(&self, s: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{s}");
+        } else {
+            self.bar.println(s);
+        }
+    }
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+/// Children die with the launcher, whatever happens to it.
+struct Procs(Vec<Proc>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+fn spawn(console: &Console, name: &str, mut cmd: Command, token: &str) -> Result<Proc> {
+    cmd.env(TOKEN_ENV, token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops
+        // the job gracefully.
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let console = console.clone();
+        let prefix = format!("[{name}]");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                console.line(format!("{prefix} {line}"));
+            }
+        });
+    }
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+    })
+}
+
+fn load_or_create_token(state: &Path) -> Result<String> {
+    let path = state.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let token = ferry_coordinator::state::new_id() + &ferry_coordinator::state::new_id();
+    std::fs::write(&path, &token).with_context(|| format!("{}: cannot write", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(token)
+}
+
+fn wait_for_endpoint(state: &Path, coordinator: &mut Proc) -> Result<String> {
+    let pid = coordinator.child.id();
+    let path = state.join(ferry_coordinator::ENDPOINT_FILE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if v["pid"].as_u64() == Some(u64::from(pid)) {
+                    if let Some(addr) = v["grpc"].as_str() {
+                        return Ok(addr.to_string());
+                    }
+                }
+            }
+        }
+        if let Some(status) = coordinator.child.try_wait()? {
+            bail!("the coordinator exited ({status}); its messages are above");
+        }
+        if Instant::now() > deadline {
+            bail!("the coordinator did not start within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn run(a: LaunchArgs) -> Result<()> {
+    if !a.local {
+        bail!("only --local is supported here; on a cluster run `ferry coordinator` once and `ferry worker` per GPU (see deploy/)");
+    }
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let spec = JobSpec::from_file(&a.job)?;
+    let state = a.state.clone().unwrap_or_else(|| spec.job.run_dir.join("coordinator"));
+    std::fs::create_dir_all(&state).with_context(|| format!("{}: cannot create", state.display()))?;
+    let token = load_or_create_token(&state)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = a.threads.unwrap_or((cores / a.workers as usize).max(1));
+    let exe = std::env::current_exe()?;
+    catch_interrupts();
+
+    let bar = if a.no_progress || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(spec.job.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    };
+    let console = Console { bar: bar.clone() };
+
+    let mut cmd = Command::new(&exe);
+    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--job"])
+        .arg(&a.job)
+        .arg("--state")
+        .arg(&state)
+        .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()));
+    let mut coordinator = spawn(&console, "coordinator", cmd, &token)?;
+    let address = wait_for_endpoint(&state, &mut coordinator)?;
+    let mut procs = Procs(vec![coordinator]);
+    console.line(format!(
+        "[launch] job {:?}: coordinator on {address}, {} workers x {threads} threads, state in {}",
+        spec.job.name,
+        a.workers,
+        state.display()
+    ));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let _in_runtime = rt.enter();
+    let clients = Clients::connect_lazy(&ClientConfig {
+        address,
+        token: token.clone(),
+        tls_ca: None,
+        tls_domain: None,
+    })?;
+    // The target is what this command asked for (also when resuming a job).
+    let scaled = rt.block_on({
+        let mut admin = clients.admin.clone();
+        async move { admin.scale(proto::ScaleRequest { workers: a.workers }).await }
+    });
+    if let Err(s) = scaled {
+        bail!("--workers {}: {}", a.workers, s.message());
+    }
+    // One process per GPU when there are GPUs, round-robin; the CPU otherwise.
+    let gpus = tch::Cuda::device_count().max(0) as u32;
+    let worker_cmd = |exe: &Path, index: u32| {
+        let mut c = Command::new(exe);
+        c.args(["worker", "--data-listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
+            .arg("--state")
+            .arg(&state)
+            .args(["--threads", &threads.to_string()]);
+        if gpus > 0 {
+            c.args(["--device", &format!("cuda:{}", index % gpus)]);
+        }
+        c
+    };
+    let mut next_index = 0u32;
+    for _ in 0..a.workers {
+        procs.0.push(spawn(&console, &format!("w{next_index}"), worker_cmd(&exe, next_index), &token)?);
+        next_index += 1;
+    }
+
+    let mut restarts = 0;
+    let mut stop_sent = false;
+    let mut last: Option<proto::StatusReply> = None;
+    let outcome: Result<()> = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let interrupts = INTERRUPTS.load(Ordering::SeqCst);
+        if interrupts >= 2 {
+            break Err(anyhow::anyhow!("interrupted twice: killed all processes"));
+        }
+        if interrupts == 1 && !stop_sent {
+            console.line("[launch] stopping at the next step boundary (Ctrl-C again to kill)".into());
+            let mut admin = clients.admin.clone();
+            let _ = rt.block_on(async move { admin.stop(proto::StopRequest {}).await });
+            stop_sent = true;
+        }
+        let status = rt
+            .block_on({
+                let mut admin = clients.admin.clone();
+                async move { admin.status(proto::StatusRequest {}).await }
+            })
+            .map(|r| r.into_inner())
+            .ok();
+        // Reap exited workers; restart failed ones while the job still runs.
+        let mut i = 1;
+        let mut live = 0u32;
+        let done = status
+            .as_ref()
+            .is_some_and(|s| s.phase == "finished" || s.phase == "stopped");
+        while i < procs.0.len() {
+            match procs.0[i].child.try_wait()? {
+                None => {
+                    live += 1;
+                    i += 1;
+                }
+                Some(exit) => {
+                    let p = procs.0.remove(i);
+                    if !exit.success() && !done && !stop_sent {
+                        if restarts >= a.max_restarts {
+                            break;
+                        }
+                        restarts += 1;
+                        let name = format!("w{next_index}");
+                        next_index += 1;
+                        console.line(format!(
+                            "[launch] {} exited ({exit}); starting {name} in its place ({restarts}/{})",
+                            p.name, a.max_restarts
+                        ));
+                        procs.0.push(spawn(&console, &name, worker_cmd(&exe, next_index - 1), &token)?);
+                        live += 1;
+                    }
+                }
+            }
+        }
+        if restarts >= a.max_restarts && live == 0 && !done {
+            break Err(anyhow::anyhow!("workers kept failing ({restarts} restarts); see their messages above"));
+        }
+        if let Some(s) = &status {
+            bar.set_position(s.committed_steps);
+            let loss = s.recent_loss.last().map_or("-".into(), |p| format!("{:.4}", p.loss));
+            bar.set_message(format!(
+                "loss {loss} | {:.0} tok/s | world {} | gen {}",
+                s.tokens_per_s, s.world_size, s.generation
+            ));
+            // Scale up: `ferry scale` raised the target above the workers running here.
+            if !done && !stop_sent && s.target_workers > live {
+                for _ in live..s.target_workers {
+                    let name = format!("w{next_index}");
+                    next_index += 1;
+                    console.line(format!("[launch] scaling up: starting {name}"));
+                    procs.0.push(spawn(&console, &name, worker_cmd(&exe, next_index - 1), &token)?);
+                }
+            }
+            last = status.clone();
+        }
+        if (done || stop_sent) && live == 0 {
+            break Ok(());
+        }
+        if procs.0[0].child.try_wait()?.is_some() {
+            break Err(anyhow::anyhow!("the coordinator exited; its messages are above"));
+        }
+    };
+    bar.finish_and_clear();
+    if let Ok(r) = rt.block_on({
+        let mut admin = clients.admin.clone();
+        async move { admin.status(proto::StatusRequest {}).await }
+    }) {
+        last = Some(r.into_inner());
+    }
+    drop(clients);
+    // The coordinator shuts down gracefully on SIGTERM.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(procs.0[0].child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procs.0[0].child.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    outcome?;
+    if let Some(s) = last {
+        let loss = s.recent_loss.last().map_or("-".into(), |p| format!("{:.4}", p.loss));
+        println!(
+            "{}: {}/{} steps, loss {loss}, generation {}, checkpoint {}",
+            s.phase,
+            s.committed_steps,
+            s.total_steps,
+            s.generation,
+            if s.latest_checkpoint_path.is_empty() { "-".into() } else { s.latest_checkpoint_path.clone() }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! Data-parallel training across real worker processes: one worker and two give the same
+//! model; a worker killed with SIGKILL and another joining mid-run change nothing either; a
+//! wedged peer never hangs the survivor.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use support::cluster::{CoordinatorProc, Trained};
+
+const STEPS: u64 = 20;
+
+fn job(run_dir: &Path, cluster: &str) -> String {
+    format!(
+        r#"[job]
+name = "dp-test"
+steps = {STEPS}
+run_dir = "{run}"
+seed = 11
+
+[model]
+family = "gpt2"
+size = "tiny"
+
+[data]
+shards = "{shards}"
+seq_len = 128
+
+[batch]
+global = 32
+micro = 4
+
+[optimizer]
+lr = 0.002
+warmup_steps = 5
+
+[eval]
+every = 0
+
+[checkpoint]
+every = 0
+
+[cluster]
+{cluster}
+"#,
+        run = run_dir.display(),
+        shards = support::prepared_shared_corpus().display(),
+    )
+}
+
+/// Final weights of a run, by name.
+fn final_weights(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let path = run_dir.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let mut w = tch::Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+/// ‖a − b‖ / ‖a‖ over all parameters.
+fn relative_distance(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        let d = (ta - tb).to_kind(tch::Kind::Double);
+        diff += d.square().sum(tch::Kind::Double).double_value(&[]);
+        norm += ta.to_kind(tch::Kind::Double).square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    (diff / norm).sqrt()
+}
+
+fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    support::series(&support::read_jsonl(&run_dir.join("metrics.jsonl")), "step", "loss")
+}
+
+type Reference = (PathBuf, Vec<(String, tch::Tensor)>, Vec<(u64, f64)>);
+
+/// The reference: one worker, the whole batch; run once per test binary.
+fn single_worker_run() -> Reference {
+    static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(single_worker_training).clone();
+    let w = final_weights(&run);
+    let l = step_losses(&run);
+    assert_eq!(l.len() as u64, STEPS);
+    (run, w, l)
+}
+
+fn single_worker_training() -> PathBuf {
+    let dir = support::scratch("dp-one");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    std::fs::write(dir.join("job.toml"), job(&run, "min_workers = 1\nsettle_s = 0.0")).unwrap();
+    support::run_ok(
+        support::ferry()
+            .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+            .arg(dir.join("job.toml")),
+    );
+    run
+}
+
+fn assert_same_training(reference: &Reference, run: &Path) {
+    let rel = relative_distance(&reference.1, &final_weights(run));
+    eprintln!("relative parameter distance to the 1-worker run: {rel:.3e}");
+    assert!(rel <= 1e-5, "‖θ1 − θ2‖/‖θ1‖ = {rel:e}");
+    let losses = step_losses(run);
+    assert_eq!(losses.len() as u64, STEPS);
+    for ((s1, l1), (s2, l2)) in reference.2.iter().zip(&losses) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() <= 1e-5 * l1.abs().max(1.0), "step {s1}: loss {l1} vs {l2}");
+    }
+}
+
+#[test]
+fn two_workers_train_the_same_model_as_one() {
+    let reference = single_worker_run();
+    let dir = support::scratch("dp-two");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    std::fs::write(dir.join("job.toml"), job(&run, "min_workers = 2\nsettle_s = 0.0")).unwrap();
+    support::run_ok(
+        support::ferry()
+            .args(["launch", "--local", "--workers", "2", "--threads", "1", "--no-progress"])
+            .arg(dir.join("job.toml")),
+    );
+    assert_same_training(&reference, &run);
+    let worlds: Vec<u64> = support::read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|r| r["event"] == "step")
+        .map(|r| r["world_size"].as_u64().unwrap())
+        .collect();
+    assert!(worlds.iter().all(|&w| w == 2), "{worlds:?}");
+}
+
+struct WorkerProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProc {
+    fn start(c: &CoordinatorProc, name: &str) -> WorkerProc {
+        let log = c.dir.join(format!("{name}.log"));
+        let child = support::ferry()
+            .args(["worker", "--threads", "1", "--data-listen", "127.0.0.1:0", "--state"])
+            .arg(&c.state)
+            .arg("--token-file")
+            .arg(&c.token_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        WorkerProc { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_step(c: &CoordinatorProc, step: u64, within: Duration) -> proto_status::StatusReply {
+    let start = Instant::now();
+    loop {
+        let st = c.status().await;
+        if st.committed_steps >= step {
+            return st;
+        }
+        assert!(start.elapsed() < within, "no step {step} within {within:?}: {st:?}\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+mod proto_status {
+    pub use ferry_common::proto::StatusReply;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
+    let reference = tokio::task::spawn_blocking(single_worker_run).await.unwrap();
+    let dir = support::scratch("dp-elastic");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let c = CoordinatorProc::start(
+        "dp-elastic-coord",
+        &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
+        &[],
+    );
+    let a = WorkerProc::start(&c, "a");
+    let b = WorkerProc::start(&c, "b");
+    // Both in one group before training starts.
+    let start = Instant::now();
+    loop {
+        let st = c.status().await;
+        if st.world_size == 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = wait_for_step(&c, 7, Duration::from_secs(120)).await;
+    b.signal(libc::SIGKILL);
+    let killed_at = c.status().await.committed_steps;
+    let st = wait_for_step(&c, killed_at + 1, Duration::from_secs(60)).await;
+    assert!(st.committed_steps < STEPS, "the job ran out before the join; slow it down");
+    let _ = wait_for_step(&c, 12.max(killed_at + 2), Duration::from_secs(120)).await;
+    let joined_at = c.status().await.committed_steps;
+    let d = WorkerProc::start(&c, "d");
+    let status = {
+        let start = Instant::now();
+        loop {
+            let st = c.status().await;
+            if st.phase == "finished" {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(180), "{st:?}\n{}\n{}", a.log_text(), d.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    eprintln!("killed at step {killed_at}, joined at step {joined_at}, generation {}", status.generation);
+    assert!(status.generation >= 3, "two membership changes: {}", status.generation);
+
+    // Rank 0 writes the final checkpoint after the last commit.
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no final checkpoint\n{}", a.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_same_training(&reference, &run);
+
+    // The ledger: every step once, slices cover every batch, sizes 2 → 1 → 2.
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len() as u64, STEPS);
+    let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
+    assert!(worlds.contains(&1) && worlds[0] == 2 && *worlds.last().unwrap() == 2, "{worlds:?}");
+    let trained: Vec<Trained> = ledger
+        .entries
+        .iter()
+        .flat_map(|e| {
+            e.slices.iter().map(move |s| Trained {
+                step: e.step,
+                generation: e.generation,
+                rank: s.rank,
+                stream_start: s.stream_start,
+                ids: (s.stream_start..s.stream_start + s.count)
+                    .map(|p| ferry_common::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences).at(p).1)
+                    .collect(),
+            })
+        })
+        .collect();
+    support::cluster::verify_exactly_once(&ledger, &trained);
+    assert!(a.log_text().contains("back to rendezvous"), "{}", a.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_peer_sends_the_survivor_back_to_rendezvous_within_the_timeout() {
+    let dir = support::scratch("dp-wedged");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let timeout_s = 3.0;
+    let c = CoordinatorProc::start(
+        "dp-wedged-coord",
+        &job(
+            &run,
+            &format!("min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 30.0\ncollective_timeout_s = {timeout_s}"),
+        ),
+        &[],
+    );
+    let a = WorkerProc::start(&c, "a");
+    let b = WorkerProc::start(&c, "b");
+    let start = Instant::now();
+    while c.status().await.world_size != 2 {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = wait_for_step(&c, 3, Duration::from_secs(60)).await;
+    // SIGSTOP: the peer neither dies nor answers; only a timeout can tell.
+    b.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    loop {
+        if a.log_text().contains("back to rendezvous") {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs_f64(timeout_s * 2.0 + 5.0),
+            "survivor still stuck after {:?}:\n{}",
+            stopped.elapsed(),
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = stopped.elapsed();
+    eprintln!("survivor back at rendezvous {back:?} after its peer froze");
+    assert!(back < Duration::from_secs_f64(timeout_s * 2.0 + 2.0), "{back:?}");
+    assert!(a.log_text().contains("failed"), "{}", a.log_text());
+    b.signal(libc::SIGKILL);
+}
+
+/// `ferry status --json` of a launched job.
+fn launched_status(state: &Path) -> Option<serde_json::Value> {
+    let out = support::ferry()
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .arg("--token-file")
+        .arg(state.join("token"))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_launched(state: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = launched_status(state) {
+            if ok(&st) {
+                return st;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
+    let dir = support::scratch("dp-launch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let spec = job(&run, "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0")
+        .replace(&format!("steps = {STEPS}"), "steps = 100000");
+    std::fs::write(dir.join("job.toml"), spec).unwrap();
+    let log = dir.join("launch.log");
+    let mut launcher = support::ferry()
+        .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+        .arg(dir.join("job.toml"))
+        .stdout(std::fs::File::create(dir.join("launch.out")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let state = run.join("coordinator");
+    wait_launched(&state, "one worker training", |s| s["world_size"] == 1 && s["committed_steps"].as_u64() >= Some(2));
+
+    let scale = |n: &str| {
+        support::run_ok(
+            support::ferry()
+                .args(["scale", "--workers", n, "--state"])
+                .arg(&state)
+                .arg("--token-file")
+                .arg(state.join("token")),
+        )
+    };
+    scale("2");
+    let st = wait_launched(&state, "two workers", |s| s["world_size"] == 2);
+    let grown_at = st["committed_steps"].as_u64().unwrap();
+    wait_launched(&state, "steps at world 2", |s| s["committed_steps"].as_u64() >= Some(grown_at + 2));
+    scale("1");
+    wait_launched(&state, "back to one worker", |s| {
+        s["world_size"] == 1 && s["workers"].as_array().is_some_and(|w| w.len() == 1)
+    });
+    let before_stop = wait_launched(&state, "steps at world 1", |_| true)["committed_steps"].as_u64().unwrap();
+
+    // Ctrl-C: the job stops at a step boundary, rank 0 checkpoints, everything exits.
+    unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "launcher did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("scaling up"), "{text}");
+    assert!(text.contains("stopping at the next step boundary"), "{text}");
+    let out = std::fs::read_to_string(dir.join("launch.out")).unwrap();
+    assert!(out.starts_with("stopped:"), "{out}");
+    let ckpts: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    let last = ckpts.iter().max().copied().unwrap();
+    assert!(last >= before_stop, "a final checkpoint at the stop ({last} vs {before_stop})");
+    // No process left behind: nothing running mentions the job's state directory.
+    let needle = state.display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}

@@ -1,0 +1,128 @@
+//! Flat views of the model for collectives: gradients in buckets, the whole training state in
+//! one buffer for the broadcast to joiners, and a bit-exact parameter checksum.
+
+use crate::collective::{Collective, CollectiveError};
+use crate::models::ParamStore;
+use crate::optim::AdamW;
+use tch::{Device, Kind, Tensor};
+
+/// Gradients are reduced in buckets of about this many bytes (DDP's default).
+pub const BUCKET_BYTES: i64 = 25 * 1024 * 1024;
+
+/// Sums every parameter's gradient over all ranks, bucket by bucket, together with `scalars`
+/// (appended to the last bucket, e.g. the step's partial loss). Returns the summed scalars.
+pub fn all_reduce_grads(
+    ps: &ParamStore,
+    scalars: &[f64],
+    coll: &mut dyn Collective,
+) -> Result<Vec<f64>, CollectiveError> {
+    if coll.world_size() == 1 {
+        // Nothing to sum with; skip the copies.
+        return Ok(scalars.to_vec());
+    }
+    ensure_grads(ps);
+    let params = ps.named();
+    let mut start = 0;
+    let mut out = Vec::new();
+    while start < params.len() || (start == params.len() && out.is_empty()) {
+        // Take parameters until the bucket is full (always at least one).
+        let mut end = start;
+        let mut bytes = 0;
+        while end < params.len() && (end == start || bytes + 4 * params[end].1.numel() as i64 <= BUCKET_BYTES) {
+            bytes += 4 * params[end].1.numel() as i64;
+            end += 1;
+        }
+        let last = end == params.len();
+        let mut pieces: Vec<Tensor> = params[start..end]
+            .iter()
+            .map(|(_, p)| {
+                p.grad().to_kind(Kind::Float).reshape([-1])
+            })
+            .collect();
+        if last {
+            let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
+            let s: Vec<f32> = scalars.iter().map(|&v| v as f32).collect();
+            pieces.push(Tensor::from_slice(&s).to_device(device));
+        }
+        let mut flat = Tensor::cat(&pieces, 0);
+        coll.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for (_, p) in &params[start..end] {
+                let n = p.numel() as i64;
+                let mut g = p.grad();
+                g.copy_(&flat.narrow(0, offset, n).view_as(p));
+                offset += n;
+            }
+        });
+        if last {
+            let tail = flat.narrow(0, offset, scalars.len() as i64).to_kind(Kind::Double);
+            out = Vec::<f64>::try_from(&tail).unwrap_or_default();
+        }
+        start = end;
+        if last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Gives every parameter a gradient tensor (zeros where backward left none), so that the
+/// reduced gradient has somewhere to go.
+fn ensure_grads(ps: &ParamStore) {
+    for (_, p) in ps.named() {
+        if !p.grad().defined() {
+            (p.sum(Kind::Float) * 0.0).backward();
+        }
+    }
+}
+
+/// Parameters, then AdamW's first and second moments, in one float32 buffer.
+fn state_tensors(ps: &ParamStore, opt: &AdamW) -> Vec<Tensor> {
+    let mut t: Vec<Tensor> = ps.named().iter().map(|(_, p)| p.shallow_clone()).collect();
+    t.extend(opt.state_tensors().into_iter().map(|(_, t)| t));
+    t
+}
+
+/// Makes every rank's weights and optimizer state rank `root`'s: one broadcast of one buffer.
+pub fn broadcast_state(
+    ps: &ParamStore,
+    opt: &AdamW,
+    root: usize,
+    coll: &mut dyn Collective,
+) -> Result<(), CollectiveError> {
+    let tensors = state_tensors(ps, opt);
+    let pieces: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.detach().to_kind(Kind::Float).reshape([-1]))
+        .collect();
+    let mut flat = Tensor::cat(&pieces, 0);
+    coll.broadcast(&mut flat, root)?;
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for t in &tensors {
+            let n = t.numel() as i64;
+            let mut dst = t.shallow_clone();
+            dst.copy_(&flat.narrow(0, offset, n).view_as(t));
+            offset += n;
+        }
+    });
+    Ok(())
+}
+
+/// FNV-1a over the bits of every parameter: equal on two ranks only if their weights are
+/// identical to the last bit.
+pub fn parameter_checksum(ps: &ParamStore) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (_, p) in ps.named() {
+        let v = Vec::<f32>::try_from(p.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
+            .unwrap_or_default();
+        for x in v {
+            for b in x.to_bits().to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    h
+}

@@ -1,0 +1,587 @@
+//! `ferry worker`: one data-parallel rank of a cluster job, elastic.
+//!
+//! Read top to bottom in [`run_worker`]: join the coordinator, then forever: rendezvous into a
+//! generation, connect the collective, take rank 0's state by broadcast, and train the steps
+//! the coordinator plans until it says to regroup, finish, stop or go. A dead peer makes the
+//! collective fail within its timeout; the worker reports it and goes back to rendezvous with
+//! its weights at the last step it applied, so nothing is lost and nothing hangs.
+
+use super::flat::{all_reduce_grads, broadcast_state, parameter_checksum};
+use crate::checkpoint::{self, TrainerState};
+use crate::collective::{nccl, Collective, GroupSpec, RingAllReduce};
+use crate::metrics::MetricsLog;
+use crate::train::{Engine, TrainConfig, METRICS_FILE};
+use anyhow::{bail, Context, Result};
+use ferry_common::client::{with_backoff, ClientConfig, Clients};
+use ferry_common::job::{Backend, JobSpec};
+use ferry_common::proto::{self, next_step_reply, rendezvous_reply, StateSource};
+use ferry_common::sampler::sequences_digest;
+use serde_json::json;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::{Code, Status};
+
+/// How a worker process may end without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    Finished,
+    Stopped,
+    Released,
+}
+
+pub struct WorkerOptions {
+    pub coordinator: ClientConfig,
+    /// Where the collective listens ("host:port"; port 0 = any).
+    pub data_listen: String,
+    /// The host peers use to reach this worker's data port.
+    pub advertise_host: String,
+    pub threads: usize,
+    pub device: String,
+    /// How long to keep retrying a coordinator that does not answer.
+    pub patience: Duration,
+}
+
+/// What heartbeats report, updated after every step.
+#[derive(Default, Clone)]
+struct Progress {
+    generation: u64,
+    step: u64,
+    loss: f64,
+    tokens_per_s: f64,
+}
+
+/// One step's outcome that sends the worker back to rendezvous.
+enum Regroup {
+    /// The coordinator moved on to a new generation.
+    Asked,
+    /// The collective failed (dead or wedged peer); reported to the coordinator.
+    Failed(String),
+}
+
+enum Outcome {
+    Exit(WorkerExit),
+    Regroup(Regroup),
+}
+
+struct Worker {
+    rt: tokio::runtime::Runtime,
+    clients: Clients,
+    id: String,
+    spec: JobSpec,
+    cfg: TrainConfig,
+    token: String,
+    listener: TcpListener,
+    engine: Engine,
+    /// The CUDA device when the group talks NCCL; `None` for the CPU ring.
+    nccl_device: Option<usize>,
+    watchdog: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Steps applied to the weights this worker holds; `None` until it holds a group's state.
+    state_step: Option<u64>,
+    generation: u64,
+    progress: Arc<Mutex<Progress>>,
+    patience: Duration,
+    metrics: Option<MetricsLog>,
+}
+
+fn rpc(what: &str, s: Status) -> anyhow::Error {
+    anyhow::anyhow!("coordinator {what}: {} ({:?})", s.message(), s.code())
+}
+
+pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let _in_runtime = rt.enter();
+    let listener = TcpListener::bind(&opts.data_listen)
+        .with_context(|| format!("--data-listen {}: cannot bind", opts.data_listen))?;
+    let data_addr = format!("{}:{}", opts.advertise_host, listener.local_addr()?.port());
+    let clients = Clients::connect_lazy(&opts.coordinator)?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| opts.advertise_host.clone());
+    let joined = rt
+        .block_on(with_backoff(opts.patience, || {
+            let mut c = clients.coordinator.clone();
+            let req = proto::JoinRequest {
+                host: host.clone(),
+                data_addr: data_addr.clone(),
+                devices: vec![opts.device.clone()],
+                pid: std::process::id(),
+            };
+            async move { c.join(req).await.map(|r| r.into_inner()) }
+        }))
+        .map_err(|s| rpc("join", s))?;
+    // Heartbeats start at once: loading and checking the data can take longer than the timeout.
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    spawn_heartbeats(&rt, &clients, &joined.worker_id, joined.heartbeat_interval_s, progress.clone());
+    let spec = JobSpec::from_toml(&joined.job_toml, "the coordinator's job spec")?;
+    let cfg = TrainConfig::from_job(&spec, opts.threads, &opts.device);
+    cfg.validate()?;
+    let engine = Engine::new(&cfg)?;
+    // `auto` assumes a homogeneous group: GPU workers use NCCL, CPU workers the ring.
+    let gpu = match engine.device {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    let nccl_device = match (spec.cluster.backend, gpu) {
+        (Backend::Ring, _) => None,
+        (Backend::Auto, Some(i)) if nccl::nccl_available() => Some(i),
+        (Backend::Auto, _) => None,
+        (Backend::Nccl, Some(i)) if nccl::nccl_available() => Some(i),
+        (Backend::Nccl, _) => bail!(
+            "cluster.backend = \"nccl\" but this worker has no usable GPU and NCCL ({}); \
+             use backend = \"ring\" or \"auto\"",
+            if gpu.is_some() { "NCCL did not load" } else { "device is the CPU" }
+        ),
+    };
+    eprintln!(
+        "worker {} joined job {} ({}); data plane on {data_addr}",
+        joined.worker_id, spec.job.name, joined.job_id
+    );
+    let mut w = Worker {
+        rt,
+        clients,
+        id: joined.worker_id,
+        token: opts.coordinator.token.clone(),
+        spec,
+        cfg,
+        listener,
+        engine,
+        nccl_device,
+        watchdog: Mutex::new(None),
+        state_step: None,
+        generation: 0,
+        progress,
+        patience: opts.patience,
+        metrics: None,
+    };
+    let exit = loop {
+        let reply = w.rendezvous()?;
+        match reply.status() {
+            rendezvous_reply::Status::Ready => {}
+            rendezvous_reply::Status::Released => break WorkerExit::Released,
+            rendezvous_reply::Status::Stopped => break WorkerExit::Stopped,
+            rendezvous_reply::Status::Finished => break WorkerExit::Finished,
+            other => bail!("coordinator rendezvous: unexpected answer {other:?}"),
+        }
+        match w.run_generation(&reply)? {
+            Outcome::Exit(exit) => break exit,
+            Outcome::Regroup(Regroup::Asked) => {}
+            Outcome::Regroup(Regroup::Failed(why)) => {
+                eprintln!("generation {}: {why}; back to rendezvous", reply.generation);
+                let req = proto::FailureReport {
+                    worker_id: w.id.clone(),
+                    generation: reply.generation,
+                    message: why,
+                };
+                let _ = w.call("report_failure", |mut c| {
+                    let req = req.clone();
+                    async move { c.report_failure(req).await }
+                });
+            }
+        }
+    };
+    // Say goodbye so the coordinator need not wait out a heartbeat timeout (best effort).
+    let mut c = w.clients.coordinator.clone();
+    let id = w.id.clone();
+    let _ = w.rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(5), c.leave(proto::LeaveRequest { worker_id: id })).await
+    });
+    Ok(exit)
+}
+
+fn spawn_heartbeats(
+    rt: &tokio::runtime::Runtime,
+    clients: &Clients,
+    id: &str,
+    interval_s: f64,
+    progress: Arc<Mutex<Progress>>,
+) {
+    let mut c = clients.coordinator.clone();
+    let id = id.to_string();
+    let every = Duration::from_secs_f64(interval_s.clamp(0.05, 60.0));
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let p = progress.lock().map(|p| p.clone()).unwrap_or_default();
+            let r = c
+                .heartbeat(proto::HeartbeatRequest {
+                    worker_id: id.clone(),
+                    generation: p.generation,
+                    step: p.step,
+                    loss: p.loss,
+                    tokens_per_s: p.tokens_per_s,
+                })
+                .await;
+            if let Err(s) = r {
+                if s.code() == Code::NotFound {
+                    // Declared dead (silent too long): this process's state is no longer wanted.
+                    eprintln!("error: the coordinator no longer knows this worker ({}); exiting", s.message());
+                    std::process::exit(1);
+                }
+            }
+        }
+    });
+}
+
+impl Worker {
+    /// A unary call with retries while the coordinator is unreachable.
+    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let c = self.clients.coordinator.clone();
+        self.rt
+            .block_on(with_backoff(self.patience, || {
+                let fut = f(c.clone());
+                async move { fut.await.map(|r| r.into_inner()) }
+            }))
+            .map_err(|s| rpc(what, s))
+    }
+
+    fn rendezvous(&mut self) -> Result<proto::RendezvousReply> {
+        let mut last_message = String::new();
+        loop {
+            // With NCCL every worker offers a unique id; the coordinator hands rank 0's to all.
+            let blob = match self.nccl_device {
+                Some(_) => nccl::unique_id().map_err(|e| anyhow::anyhow!("NCCL unique id: {e}"))?,
+                None => Vec::new(),
+            };
+            let req = proto::RendezvousRequest {
+                worker_id: self.id.clone(),
+                known_generation: self.generation,
+                has_state: self.state_step.is_some(),
+                state_step: self.state_step.unwrap_or(0),
+                blob,
+            };
+            let reply = self.call("rendezvous", |mut c| {
+                let req = req.clone();
+                async move { c.rendezvous(req).await }
+            })?;
+            if reply.status() != rendezvous_reply::Status::Wait {
+                return Ok(reply);
+            }
+            if reply.message != last_message {
+                eprintln!("rendezvous: {}", reply.message);
+                last_message = reply.message;
+            }
+        }
+    }
+
+    fn connect(&self, reply: &proto::RendezvousReply) -> Result<Box<dyn Collective>, String> {
+        // Large groups list only the ring neighbours; the rest stay empty.
+        let peers = if reply.peer_ranks.is_empty() {
+            reply.peers.clone()
+        } else {
+            let mut all = vec![String::new(); reply.world_size as usize];
+            for (addr, &r) in reply.peers.iter().zip(&reply.peer_ranks) {
+                if let Some(slot) = all.get_mut(r as usize) {
+                    *slot = addr.clone();
+                }
+            }
+            all
+        };
+        let spec = GroupSpec {
+            rank: reply.rank as usize,
+            world_size: reply.world_size as usize,
+            peers,
+            generation: reply.generation,
+            job_token: self.token.clone(),
+            timeout: Duration::from_secs_f64(self.spec.cluster.collective_timeout_s),
+        };
+        match self.nccl_device {
+            None => RingAllReduce::connect(&self.listener, &spec)
+                .map(|r| Box::new(r) as Box<dyn Collective>)
+                .map_err(|e| format!("cannot connect the ring: {e}")),
+            Some(device) => {
+                let comm = nccl::NcclCollective::new(&spec, &reply.blob, device)
+                    .map_err(|e| format!("cannot create the NCCL communicator: {e}"))?;
+                self.watch_for_regroup(reply.generation, comm.abort_handle());
+                Ok(Box::new(comm))
+            }
+        }
+    }
+
+    /// NCCL's watchdog: a membership change announced while a collective is blocked aborts the
+    /// communicator, so the rank goes back to rendezvous instead of waiting out the timeout.
+    fn watch_for_regroup(&self, generation: u64, abort: nccl::NcclAbortHandle) {
+        let mut c = self.clients.coordinator.clone();
+        let id = self.id.clone();
+        let task = self.rt.spawn(async move {
+            let Ok(stream) = c.watch(proto::WatchRequest { worker_id: id }).await else {
+                return;
+            };
+            let mut stream = stream.into_inner();
+            while let Ok(Some(event)) = stream.message().await {
+                let membership = event.kind() == proto::watch_event::Kind::Membership
+                    || event.kind() == proto::watch_event::Kind::WorkerLost;
+                if membership && event.generation > generation {
+                    abort.abort();
+                    return;
+                }
+            }
+        });
+        // One watchdog per generation: the previous one's communicator is gone.
+        if let Some(old) = self.watchdog.lock().ok().and_then(|mut w| w.replace(task)) {
+            old.abort();
+        }
+    }
+
+    /// Rank 0 makes its state the group's starting point; everyone else receives it.
+    fn take_group_state(&mut self, reply: &proto::RendezvousReply, coll: &mut dyn Collective) -> Result<Option<String>> {
+        let start = reply.start_step;
+        if reply.rank == 0 {
+            match reply.state_source() {
+                StateSource::Held => {
+                    if self.state_step != Some(start) {
+                        bail!("coordinator made this worker rank 0 holding step {start}, but it holds {:?}", self.state_step);
+                    }
+                }
+                StateSource::Checkpoint => {
+                    let dir = PathBuf::from(&reply.checkpoint_path);
+                    eprintln!("restoring {} for step {start}", dir.display());
+                    let st = self.engine.restore(&dir)?;
+                    if st.step != start {
+                        bail!("{}: holds step {}, the coordinator resumes at {start}", dir.display(), st.step);
+                    }
+                }
+                StateSource::Init | StateSource::Unspecified => {
+                    if self.state_step.is_some() {
+                        self.engine = Engine::new(&self.cfg)?;
+                    }
+                }
+            }
+        }
+        if let Err(e) = broadcast_state(&self.engine.ps, &self.engine.opt, 0, coll) {
+            return Ok(Some(format!("state broadcast failed: {e}")));
+        }
+        self.engine.opt.set_steps(start as i64);
+        self.state_step = Some(start);
+        Ok(None)
+    }
+
+    fn run_generation(&mut self, reply: &proto::RendezvousReply) -> Result<Outcome> {
+        self.generation = reply.generation;
+        let rank = reply.rank;
+        let mut coll = match self.connect(reply) {
+            Ok(c) => c,
+            Err(why) => return Ok(Outcome::Regroup(Regroup::Failed(why))),
+        };
+        if let Some(why) = self.take_group_state(reply, coll.as_mut())? {
+            return Ok(Outcome::Regroup(Regroup::Failed(why)));
+        }
+        eprintln!(
+            "generation {}: rank {rank} of {}, starting at step {}",
+            reply.generation, reply.world_size, reply.start_step
+        );
+        if rank == 0 {
+            std::fs::create_dir_all(&self.spec.job.run_dir)
+                .with_context(|| format!("job.run_dir = {}", self.spec.job.run_dir.display()))?;
+            self.metrics = Some(MetricsLog::open(
+                &self.spec.job.run_dir.join(METRICS_FILE),
+                Some(reply.start_step),
+            )?);
+        } else {
+            self.metrics = None;
+        }
+        let tokens_per_step = self.spec.batch.global * self.spec.data.seq_len;
+        loop {
+            let step = self.state_step.expect("holds the group state");
+            let req = proto::NextStepRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                step,
+            };
+            let next = self.call("next_step", |mut c| {
+                let req = req.clone();
+                async move { c.next_step(req).await }
+            })?;
+            let plan = match next.status() {
+                next_step_reply::Status::Plan => next.plan.context("coordinator sent PLAN without a plan")?,
+                next_step_reply::Status::Regroup => return Ok(Outcome::Regroup(Regroup::Asked)),
+                next_step_reply::Status::Finished => {
+                    self.finish(rank, step)?;
+                    return Ok(Outcome::Exit(WorkerExit::Finished));
+                }
+                next_step_reply::Status::Stopped => {
+                    self.finish(rank, step)?;
+                    return Ok(Outcome::Exit(WorkerExit::Stopped));
+                }
+                next_step_reply::Status::Released => return Ok(Outcome::Exit(WorkerExit::Released)),
+                other => bail!("coordinator next_step: unexpected answer {other:?}"),
+            };
+            let t0 = Instant::now();
+            let partial = self.engine.forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
+            let t_reduce = Instant::now();
+            let reduced = match all_reduce_grads(&self.engine.ps, &[partial], coll.as_mut()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.engine.ps.zero_grad();
+                    return Ok(Outcome::Regroup(Regroup::Failed(format!("all-reduce of step {step} failed: {e}"))));
+                }
+            };
+            let allreduce_s = t_reduce.elapsed().as_secs_f64();
+            let loss = reduced.first().copied().unwrap_or(f64::NAN);
+            let lr = self.engine.schedule.at(step);
+            let grad_norm = self.engine.apply_update(step, lr, loss)?;
+            self.state_step = Some(step + 1);
+            let every = self.spec.cluster.checksum_every;
+            if every > 0 && (step + 1) % every == 0 {
+                if let Some(why) = self.compare_checksums(step + 1, coll.as_mut())? {
+                    return Ok(Outcome::Regroup(Regroup::Failed(why)));
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let tps = tokens_per_step as f64 / secs;
+            let commit = proto::CommitStepRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                step,
+                loss,
+                tokens: tokens_per_step,
+                step_time_s: secs,
+                allreduce_s,
+                sequences_digest: sequences_digest(&plan.sequence_ids),
+            };
+            let committed = self.rt.block_on(with_backoff(self.patience, || {
+                let mut c = self.clients.coordinator.clone();
+                let req = commit.clone();
+                async move { c.commit_step(req).await }
+            }));
+            match committed {
+                Ok(_) => {}
+                // The group changed while this step ran; the step is ours (applied) and the
+                // coordinator learns so at rendezvous.
+                Err(s) if s.code() == Code::FailedPrecondition => return Ok(Outcome::Regroup(Regroup::Asked)),
+                Err(s) => return Err(rpc("commit_step", s)),
+            }
+            if let Ok(mut p) = self.progress.lock() {
+                *p = Progress { generation: self.generation, step: step + 1, loss, tokens_per_s: tps };
+            }
+            if rank == 0 {
+                self.after_step(step + 1, loss, lr, grad_norm, secs, tps, allreduce_s, plan.world_size)?;
+            }
+        }
+    }
+
+    /// Ranks compare a checksum of their weights; a difference is a bug that would silently
+    /// ruin the run, so the job stops.
+    fn compare_checksums(&mut self, step: u64, coll: &mut dyn Collective) -> Result<Option<String>> {
+        let mine = parameter_checksum(&self.engine.ps);
+        let all = match coll.all_gather(&mine.to_le_bytes()) {
+            Ok(all) => all,
+            Err(e) => return Ok(Some(format!("checksum exchange failed: {e}"))),
+        };
+        if all.iter().any(|b| b.as_slice() != mine.to_le_bytes()) {
+            let sums: Vec<String> = all
+                .iter()
+                .map(|b| format!("{:016x}", u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8]))))
+                .collect();
+            let _ = self.call("stop", |_| {
+                let mut admin = self.clients.admin.clone();
+                async move { admin.stop(proto::StopRequest {}).await }
+            });
+            bail!(
+                "parameter checksums differ between ranks after step {step} ({}): the replicas diverged; job stopped",
+                sums.join(", ")
+            );
+        }
+        Ok(None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn after_step(
+        &mut self,
+        step: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        secs: f64,
+        tps: f64,
+        allreduce_s: f64,
+        world: u32,
+    ) -> Result<()> {
+        let mfu = self.engine.flops_per_token * tps / 1e9 / (self.engine.peak_gflops * f64::from(world.max(1)));
+        if let Some(log) = &mut self.metrics {
+            log.write(&json!({
+                "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": step * self.spec.batch.global * self.spec.data.seq_len,
+                "step_ms": secs * 1e3, "allreduce_ms": allreduce_s * 1e3, "tokens_per_s": tps,
+                "mfu": mfu, "world_size": world, "generation": self.generation,
+            }))?;
+        }
+        if step % 10 == 0 || step == self.spec.job.steps {
+            eprintln!(
+                "step {step:>6}/{}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s  world {world}",
+                self.spec.job.steps
+            );
+        }
+        let eval_every = self.spec.eval.every;
+        if eval_every > 0 && step % eval_every == 0 {
+            let val = self.engine.evaluate()?;
+            eprintln!("step {step:>6}  val_loss {val:.4}  val_ppl {:.1}", val.exp());
+            if let Some(log) = &mut self.metrics {
+                log.write(&json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+            }
+        }
+        let ck = self.spec.checkpoint.every;
+        if ck > 0 && step % ck == 0 {
+            self.checkpoint(step)?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, step: u64) -> Result<()> {
+        let state = TrainerState {
+            step,
+            samples_seen: step * self.spec.batch.global,
+            tokens_seen: step * self.spec.batch.global * self.spec.data.seq_len,
+            seed: self.spec.job.seed,
+            rng_derivation:
+                "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)".into(),
+            optimizer_steps: self.engine.opt.steps(),
+            last_loss: None,
+        };
+        let run_dir = self.spec.job.run_dir.clone();
+        let dir = self.engine.save_checkpoint(&run_dir, &state)?;
+        checkpoint::prune(&run_dir, self.spec.checkpoint.keep as usize)?;
+        if let Some(log) = &mut self.metrics {
+            log.write(&json!({"event": "checkpoint", "step": step, "path": dir}))?;
+        }
+        let req = proto::CheckpointReport {
+            worker_id: self.id.clone(),
+            generation: self.generation,
+            step,
+            path: dir.display().to_string(),
+        };
+        self.call("report_checkpoint", |mut c| {
+            let req = req.clone();
+            async move { c.report_checkpoint(req).await }
+        })?;
+        Ok(())
+    }
+
+    /// At the end (finished or stopped), rank 0 leaves a checkpoint of the last step.
+    fn finish(&mut self, rank: u32, step: u64) -> Result<()> {
+        if rank != 0 || step == 0 {
+            return Ok(());
+        }
+        let every = self.spec.eval.every;
+        if every > 0 && step % every != 0 {
+            let val = self.engine.evaluate()?;
+            eprintln!("step {step:>6}  val_loss {val:.4}  val_ppl {:.1}", val.exp());
+            if let Some(log) = &mut self.metrics {
+                log.write(&json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+            }
+        }
+        let exists = checkpoint::list(&self.spec.job.run_dir)?.iter().any(|(s, _)| *s == step);
+        if !exists {
+            self.checkpoint(step)?;
+        }
+        Ok(())
+    }
+}
