@@ -230,8 +230,11 @@ impl Default for ClusterSection {
     }
 }
 
+/// The seed when a job or run names none.
+pub const DEFAULT_SEED: u64 = 1234;
+
 fn default_seed() -> u64 {
-    1234
+    DEFAULT_SEED
 }
 
 /// A job spec that cannot be used; the message is complete and on one line.

@@ -62,7 +62,12 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
+    /// The optimizer, schedule, eval and checkpoint defaults are the job spec's, so a local
+    /// `ferry train` and a cluster job with the same fields left out train the same way.
     fn default() -> Self {
+        let o = ferry_common::job::OptimizerSection::default();
+        let e = ferry_common::job::EvalSection::default();
+        let c = ferry_common::job::CheckpointSection::default();
         TrainConfig {
             model: "gpt2".into(),
             size: "tiny".into(),
@@ -72,20 +77,20 @@ impl Default for TrainConfig {
             global_batch: 16,
             micro_batch: 8,
             steps: 300,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_steps: 30,
-            decay: Decay::Cosine,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            eval_interval: 100,
-            eval_sequences: 64,
-            checkpoint_interval: 100,
-            keep_checkpoints: 3,
-            seed: 1234,
+            lr: o.lr,
+            min_lr: o.min_lr,
+            warmup_steps: o.warmup_steps,
+            decay: o.decay,
+            weight_decay: o.weight_decay,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            grad_clip: o.grad_clip,
+            eval_interval: e.every,
+            eval_sequences: e.sequences,
+            checkpoint_interval: c.every,
+            keep_checkpoints: c.keep as usize,
+            seed: ferry_common::job::DEFAULT_SEED,
             threads: 0,
             device: "auto".into(),
         }
