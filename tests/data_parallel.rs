@@ -404,4 +404,23 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         .filter(|c| c.contains(&needle))
         .collect();
     assert!(left.is_empty(), "left running: {left:?}");
+
+    // The same command again resumes the stopped job from its state and checkpoint.
+    let mut again = support::ferry()
+        .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+        .arg(dir.join("job.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("again.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let resumed = wait_launched(&state, "training again", |s| {
+        s["phase"] == "running" && s["committed_steps"].as_u64() > Some(last + 1)
+    });
+    assert!(resumed["generation"].as_u64() > st["generation"].as_u64());
+    unsafe { libc::kill(again.id() as libc::pid_t, libc::SIGINT) };
+    let start = Instant::now();
+    while again.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(60), "second launcher did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

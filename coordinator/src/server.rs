@@ -91,7 +91,13 @@ fn open_state(cfg: &ServeConfig) -> Result<JobState> {
         ),
     };
     let num_sequences = count_sequences(&spec)?;
-    Ok(JobState::open(spec, spec_toml, num_sequences, store, loaded, Instant::now())?)
+    let mut state = JobState::open(spec, spec_toml, num_sequences, store, loaded, Instant::now())?;
+    // Started with its job file again: the user wants it to run, also after `ferry stop`.
+    // A bare restart (no --job) keeps the state exactly as it was.
+    if cfg.job.is_some() && state.resume_if_stopped()? {
+        tracing::info!("the job was stopped; started again with --job, so it resumes");
+    }
+    Ok(state)
 }
 
 fn write_endpoint(dir: &Path, grpc: SocketAddr, http: SocketAddr, job_id: &str, tls: bool) -> Result<()> {

@@ -1013,6 +1013,17 @@ impl JobState {
         })
     }
 
+    /// Lifts a stop order: the job was started again on purpose (`ferry coordinator --job` on
+    /// its state directory, as `ferry launch` does to resume).
+    pub fn resume_if_stopped(&mut self) -> Result<bool, StoreError> {
+        if !self.job.stopped {
+            return Ok(false);
+        }
+        self.job.stopped = false;
+        self.store.save_job(&self.job)?;
+        Ok(true)
+    }
+
     pub fn stop(&mut self) -> Result<u64, Status> {
         if !self.job.stopped {
             self.job.stopped = true;
