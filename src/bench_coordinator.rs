@@ -158,7 +158,10 @@ heartbeat_timeout_s = {hb_timeout}
             );
         }
         if Instant::now() > deadline {
-            bail!("{}: the coordinator did not start within 60 s", state.display());
+            bail!(
+                "{}: the coordinator did not start within 60 s",
+                state.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -180,7 +183,9 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
     let pid = coordinator.child.id();
     // What the process holds before any worker: mostly the mapped libraries of the one binary.
     let (_, idle_rss, _) = proc_usage(pid)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let _in_runtime = rt.enter();
     let pool: Vec<Clients> = (0..a.connections.max(1))
         .map(|_| {
@@ -245,7 +250,11 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
         let mut sims: Vec<Option<Sim>> = (0..n).map(|_| None).collect();
         while let Some(r) = joins.join_next().await {
             let (i, id) = r??;
-            sims[i] = Some(Sim { id, generation: 0, step: 0 });
+            sims[i] = Some(Sim {
+                id,
+                generation: 0,
+                step: 0,
+            });
         }
         let sims: Vec<Sim> = sims.into_iter().map(|s| s.expect("joined")).collect();
         let join_s = t_join.elapsed().as_secs_f64();
@@ -271,7 +280,13 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                         .into_inner();
                     lat.lock().unwrap().record("rendezvous", t);
                     if r.status() == rendezvous_reply::Status::Ready {
-                        return Ok::<_, tonic::Status>((i, Sim { generation: r.generation, ..s }));
+                        return Ok::<_, tonic::Status>((
+                            i,
+                            Sim {
+                                generation: r.generation,
+                                ..s
+                            },
+                        ));
                     }
                 }
             });
@@ -304,7 +319,10 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                     let r = c.next_step(req).await?.into_inner();
                     lat.lock().unwrap().record("next_step", t);
                     if r.status() != next_step_reply::Status::Plan {
-                        return Err(tonic::Status::internal(format!("expected a plan, got {:?}", r.status())));
+                        return Err(tonic::Status::internal(format!(
+                            "expected a plan, got {:?}",
+                            r.status()
+                        )));
                     }
                     Ok((i, r.plan.unwrap_or_default()))
                 });
@@ -379,7 +397,10 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             "\n{} workers, {} steps at one per {:.1} s, heartbeats every {:.1} s",
             a.workers, a.steps, a.step_interval_s, a.heartbeat_s
         );
-        eprintln!("{:<12} {:>8} {:>9} {:>9} {:>9}", "rpc", "calls", "p50 ms", "p99 ms", "max ms");
+        eprintln!(
+            "{:<12} {:>8} {:>9} {:>9} {:>9}",
+            "rpc", "calls", "p50 ms", "p99 ms", "max ms"
+        );
         for r in &rows {
             eprintln!(
                 "{:<12} {:>8} {:>9.3} {:>9.3} {:>9.3}",
@@ -395,7 +416,9 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
              RSS {} MiB (peak {} MiB, {} MiB before any worker)",
             join_s,
             rendezvous_s,
-            summary["coordinator_cpu_cores"].as_f64().unwrap_or(f64::NAN),
+            summary["coordinator_cpu_cores"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
             rss.round(),
             peak.round(),
             idle_rss.round()

@@ -150,7 +150,12 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
     let (clients, address) = clients(&a.connect)?;
     let st = rt.block_on(with_backoff(ADMIN_PATIENCE, || {
         let mut admin = clients.admin.clone();
-        async move { admin.status(proto::StatusRequest {}).await.map(|r| r.into_inner()) }
+        async move {
+            admin
+                .status(proto::StatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+        }
     }));
     let st = st.map_err(|s| rpc_error(&address, s))?;
     if a.json {
@@ -204,11 +209,19 @@ pub fn status_table(st: &proto::StatusReply) -> String {
             "{:<18} {:<20} {:>4} {:<8} {:>4} {:>7} {:>8} {:>9.0} {:>8.1}s\n",
             w.worker_id,
             w.host.chars().take(20).collect::<String>(),
-            if w.rank < 0 { "-".to_string() } else { w.rank.to_string() },
+            if w.rank < 0 {
+                "-".to_string()
+            } else {
+                w.rank.to_string()
+            },
             w.state,
             w.generation,
             w.step,
-            if w.loss.is_finite() { format!("{:.4}", w.loss) } else { "-".into() },
+            if w.loss.is_finite() {
+                format!("{:.4}", w.loss)
+            } else {
+                "-".into()
+            },
             w.tokens_per_s,
             w.last_seen_s
         ));
@@ -246,10 +259,18 @@ pub fn run_stop(a: StopArgs) -> Result<()> {
     let (clients, address) = clients(&a.connect)?;
     let reply = rt.block_on(with_backoff(ADMIN_PATIENCE, || {
         let mut admin = clients.admin.clone();
-        async move { admin.stop(proto::StopRequest {}).await.map(|r| r.into_inner()) }
+        async move {
+            admin
+                .stop(proto::StopRequest {})
+                .await
+                .map(|r| r.into_inner())
+        }
     }));
     let reply = reply.map_err(|s| rpc_error(&address, s))?;
-    println!("job stopped after {} committed steps", reply.committed_steps);
+    println!(
+        "job stopped after {} committed steps",
+        reply.committed_steps
+    );
     Ok(())
 }
 
@@ -290,21 +311,24 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
     let advertise = match a.advertise {
         Some(h) => h,
         None if loopback => "127.0.0.1".to_string(),
-        None => std::env::var("HOSTNAME").context("no --advertise given and $HOSTNAME is not set")?,
+        None => {
+            std::env::var("HOSTNAME").context("no --advertise given and $HOSTNAME is not set")?
+        }
     };
-    let exit = ferry_worker::data_parallel::run_worker(ferry_worker::data_parallel::WorkerOptions {
-        coordinator: ClientConfig {
-            address,
-            token: load_token(a.connect.token_file.as_deref())?,
-            tls_ca: a.connect.tls_ca.clone(),
-            tls_domain: None,
-        },
-        data_listen: a.data_listen,
-        advertise_host: advertise,
-        threads: a.threads,
-        device: a.device,
-        patience: Duration::from_secs(a.patience_s),
-    })?;
+    let exit =
+        ferry_worker::data_parallel::run_worker(ferry_worker::data_parallel::WorkerOptions {
+            coordinator: ClientConfig {
+                address,
+                token: load_token(a.connect.token_file.as_deref())?,
+                tls_ca: a.connect.tls_ca.clone(),
+                tls_domain: None,
+            },
+            data_listen: a.data_listen,
+            advertise_host: advertise,
+            threads: a.threads,
+            device: a.device,
+            patience: Duration::from_secs(a.patience_s),
+        })?;
     eprintln!("worker done: {exit:?}");
     Ok(())
 }

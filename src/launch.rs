@@ -52,8 +52,14 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 fn catch_interrupts() {
     // SAFETY: the handler only touches an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
 }
 
@@ -98,10 +104,18 @@ fn spawn(console: &Console, name: &str, mut cmd: Command, token: &str) -> Result
         // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops
         // the job gracefully.
         .process_group(0);
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
     for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -165,8 +179,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         bail!("--workers must be at least 1");
     }
     let spec = JobSpec::from_file(&a.job)?;
-    let state = a.state.clone().unwrap_or_else(|| spec.job.run_dir.join("coordinator"));
-    std::fs::create_dir_all(&state).with_context(|| format!("{}: cannot create", state.display()))?;
+    let state = a
+        .state
+        .clone()
+        .unwrap_or_else(|| spec.job.run_dir.join("coordinator"));
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("{}: cannot create", state.display()))?;
     let token = load_or_create_token(&state)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads.unwrap_or((cores / a.workers as usize).max(1));
@@ -192,7 +210,10 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .arg(&a.job)
         .arg("--state")
         .arg(&state)
-        .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()));
+        .env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     let mut coordinator = spawn(&console, "coordinator", cmd, &token)?;
     let address = wait_for_endpoint(&state, &mut coordinator)?;
     let mut procs = Procs(vec![coordinator]);
@@ -203,7 +224,9 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         state.display()
     ));
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let _in_runtime = rt.enter();
     let clients = Clients::connect_lazy(&ClientConfig {
         address,
@@ -214,7 +237,11 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     // The target is what this command asked for (also when resuming a job).
     let scaled = rt.block_on({
         let mut admin = clients.admin.clone();
-        async move { admin.scale(proto::ScaleRequest { workers: a.workers }).await }
+        async move {
+            admin
+                .scale(proto::ScaleRequest { workers: a.workers })
+                .await
+        }
     });
     if let Err(s) = scaled {
         bail!("--workers {}: {}", a.workers, s.message());
@@ -223,10 +250,16 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     let gpus = tch::Cuda::device_count().max(0) as u32;
     let worker_cmd = |exe: &Path, index: u32| {
         let mut c = Command::new(exe);
-        c.args(["worker", "--data-listen", "127.0.0.1:0", "--advertise", "127.0.0.1"])
-            .arg("--state")
-            .arg(&state)
-            .args(["--threads", &threads.to_string()]);
+        c.args([
+            "worker",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--advertise",
+            "127.0.0.1",
+        ])
+        .arg("--state")
+        .arg(&state)
+        .args(["--threads", &threads.to_string()]);
         if gpus > 0 {
             c.args(["--device", &format!("cuda:{}", index % gpus)]);
         }
@@ -234,7 +267,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     };
     let mut next_index = 0u32;
     for _ in 0..a.workers {
-        procs.0.push(spawn(&console, &format!("w{next_index}"), worker_cmd(&exe, next_index), &token)?);
+        procs.0.push(spawn(
+            &console,
+            &format!("w{next_index}"),
+            worker_cmd(&exe, next_index),
+            &token,
+        )?);
         next_index += 1;
     }
 
@@ -248,7 +286,8 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             break Err(anyhow::anyhow!("interrupted twice: killed all processes"));
         }
         if interrupts == 1 && !stop_sent {
-            console.line("[launch] stopping at the next step boundary (Ctrl-C again to kill)".into());
+            console
+                .line("[launch] stopping at the next step boundary (Ctrl-C again to kill)".into());
             let mut admin = clients.admin.clone();
             let _ = rt.block_on(async move { admin.stop(proto::StopRequest {}).await });
             stop_sent = true;
@@ -285,18 +324,28 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                             "[launch] {} exited ({exit}); starting {name} in its place ({restarts}/{})",
                             p.name, a.max_restarts
                         ));
-                        procs.0.push(spawn(&console, &name, worker_cmd(&exe, next_index - 1), &token)?);
+                        procs.0.push(spawn(
+                            &console,
+                            &name,
+                            worker_cmd(&exe, next_index - 1),
+                            &token,
+                        )?);
                         live += 1;
                     }
                 }
             }
         }
         if restarts >= a.max_restarts && live == 0 && !done {
-            break Err(anyhow::anyhow!("workers kept failing ({restarts} restarts); see their messages above"));
+            break Err(anyhow::anyhow!(
+                "workers kept failing ({restarts} restarts); see their messages above"
+            ));
         }
         if let Some(s) = &status {
             bar.set_position(s.committed_steps);
-            let loss = s.recent_loss.last().map_or("-".into(), |p| format!("{:.4}", p.loss));
+            let loss = s
+                .recent_loss
+                .last()
+                .map_or("-".into(), |p| format!("{:.4}", p.loss));
             bar.set_message(format!(
                 "loss {loss} | {:.0} tok/s | world {} | gen {}",
                 s.tokens_per_s, s.world_size, s.generation
@@ -307,7 +356,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                     let name = format!("w{next_index}");
                     next_index += 1;
                     console.line(format!("[launch] scaling up: starting {name}"));
-                    procs.0.push(spawn(&console, &name, worker_cmd(&exe, next_index - 1), &token)?);
+                    procs.0.push(spawn(
+                        &console,
+                        &name,
+                        worker_cmd(&exe, next_index - 1),
+                        &token,
+                    )?);
                 }
             }
             last = status.clone();
@@ -316,7 +370,9 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             break Ok(());
         }
         if procs.0[0].child.try_wait()?.is_some() {
-            break Err(anyhow::anyhow!("the coordinator exited; its messages are above"));
+            break Err(anyhow::anyhow!(
+                "the coordinator exited; its messages are above"
+            ));
         }
     };
     bar.finish_and_clear();
@@ -338,14 +394,21 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     }
     outcome?;
     if let Some(s) = last {
-        let loss = s.recent_loss.last().map_or("-".into(), |p| format!("{:.4}", p.loss));
+        let loss = s
+            .recent_loss
+            .last()
+            .map_or("-".into(), |p| format!("{:.4}", p.loss));
         println!(
             "{}: {}/{} steps, loss {loss}, generation {}, checkpoint {}",
             s.phase,
             s.committed_steps,
             s.total_steps,
             s.generation,
-            if s.latest_checkpoint_path.is_empty() { "-".into() } else { s.latest_checkpoint_path.clone() }
+            if s.latest_checkpoint_path.is_empty() {
+                "-".into()
+            } else {
+                s.latest_checkpoint_path.clone()
+            }
         );
     }
     Ok(())

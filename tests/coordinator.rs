@@ -17,7 +17,13 @@ const G: u64 = 512;
 const MICRO: u64 = 8;
 
 fn job(name: &str, cluster: &str) -> String {
-    job_toml(&support::scratch(&format!("{name}-run")), G, MICRO, SEQ, cluster)
+    job_toml(
+        &support::scratch(&format!("{name}-run")),
+        G,
+        MICRO,
+        SEQ,
+        cluster,
+    )
 }
 
 async fn join_n(c: &CoordinatorProc, n: usize, host: &str) -> Vec<SimWorker> {
@@ -46,13 +52,20 @@ async fn every_sequence_trained_once_for_world_sizes_1_to_8() {
         assert!(workers.iter().all(|w| w.world == world));
         // Every rank got rank 0's blob (its NCCL unique id, on GPUs).
         let rank0 = workers.iter().find(|w| w.rank == 0).unwrap().id.clone();
-        assert!(workers.iter().all(|w| w.blob == rank0.as_bytes()), "rank 0's blob for all");
+        assert!(
+            workers.iter().all(|w| w.blob == rank0.as_bytes()),
+            "rank 0's blob for all"
+        );
         run_steps(&mut workers, 20).await;
         let ledger = c.ledger().await;
         assert_eq!(ledger.entries.len(), 20);
         assert!(ledger.entries.iter().all(|e| e.world_size == world));
         let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
-        assert_eq!(verify_exactly_once(&ledger, &trained), 1, "world {world}: one full epoch");
+        assert_eq!(
+            verify_exactly_once(&ledger, &trained),
+            1,
+            "world {world}: one full epoch"
+        );
     }
 }
 
@@ -72,22 +85,31 @@ async fn world_size_changes_mid_epoch_keep_exactly_once() {
     workers.extend(join_n(&c, 2, "b").await);
     run_steps(&mut workers, 6).await;
     assert_eq!(workers.len(), 5);
-    assert!(workers.iter().all(|w| w.world == 5 && w.generation == g1 + 1));
+    assert!(workers
+        .iter()
+        .all(|w| w.world == 5 && w.generation == g1 + 1));
 
     // A graceful leave: the worker finishes the step in hand and is released at the boundary.
     let leaver = workers[1].id.clone();
     let left = workers[1]
         .c
         .coordinator
-        .leave(proto::LeaveRequest { worker_id: leaver.clone() })
+        .leave(proto::LeaveRequest {
+            worker_id: leaver.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(!left.left, "a training member leaves at the next boundary, not at once");
+    assert!(
+        !left.left,
+        "a training member leaves at the next boundary, not at once"
+    );
     let gone = run_steps(&mut workers, 30).await;
     assert_eq!(gone.len(), 1);
     assert_eq!(gone[0].id, leaver);
-    assert!(workers.iter().all(|w| w.world == 4 && w.generation == g1 + 2));
+    assert!(workers
+        .iter()
+        .all(|w| w.world == 4 && w.generation == g1 + 2));
 
     let ledger = c.ledger().await;
     let sizes: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
@@ -109,7 +131,10 @@ async fn world_size_changes_mid_epoch_keep_exactly_once() {
 async fn silent_worker_is_declared_dead_and_survivor_regroups() {
     let c = CoordinatorProc::start(
         "heartbeat",
-        &job("heartbeat", "min_workers = 1\nsettle_s = 0.5\nheartbeat_timeout_s = 1.0"),
+        &job(
+            "heartbeat",
+            "min_workers = 1\nsettle_s = 0.5\nheartbeat_timeout_s = 1.0",
+        ),
         &[],
     );
     let mut workers = join_n(&c, 2, "h").await;
@@ -127,7 +152,10 @@ async fn silent_worker_is_declared_dead_and_survivor_regroups() {
         if !st.workers.iter().any(|w| w.worker_id == silent.id) {
             break silent_since.elapsed();
         }
-        assert!(silent_since.elapsed() < Duration::from_secs(10), "never declared dead");
+        assert!(
+            silent_since.elapsed() < Duration::from_secs(10),
+            "never declared dead"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
@@ -139,7 +167,10 @@ async fn silent_worker_is_declared_dead_and_survivor_regroups() {
     // The group re-forms without it; the uncommitted step is redone by the new group.
     let g = survivor.generation;
     assert_eq!(survivor.next_step().await.unwrap(), Next::Regroup);
-    assert_eq!(survivor.rendezvous(Duration::from_secs(10)).await, Rdzv::Ready);
+    assert_eq!(
+        survivor.rendezvous(Duration::from_secs(10)).await,
+        Rdzv::Ready
+    );
     assert_eq!((survivor.world, survivor.rank), (1, 0));
     assert!(survivor.generation > g);
     let mut alone = vec![survivor];
@@ -168,13 +199,22 @@ async fn rpcs_without_the_job_token_are_rejected() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let err = wrong.admin.clone().stop(proto::StopRequest {}).await.unwrap_err();
+    let err = wrong
+        .admin
+        .clone()
+        .stop(proto::StopRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // No token at all: a bare client without the interceptor.
-    let mut bare =
-        proto::admin_client::AdminClient::connect(format!("http://{}", c.grpc)).await.unwrap();
-    let err = bare.scale(proto::ScaleRequest { workers: 1 }).await.unwrap_err();
+    let mut bare = proto::admin_client::AdminClient::connect(format!("http://{}", c.grpc))
+        .await
+        .unwrap();
+    let err = bare
+        .scale(proto::ScaleRequest { workers: 1 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     let log = c.log_text();
@@ -191,7 +231,10 @@ async fn rpcs_without_the_job_token_are_rejected() {
 async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
     let mut c = CoordinatorProc::start(
         "restart",
-        &job("restart", "min_workers = 2\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0"),
+        &job(
+            "restart",
+            "min_workers = 2\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0",
+        ),
         &[],
     );
     let mut workers = join_n(&c, 2, "r").await;
@@ -231,11 +274,20 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
     c.restart();
     let (r, waited) = waiting.await.unwrap();
     r.expect("the heartbeat got through after the restart");
-    assert!(waited >= Duration::from_millis(1000), "it really waited ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "it really waited ({waited:?})"
+    );
 
     let st = c.status().await;
-    assert_eq!(st.committed_steps, 6, "the commit made before the kill survived");
-    assert_eq!(st.generation, generation, "the group goes on in the same generation");
+    assert_eq!(
+        st.committed_steps, 6,
+        "the commit made before the kill survived"
+    );
+    assert_eq!(
+        st.generation, generation,
+        "the group goes on in the same generation"
+    );
     assert_eq!(st.workers.len(), 2);
     // Rank 1's late report of step 5 is a confirmation; then training continues.
     assert_eq!(workers[1].commit().await.unwrap(), 6);
@@ -249,7 +301,11 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
 
 #[tokio::test]
 async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
-    let c = CoordinatorProc::start("hostile", &job("hostile", "min_workers = 2\nsettle_s = 0.0"), &[]);
+    let c = CoordinatorProc::start(
+        "hostile",
+        &job("hostile", "min_workers = 2\nsettle_s = 0.0"),
+        &[],
+    );
     let mut workers = join_n(&c, 2, "x").await;
     rendezvous_all(&mut workers).await;
     run_steps(&mut workers, 3).await;
@@ -260,11 +316,19 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
 
     // Wrong generation: one from the future, one from the past.
     let err = coord
-        .next_step(proto::NextStepRequest { worker_id: id.clone(), generation: gen + 5, step: 3 })
+        .next_step(proto::NextStepRequest {
+            worker_id: id.clone(),
+            generation: gen + 5,
+            step: 3,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("from the future"), "{}", err.message());
+    assert!(
+        err.message().contains("from the future"),
+        "{}",
+        err.message()
+    );
     let err = coord
         .commit_step(proto::CommitStepRequest {
             worker_id: id.clone(),
@@ -279,7 +343,10 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
 
     // Unknown worker id.
     let err = coord
-        .heartbeat(proto::HeartbeatRequest { worker_id: "w999-nobody".into(), ..Default::default() })
+        .heartbeat(proto::HeartbeatRequest {
+            worker_id: "w999-nobody".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -288,11 +355,19 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     // Out-of-range steps: far ahead, and a step already committed long ago.
     for step in [1_000_000, 0] {
         let err = coord
-            .next_step(proto::NextStepRequest { worker_id: id.clone(), generation: gen, step })
+            .next_step(proto::NextStepRequest {
+                worker_id: id.clone(),
+                generation: gen,
+                step,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::OutOfRange, "step {step}: {err:?}");
-        assert!(err.message().contains("next step to run is 3"), "{}", err.message());
+        assert!(
+            err.message().contains("next step to run is 3"),
+            "{}",
+            err.message()
+        );
     }
 
     // A commit that does not match the plan it claims to have trained.
@@ -320,12 +395,19 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal),
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
         "{err:?}"
     );
     // Malformed fields.
     let err = coord
-        .join(proto::JoinRequest { host: "h".into(), data_addr: "no-port".into(), ..Default::default() })
+        .join(proto::JoinRequest {
+            host: "h".into(),
+            data_addr: "no-port".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -369,7 +451,11 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
 
 #[tokio::test]
 async fn metrics_status_page_and_admin_commands() {
-    let c = CoordinatorProc::start("observe", &job("observe", "min_workers = 2\nsettle_s = 0.0"), &[]);
+    let c = CoordinatorProc::start(
+        "observe",
+        &job("observe", "min_workers = 2\nsettle_s = 0.0"),
+        &[],
+    );
     let mut workers = join_n(&c, 2, "o").await;
     rendezvous_all(&mut workers).await;
     run_steps(&mut workers, 4).await;
@@ -384,7 +470,10 @@ async fn metrics_status_page_and_admin_commands() {
     assert!(metrics.contains("ferry_rpc_seconds"), "{metrics}");
     let (status, page) = http_get(&c.http, "/");
     assert!(status.contains("200"), "{status}");
-    assert!(page.contains("<svg") && page.contains("<path d='M"), "the loss curve is drawn");
+    assert!(
+        page.contains("<svg") && page.contains("<path d='M"),
+        "the loss curve is drawn"
+    );
     for w in &workers {
         assert!(page.contains(&w.id));
     }
@@ -402,7 +491,10 @@ async fn metrics_status_page_and_admin_commands() {
         )
     };
     let table = String::from_utf8(admin(&["status"]).stdout).unwrap();
-    assert!(table.contains("phase running") && table.contains("step 4/100000"), "{table}");
+    assert!(
+        table.contains("phase running") && table.contains("step 4/100000"),
+        "{table}"
+    );
     for w in &workers {
         assert!(table.contains(&w.id), "{table}");
     }
@@ -451,10 +543,22 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         tls_domain: None,
     })
     .unwrap();
-    let st = secure.admin.clone().status(proto::StatusRequest {}).await.unwrap().into_inner();
+    let st = secure
+        .admin
+        .clone()
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.job_name, "coordinator-test");
     // Plain text to a TLS port fails.
-    let err = c.clients().admin.clone().status(proto::StatusRequest {}).await.unwrap_err();
+    let err = c
+        .clients()
+        .admin
+        .clone()
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap_err();
     assert_ne!(err.code(), Code::Ok);
 }
 
@@ -479,7 +583,10 @@ async fn quorum_standby_and_watch_events() {
     let reply = first
         .c
         .coordinator
-        .rendezvous(proto::RendezvousRequest { worker_id: first.id.clone(), ..Default::default() })
+        .rendezvous(proto::RendezvousRequest {
+            worker_id: first.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -494,14 +601,20 @@ async fn quorum_standby_and_watch_events() {
     let reply = spare
         .c
         .coordinator
-        .rendezvous(proto::RendezvousRequest { worker_id: spare.id.clone(), ..Default::default() })
+        .rendezvous(proto::RendezvousRequest {
+            worker_id: spare.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(reply.status(), Rdzv::Wait);
     assert!(reply.message.contains("standing by"), "{}", reply.message);
     run_steps(&mut workers, 1).await;
-    assert!(workers.iter().all(|w| w.world == 2), "the spare did not displace anyone");
+    assert!(
+        workers.iter().all(|w| w.world == 2),
+        "the spare did not displace anyone"
+    );
 
     // A member leaves gracefully; the spare takes its place at the next boundary.
     let leaver = workers.remove(1);
@@ -509,7 +622,9 @@ async fn quorum_standby_and_watch_events() {
         .c
         .coordinator
         .clone()
-        .leave(proto::LeaveRequest { worker_id: leaver.id.clone() })
+        .leave(proto::LeaveRequest {
+            worker_id: leaver.id.clone(),
+        })
         .await
         .unwrap();
     assert_eq!(workers[0].next_step().await.unwrap(), Next::Regroup);
@@ -523,7 +638,9 @@ async fn quorum_standby_and_watch_events() {
 
     // The watch stream saw it all.
     let mut kinds = Vec::new();
-    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(Duration::from_millis(200), events.next()).await
+    {
         kinds.push(e.kind());
     }
     use proto::watch_event::Kind;

@@ -52,7 +52,8 @@ every = 0
 /// Final weights of a run, by name.
 fn final_weights(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
     let path = run_dir.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
-    let mut w = tch::Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut w =
+        tch::Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     w.sort_by(|a, b| a.0.cmp(&b.0));
     w
 }
@@ -65,13 +66,21 @@ fn relative_distance(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -
         assert_eq!(na, nb);
         let d = (ta - tb).to_kind(tch::Kind::Double);
         diff += d.square().sum(tch::Kind::Double).double_value(&[]);
-        norm += ta.to_kind(tch::Kind::Double).square().sum(tch::Kind::Double).double_value(&[]);
+        norm += ta
+            .to_kind(tch::Kind::Double)
+            .square()
+            .sum(tch::Kind::Double)
+            .double_value(&[]);
     }
     (diff / norm).sqrt()
 }
 
 fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    support::series(&support::read_jsonl(&run_dir.join("metrics.jsonl")), "step", "loss")
+    support::series(
+        &support::read_jsonl(&run_dir.join("metrics.jsonl")),
+        "step",
+        "loss",
+    )
 }
 
 type Reference = (PathBuf, Vec<(String, tch::Tensor)>, Vec<(u64, f64)>);
@@ -90,10 +99,22 @@ fn single_worker_training() -> PathBuf {
     let dir = support::scratch("dp-one");
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
-    std::fs::write(dir.join("job.toml"), job(&run, "min_workers = 1\nsettle_s = 0.0")).unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        job(&run, "min_workers = 1\nsettle_s = 0.0"),
+    )
+    .unwrap();
     support::run_ok(
         support::ferry()
-            .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+            .args([
+                "launch",
+                "--local",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+            ])
             .arg(dir.join("job.toml")),
     );
     run
@@ -107,7 +128,10 @@ fn assert_same_training(reference: &Reference, run: &Path) {
     assert_eq!(losses.len() as u64, STEPS);
     for ((s1, l1), (s2, l2)) in reference.2.iter().zip(&losses) {
         assert_eq!(s1, s2);
-        assert!((l1 - l2).abs() <= 1e-5 * l1.abs().max(1.0), "step {s1}: loss {l1} vs {l2}");
+        assert!(
+            (l1 - l2).abs() <= 1e-5 * l1.abs().max(1.0),
+            "step {s1}: loss {l1} vs {l2}"
+        );
     }
 }
 
@@ -117,10 +141,22 @@ fn two_workers_train_the_same_model_as_one() {
     let dir = support::scratch("dp-two");
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
-    std::fs::write(dir.join("job.toml"), job(&run, "min_workers = 2\nsettle_s = 0.0")).unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        job(&run, "min_workers = 2\nsettle_s = 0.0"),
+    )
+    .unwrap();
     support::run_ok(
         support::ferry()
-            .args(["launch", "--local", "--workers", "2", "--threads", "1", "--no-progress"])
+            .args([
+                "launch",
+                "--local",
+                "--workers",
+                "2",
+                "--threads",
+                "1",
+                "--no-progress",
+            ])
             .arg(dir.join("job.toml")),
     );
     assert_same_training(&reference, &run);
@@ -141,7 +177,14 @@ impl WorkerProc {
     fn start(c: &CoordinatorProc, name: &str) -> WorkerProc {
         let log = c.dir.join(format!("{name}.log"));
         let child = support::ferry()
-            .args(["worker", "--threads", "1", "--data-listen", "127.0.0.1:0", "--state"])
+            .args([
+                "worker",
+                "--threads",
+                "1",
+                "--data-listen",
+                "127.0.0.1:0",
+                "--state",
+            ])
             .arg(&c.state)
             .arg("--token-file")
             .arg(&c.token_file)
@@ -168,14 +211,22 @@ impl Drop for WorkerProc {
     }
 }
 
-async fn wait_for_step(c: &CoordinatorProc, step: u64, within: Duration) -> proto_status::StatusReply {
+async fn wait_for_step(
+    c: &CoordinatorProc,
+    step: u64,
+    within: Duration,
+) -> proto_status::StatusReply {
     let start = Instant::now();
     loop {
         let st = c.status().await;
         if st.committed_steps >= step {
             return st;
         }
-        assert!(start.elapsed() < within, "no step {step} within {within:?}: {st:?}\n{}", c.log_text());
+        assert!(
+            start.elapsed() < within,
+            "no step {step} within {within:?}: {st:?}\n{}",
+            c.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -186,7 +237,9 @@ mod proto_status {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
-    let reference = tokio::task::spawn_blocking(single_worker_run).await.unwrap();
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
     let dir = support::scratch("dp-elastic");
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
@@ -211,7 +264,10 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
     b.signal(libc::SIGKILL);
     let killed_at = c.status().await.committed_steps;
     let st = wait_for_step(&c, killed_at + 1, Duration::from_secs(60)).await;
-    assert!(st.committed_steps < STEPS, "the job ran out before the join; slow it down");
+    assert!(
+        st.committed_steps < STEPS,
+        "the job ran out before the join; slow it down"
+    );
     let _ = wait_for_step(&c, 12.max(killed_at + 2), Duration::from_secs(120)).await;
     let joined_at = c.status().await.committed_steps;
     let d = WorkerProc::start(&c, "d");
@@ -222,18 +278,34 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
             if st.phase == "finished" {
                 break st;
             }
-            assert!(start.elapsed() < Duration::from_secs(180), "{st:?}\n{}\n{}", a.log_text(), d.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{st:?}\n{}\n{}",
+                a.log_text(),
+                d.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    eprintln!("killed at step {killed_at}, joined at step {joined_at}, generation {}", status.generation);
-    assert!(status.generation >= 3, "two membership changes: {}", status.generation);
+    eprintln!(
+        "killed at step {killed_at}, joined at step {joined_at}, generation {}",
+        status.generation
+    );
+    assert!(
+        status.generation >= 3,
+        "two membership changes: {}",
+        status.generation
+    );
 
     // Rank 0 writes the final checkpoint after the last commit.
     let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
     let start = Instant::now();
     while !ckpt.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no final checkpoint\n{}", a.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no final checkpoint\n{}",
+            a.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -243,7 +315,10 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
     let ledger = c.ledger().await;
     assert_eq!(ledger.entries.len() as u64, STEPS);
     let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
-    assert!(worlds.contains(&1) && worlds[0] == 2 && *worlds.last().unwrap() == 2, "{worlds:?}");
+    assert!(
+        worlds.contains(&1) && worlds[0] == 2 && *worlds.last().unwrap() == 2,
+        "{worlds:?}"
+    );
     let trained: Vec<Trained> = ledger
         .entries
         .iter()
@@ -254,13 +329,21 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
                 rank: s.rank,
                 stream_start: s.stream_start,
                 ids: (s.stream_start..s.stream_start + s.count)
-                    .map(|p| ferry_common::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences).at(p).1)
+                    .map(|p| {
+                        ferry_common::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences)
+                            .at(p)
+                            .1
+                    })
                     .collect(),
             })
         })
         .collect();
     support::cluster::verify_exactly_once(&ledger, &trained);
-    assert!(a.log_text().contains("back to rendezvous"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("back to rendezvous"),
+        "{}",
+        a.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,7 +385,10 @@ async fn a_wedged_peer_sends_the_survivor_back_to_rendezvous_within_the_timeout(
     }
     let back = stopped.elapsed();
     eprintln!("survivor back at rendezvous {back:?} after its peer froze");
-    assert!(back < Duration::from_secs_f64(timeout_s * 2.0 + 2.0), "{back:?}");
+    assert!(
+        back < Duration::from_secs_f64(timeout_s * 2.0 + 2.0),
+        "{back:?}"
+    );
     assert!(a.log_text().contains("failed"), "{}", a.log_text());
     b.signal(libc::SIGKILL);
 }
@@ -322,7 +408,11 @@ fn launched_status(state: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-fn wait_launched(state: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_launched(
+    state: &Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         if let Some(st) = launched_status(state) {
@@ -330,7 +420,10 @@ fn wait_launched(state: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bo
                 return st;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -340,19 +433,32 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
     let dir = support::scratch("dp-launch");
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
-    let spec = job(&run, "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0")
-        .replace(&format!("steps = {STEPS}"), "steps = 100000");
+    let spec = job(
+        &run,
+        "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 5.0",
+    )
+    .replace(&format!("steps = {STEPS}"), "steps = 100000");
     std::fs::write(dir.join("job.toml"), spec).unwrap();
     let log = dir.join("launch.log");
     let mut launcher = support::ferry()
-        .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+        .args([
+            "launch",
+            "--local",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ])
         .arg(dir.join("job.toml"))
         .stdout(std::fs::File::create(dir.join("launch.out")).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let state = run.join("coordinator");
-    wait_launched(&state, "one worker training", |s| s["world_size"] == 1 && s["committed_steps"].as_u64() >= Some(2));
+    wait_launched(&state, "one worker training", |s| {
+        s["world_size"] == 1 && s["committed_steps"].as_u64() >= Some(2)
+    });
 
     let scale = |n: &str| {
         support::run_ok(
@@ -366,12 +472,16 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
     scale("2");
     let st = wait_launched(&state, "two workers", |s| s["world_size"] == 2);
     let grown_at = st["committed_steps"].as_u64().unwrap();
-    wait_launched(&state, "steps at world 2", |s| s["committed_steps"].as_u64() >= Some(grown_at + 2));
+    wait_launched(&state, "steps at world 2", |s| {
+        s["committed_steps"].as_u64() >= Some(grown_at + 2)
+    });
     scale("1");
     wait_launched(&state, "back to one worker", |s| {
         s["world_size"] == 1 && s["workers"].as_array().is_some_and(|w| w.len() == 1)
     });
-    let before_stop = wait_launched(&state, "steps at world 1", |_| true)["committed_steps"].as_u64().unwrap();
+    let before_stop = wait_launched(&state, "steps at world 1", |_| true)["committed_steps"]
+        .as_u64()
+        .unwrap();
 
     // Ctrl-C: the job stops at a step boundary, rank 0 checkpoints, everything exits.
     unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
@@ -380,21 +490,37 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         if let Some(s) = launcher.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "launcher did not stop");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "launcher did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status}: {text}");
     assert!(text.contains("scaling up"), "{text}");
-    assert!(text.contains("stopping at the next step boundary"), "{text}");
+    assert!(
+        text.contains("stopping at the next step boundary"),
+        "{text}"
+    );
     let out = std::fs::read_to_string(dir.join("launch.out")).unwrap();
     assert!(out.starts_with("stopped:"), "{out}");
     let ckpts: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
         .collect();
     let last = ckpts.iter().max().copied().unwrap();
-    assert!(last >= before_stop, "a final checkpoint at the stop ({last} vs {before_stop})");
+    assert!(
+        last >= before_stop,
+        "a final checkpoint at the stop ({last} vs {before_stop})"
+    );
     // No process left behind: nothing running mentions the job's state directory.
     let needle = state.display().to_string();
     let left: Vec<String> = std::fs::read_dir("/proc")
@@ -407,7 +533,15 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
 
     // The same command again resumes the stopped job from its state and checkpoint.
     let mut again = support::ferry()
-        .args(["launch", "--local", "--workers", "1", "--threads", "1", "--no-progress"])
+        .args([
+            "launch",
+            "--local",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ])
         .arg(dir.join("job.toml"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("again.log")).unwrap())
@@ -420,7 +554,10 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
     unsafe { libc::kill(again.id() as libc::pid_t, libc::SIGINT) };
     let start = Instant::now();
     while again.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(60), "second launcher did not stop");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "second launcher did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -36,9 +36,17 @@ fn refusal(dir: &std::path::Path, job: &str) -> String {
     };
     let mut stderr = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     lines[0].to_string()
@@ -48,34 +56,135 @@ fn refusal(dir: &std::path::Path, job: &str) -> String {
 fn each_wrong_field_is_named_with_its_line() {
     let dir = support::scratch("job-spec");
     std::fs::create_dir_all(&dir).unwrap();
-    let good = job_toml(&dir.join("run"), 64, 8, 128, "min_workers = 1\nmax_workers = 4");
+    let good = job_toml(
+        &dir.join("run"),
+        64,
+        8,
+        128,
+        "min_workers = 1\nmax_workers = 4",
+    );
     // (what to replace, with what, expected field in the message, expected words)
     let cases: &[(&str, &str, &str, &str)] = &[
-        ("name = \"coordinator-test\"", "name = \"\"", "job.name", "empty"),
+        (
+            "name = \"coordinator-test\"",
+            "name = \"\"",
+            "job.name",
+            "empty",
+        ),
         ("steps = 100000", "steps = 0", "job.steps", "at least 1"),
         ("steps = 100000", "steps = -3", "job.steps", "invalid value"),
         ("steps = 100000", "steps = \"many\"", "job.steps", "u64"),
         ("seed = 7", "seed = 1.5", "job.seed", "u64"),
-        ("family = \"gpt2\"", "family = \"llama\"", "model.family", "`gpt2`"),
-        ("size = \"tiny\"", "size = \"xxl\"", "model.size", "tiny, mini, small"),
-        ("seq_len = 128", "seq_len = 100000", "data.seq_len", "context length"),
-        ("seq_len = 128", "seq_len = 1", "data.seq_len", "outside 2..="),
+        (
+            "family = \"gpt2\"",
+            "family = \"llama\"",
+            "model.family",
+            "`gpt2`",
+        ),
+        (
+            "size = \"tiny\"",
+            "size = \"xxl\"",
+            "model.size",
+            "tiny, mini, small",
+        ),
+        (
+            "seq_len = 128",
+            "seq_len = 100000",
+            "data.seq_len",
+            "context length",
+        ),
+        (
+            "seq_len = 128",
+            "seq_len = 1",
+            "data.seq_len",
+            "outside 2..=",
+        ),
         ("global = 64", "global = 0", "batch.global", "at least 1"),
         ("micro = 8", "micro = 7", "batch.micro", "does not divide"),
-        ("min_workers = 1", "min_workers = 0", "cluster.min_workers", "at least 1"),
-        ("max_workers = 4", "max_workers = 9", "cluster.max_workers", "micro-batches"),
-        ("max_workers = 4", "max_workers = 0", "cluster.max_workers", "below"),
-        ("max_workers = 4", "max_workers = 4\nbackend = \"mpi\"", "cluster.backend", "`ring`"),
-        ("max_workers = 4", "max_workers = 4\nheartbeat_timeout_s = 0.0", "cluster.heartbeat_timeout_s", "0.1"),
-        ("max_workers = 4", "max_workers = 4\ncolective_timeout_s = 5", "colective_timeout_s", "unknown field"),
-        ("[batch]", "[optimizer]\nlr = -1.0\n\n[batch]", "optimizer.lr", "positive"),
-        ("[batch]", "[optimizer]\nmin_lr = 5.0\n\n[batch]", "optimizer.min_lr", "0..=optimizer.lr"),
-        ("[batch]", "[optimizer]\nbeta2 = 1.0\n\n[batch]", "optimizer.beta2", "[0, 1)"),
-        ("[batch]", "[optimizer]\ndecay = \"step\"\n\n[batch]", "optimizer.decay", "`cosine`"),
-        ("[batch]", "[optimizer]\nname = \"sgd\"\n\n[batch]", "optimizer.name", "`adamw`"),
-        ("[batch]", "[checkpoint]\nkeep = 0\n\n[batch]", "checkpoint.keep", "at least 1"),
-        ("[batch]", "[eval]\nevery = 10\nsequences = 0\n\n[batch]", "eval.sequences", "at least 1"),
-        ("[batch]", "[tokenizer]\nkind = \"bpe\"\n\n[batch]", "tokenizer", "unknown field"),
+        (
+            "min_workers = 1",
+            "min_workers = 0",
+            "cluster.min_workers",
+            "at least 1",
+        ),
+        (
+            "max_workers = 4",
+            "max_workers = 9",
+            "cluster.max_workers",
+            "micro-batches",
+        ),
+        (
+            "max_workers = 4",
+            "max_workers = 0",
+            "cluster.max_workers",
+            "below",
+        ),
+        (
+            "max_workers = 4",
+            "max_workers = 4\nbackend = \"mpi\"",
+            "cluster.backend",
+            "`ring`",
+        ),
+        (
+            "max_workers = 4",
+            "max_workers = 4\nheartbeat_timeout_s = 0.0",
+            "cluster.heartbeat_timeout_s",
+            "0.1",
+        ),
+        (
+            "max_workers = 4",
+            "max_workers = 4\ncolective_timeout_s = 5",
+            "colective_timeout_s",
+            "unknown field",
+        ),
+        (
+            "[batch]",
+            "[optimizer]\nlr = -1.0\n\n[batch]",
+            "optimizer.lr",
+            "positive",
+        ),
+        (
+            "[batch]",
+            "[optimizer]\nmin_lr = 5.0\n\n[batch]",
+            "optimizer.min_lr",
+            "0..=optimizer.lr",
+        ),
+        (
+            "[batch]",
+            "[optimizer]\nbeta2 = 1.0\n\n[batch]",
+            "optimizer.beta2",
+            "[0, 1)",
+        ),
+        (
+            "[batch]",
+            "[optimizer]\ndecay = \"step\"\n\n[batch]",
+            "optimizer.decay",
+            "`cosine`",
+        ),
+        (
+            "[batch]",
+            "[optimizer]\nname = \"sgd\"\n\n[batch]",
+            "optimizer.name",
+            "`adamw`",
+        ),
+        (
+            "[batch]",
+            "[checkpoint]\nkeep = 0\n\n[batch]",
+            "checkpoint.keep",
+            "at least 1",
+        ),
+        (
+            "[batch]",
+            "[eval]\nevery = 10\nsequences = 0\n\n[batch]",
+            "eval.sequences",
+            "at least 1",
+        ),
+        (
+            "[batch]",
+            "[tokenizer]\nkind = \"bpe\"\n\n[batch]",
+            "tokenizer",
+            "unknown field",
+        ),
     ];
     for (from, to, field, words) in cases {
         assert!(good.contains(from), "{from}");
@@ -100,7 +209,13 @@ fn each_wrong_field_is_named_with_its_line() {
         );
     }
     // Shards that do not exist; not TOML at all.
-    let line = refusal(&dir, &good.replace(&support::prepared_shared_corpus().display().to_string(), "/nonexistent/shards"));
+    let line = refusal(
+        &dir,
+        &good.replace(
+            &support::prepared_shared_corpus().display().to_string(),
+            "/nonexistent/shards",
+        ),
+    );
     assert!(line.contains("/nonexistent/shards"), "{line}");
     let line = refusal(&dir, "this is not = = toml");
     assert!(line.contains("job.toml:1"), "{line}");

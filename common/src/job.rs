@@ -177,7 +177,10 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every: 100, keep: 3 }
+        CheckpointSection {
+            every: 100,
+            keep: 3,
+        }
     }
 }
 
@@ -333,7 +336,10 @@ impl JobSpec {
             None => context,
         };
         if self.data.shards.as_os_str().is_empty() {
-            return err("data.shards", "must name a directory written by `ferry prepare`".into());
+            return err(
+                "data.shards",
+                "must name a directory written by `ferry prepare`".into(),
+            );
         }
         if self.data.seq_len < 2 || self.data.seq_len > context {
             return err(
@@ -356,16 +362,25 @@ impl JobSpec {
         }
         let o = &self.optimizer;
         if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return err("optimizer.lr", format!("must be a positive number, got {}", o.lr));
+            return err(
+                "optimizer.lr",
+                format!("must be a positive number, got {}", o.lr),
+            );
         }
         if !(o.min_lr >= 0.0 && o.min_lr <= o.lr) {
             return err(
                 "optimizer.min_lr",
-                format!("must be within 0..=optimizer.lr ({}), got {}", o.lr, o.min_lr),
+                format!(
+                    "must be within 0..=optimizer.lr ({}), got {}",
+                    o.lr, o.min_lr
+                ),
             );
         }
         if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
-            return err("optimizer.weight_decay", format!("must be >= 0, got {}", o.weight_decay));
+            return err(
+                "optimizer.weight_decay",
+                format!("must be >= 0, got {}", o.weight_decay),
+            );
         }
         for (field, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
             if !(0.0..1.0).contains(&v) {
@@ -385,7 +400,10 @@ impl JobSpec {
             return err("checkpoint.keep", "must be at least 1".into());
         }
         if self.eval.every > 0 && self.eval.sequences == 0 {
-            return err("eval.sequences", "must be at least 1 when eval.every > 0".into());
+            return err(
+                "eval.sequences",
+                "must be at least 1 when eval.every > 0".into(),
+            );
         }
         let c = &self.cluster;
         if c.min_workers == 0 {
@@ -424,11 +442,17 @@ impl JobSpec {
             ("cluster.collective_timeout_s", c.collective_timeout_s),
         ] {
             if !(v >= 0.1 && v <= 86_400.0) {
-                return err(field, format!("must be within 0.1..=86400 seconds, got {v}"));
+                return err(
+                    field,
+                    format!("must be within 0.1..=86400 seconds, got {v}"),
+                );
             }
         }
         if !(c.settle_s >= 0.0 && c.settle_s <= 3600.0) {
-            return err("cluster.settle_s", format!("must be within 0..=3600 seconds, got {}", c.settle_s));
+            return err(
+                "cluster.settle_s",
+                format!("must be within 0..=3600 seconds, got {}", c.settle_s),
+            );
         }
         Ok(())
     }
@@ -542,7 +566,9 @@ micro = 4
     }
 
     fn error_of(text: &str) -> String {
-        JobSpec::from_toml(text, "job.toml").unwrap_err().to_string()
+        JobSpec::from_toml(text, "job.toml")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -552,10 +578,16 @@ micro = 4
         assert!(e.contains("model.family") && e.contains("gpt2"), "{e}");
 
         let e = error_of(&MINIMAL.replace("micro = 4", "micro = 5"));
-        assert_eq!(e, "job.toml:17: batch.micro: 5 does not divide batch.global = 16");
+        assert_eq!(
+            e,
+            "job.toml:17: batch.micro: 5 does not divide batch.global = 16"
+        );
 
         let e = error_of(&MINIMAL.replace("size = \"tiny\"", "size = \"huge\""));
-        assert!(e.starts_with("job.toml:9: model.size") && e.contains("tiny, mini"), "{e}");
+        assert!(
+            e.starts_with("job.toml:9: model.size") && e.contains("tiny, mini"),
+            "{e}"
+        );
 
         let e = error_of(&MINIMAL.replace("seq_len = 64", "seq_len = 4096"));
         assert!(e.starts_with("job.toml:13: data.seq_len"), "{e}");

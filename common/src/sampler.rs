@@ -76,7 +76,10 @@ impl SampleOrder {
 /// within the step. Ranks get contiguous runs of whole micro-batches, as even as possible, so a
 /// step's slice is covered exactly once whatever the world size.
 pub fn rank_micro_batches(micro_batches: u64, world: u64, rank: u64) -> (u64, u64) {
-    assert!(world > 0 && rank < world, "rank {rank} outside world {world}");
+    assert!(
+        world > 0 && rank < world,
+        "rank {rank} outside world {world}"
+    );
     let first = micro_batches * rank / world;
     let end = micro_batches * (rank + 1) / world;
     (first, end - first)

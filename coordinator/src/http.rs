@@ -125,12 +125,22 @@ fn loss_chart(points: &[ferry_common::proto::LossPoint]) -> String {
     let x1 = pts.last().map_or(1.0, |p| p.0).max(x0 + 1.0);
     let ymin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let ymax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let (ymin, ymax) = if ymax - ymin < 1e-9 { (ymin - 0.5, ymax + 0.5) } else { (ymin, ymax) };
+    let (ymin, ymax) = if ymax - ymin < 1e-9 {
+        (ymin - 0.5, ymax + 0.5)
+    } else {
+        (ymin, ymax)
+    };
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * (hgt - top - bottom);
     let mut path = String::new();
     for (i, &(x, y)) in pts.iter().enumerate() {
-        let _ = write!(path, "{}{:.1},{:.1} ", if i == 0 { "M" } else { "L" }, sx(x), sy(y));
+        let _ = write!(
+            path,
+            "{}{:.1},{:.1} ",
+            if i == 0 { "M" } else { "L" },
+            sx(x),
+            sy(y)
+        );
     }
     let mut s = String::new();
     let _ = write!(

@@ -36,7 +36,8 @@ pub struct ServeConfig {
 /// Counts the training sequences from the shard manifest alone (no shard is read).
 fn count_sequences(spec: &JobSpec) -> Result<u64> {
     let dir = &spec.data.shards;
-    let manifest = Manifest::load(dir).with_context(|| format!("data.shards = {}", dir.display()))?;
+    let manifest =
+        Manifest::load(dir).with_context(|| format!("data.shards = {}", dir.display()))?;
     let Some(train) = manifest.splits.get("train") else {
         bail!("{}: the manifest has no train split", dir.display());
     };
@@ -91,7 +92,14 @@ fn open_state(cfg: &ServeConfig) -> Result<JobState> {
         ),
     };
     let num_sequences = count_sequences(&spec)?;
-    let mut state = JobState::open(spec, spec_toml, num_sequences, store, loaded, Instant::now())?;
+    let mut state = JobState::open(
+        spec,
+        spec_toml,
+        num_sequences,
+        store,
+        loaded,
+        Instant::now(),
+    )?;
     // Started with its job file again: the user wants it to run, also after `ferry stop`.
     // A bare restart (no --job) keeps the state exactly as it was.
     if cfg.job.is_some() && state.resume_if_stopped()? {
@@ -100,7 +108,13 @@ fn open_state(cfg: &ServeConfig) -> Result<JobState> {
     Ok(state)
 }
 
-fn write_endpoint(dir: &Path, grpc: SocketAddr, http: SocketAddr, job_id: &str, tls: bool) -> Result<()> {
+fn write_endpoint(
+    dir: &Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    job_id: &str,
+    tls: bool,
+) -> Result<()> {
     let body = serde_json::json!({
         "grpc": grpc.to_string(),
         "http": http.to_string(),
@@ -120,13 +134,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -157,7 +172,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = cfg.http.unwrap_or_else(|| {
         let mut a = grpc_addr;
-        a.set_port(if grpc_addr.port() == 0 { 0 } else { grpc_addr.port().wrapping_add(1) });
+        a.set_port(if grpc_addr.port() == 0 {
+            0
+        } else {
+            grpc_addr.port().wrapping_add(1)
+        });
         a
     });
     let http_addr = if cfg.http.is_none() && cfg.listen.port() == 0 {
@@ -175,8 +194,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         .tcp_nodelay(true);
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
-            let cert_pem = std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
-            let key_pem = std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?;
+            let cert_pem =
+                std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
+            let key_pem =
+                std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?;
             builder = builder
                 .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
                 .context("TLS certificate or key is not usable")?;
@@ -189,22 +210,19 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let service = Service::new(state.clone());
     let check = TokenCheck::new(&cfg.token);
     let router = builder
-        .add_service(
-            InterceptedService::new(
-                CoordinatorServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
-                check.clone(),
-            ),
-        )
-        .add_service(
-            InterceptedService::new(
-                AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
-                check,
-            ),
-        );
+        .add_service(InterceptedService::new(
+            CoordinatorServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+            check.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            AdminServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+            check,
+        ));
 
     // Heartbeat timeouts, formation deadlines and the first quorum are checked on a timer.
     let ticker_state = state.clone();
-    let tick_every = (timing.heartbeat_timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+    let tick_every = (timing.heartbeat_timeout / 10)
+        .clamp(Duration::from_millis(20), Duration::from_millis(500));
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,6 +256,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         )
         .await
         .context("gRPC server failed")?;
-    eprintln!("ferry coordinator: stopped; state is in {}", cfg.state_dir.display());
+    eprintln!(
+        "ferry coordinator: stopped; state is in {}",
+        cfg.state_dir.display()
+    );
     Ok(())
 }

@@ -3,8 +3,7 @@
 
 use crate::state::{JobState, NextStepOutcome, RendezvousOutcome};
 use ferry_common::proto::{
-    self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply,
-    rendezvous_reply,
+    self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply, rendezvous_reply,
 };
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,12 +33,17 @@ impl Service {
 }
 
 /// Records latency and outcome of one RPC.
-fn observe<T>(method: &'static str, start: Instant, result: Result<T, Status>) -> Result<Response<T>, Status> {
+fn observe<T>(
+    method: &'static str,
+    start: Instant,
+    result: Result<T, Status>,
+) -> Result<Response<T>, Status> {
     let code = match &result {
         Ok(_) => "ok".to_string(),
         Err(s) => format!("{:?}", s.code()).to_lowercase(),
     };
-    metrics::histogram!("ferry_rpc_seconds", "method" => method).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("ferry_rpc_seconds", "method" => method)
+        .record(start.elapsed().as_secs_f64());
     metrics::counter!("ferry_rpc_total", "method" => method, "code" => code).increment(1);
     if let Err(s) = &result {
         if !matches!(s.code(), tonic::Code::FailedPrecondition) {
@@ -53,10 +57,15 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> 
 
 #[tonic::async_trait]
 impl Coordinator for Service {
-    async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinReply>, Status> {
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinReply>, Status> {
         let start = Instant::now();
         let r = req.into_inner();
-        let result = self.lock().join(r.host, r.data_addr, r.devices, r.pid, Instant::now());
+        let result = self
+            .lock()
+            .join(r.host, r.data_addr, r.devices, r.pid, Instant::now());
         observe("join", start, result)
     }
 
@@ -71,7 +80,10 @@ impl Coordinator for Service {
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, _req: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _req: Request<proto::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
         let rx = self.lock().subscribe_events();
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
             // A slow watcher that fell behind just misses events; it re-reads Status if it cares.
@@ -124,19 +136,22 @@ impl Coordinator for Service {
         req: Request<proto::NextStepRequest>,
     ) -> Result<Response<proto::NextStepReply>, Status> {
         let start = Instant::now();
-        let result = self.lock().next_step(req.get_ref(), Instant::now()).map(|o| {
-            let (status, plan) = match o {
-                NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p)),
-                NextStepOutcome::Regroup => (next_step_reply::Status::Regroup, None),
-                NextStepOutcome::Finished => (next_step_reply::Status::Finished, None),
-                NextStepOutcome::Stopped => (next_step_reply::Status::Stopped, None),
-                NextStepOutcome::Released => (next_step_reply::Status::Released, None),
-            };
-            proto::NextStepReply {
-                status: status as i32,
-                plan,
-            }
-        });
+        let result = self
+            .lock()
+            .next_step(req.get_ref(), Instant::now())
+            .map(|o| {
+                let (status, plan) = match o {
+                    NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p)),
+                    NextStepOutcome::Regroup => (next_step_reply::Status::Regroup, None),
+                    NextStepOutcome::Finished => (next_step_reply::Status::Finished, None),
+                    NextStepOutcome::Stopped => (next_step_reply::Status::Stopped, None),
+                    NextStepOutcome::Released => (next_step_reply::Status::Released, None),
+                };
+                proto::NextStepReply {
+                    status: status as i32,
+                    plan,
+                }
+            });
         observe("next_step", start, result)
     }
 
@@ -173,7 +188,10 @@ impl Coordinator for Service {
         observe("report_failure", start, result)
     }
 
-    async fn leave(&self, req: Request<proto::LeaveRequest>) -> Result<Response<proto::LeaveReply>, Status> {
+    async fn leave(
+        &self,
+        req: Request<proto::LeaveRequest>,
+    ) -> Result<Response<proto::LeaveReply>, Status> {
         let start = Instant::now();
         let result = self
             .lock()
@@ -185,25 +203,40 @@ impl Coordinator for Service {
 
 #[tonic::async_trait]
 impl Admin for Service {
-    async fn status(&self, _req: Request<proto::StatusRequest>) -> Result<Response<proto::StatusReply>, Status> {
+    async fn status(
+        &self,
+        _req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
         let start = Instant::now();
         let result = Ok(self.lock().status(Instant::now()));
         observe("status", start, result)
     }
 
-    async fn scale(&self, req: Request<proto::ScaleRequest>) -> Result<Response<proto::ScaleReply>, Status> {
+    async fn scale(
+        &self,
+        req: Request<proto::ScaleRequest>,
+    ) -> Result<Response<proto::ScaleReply>, Status> {
         let start = Instant::now();
         let result = self.lock().scale(req.get_ref().workers, Instant::now());
         observe("scale", start, result)
     }
 
-    async fn stop(&self, _req: Request<proto::StopRequest>) -> Result<Response<proto::StopReply>, Status> {
+    async fn stop(
+        &self,
+        _req: Request<proto::StopRequest>,
+    ) -> Result<Response<proto::StopReply>, Status> {
         let start = Instant::now();
-        let result = self.lock().stop().map(|committed_steps| proto::StopReply { committed_steps });
+        let result = self
+            .lock()
+            .stop()
+            .map(|committed_steps| proto::StopReply { committed_steps });
         observe("stop", start, result)
     }
 
-    async fn ledger(&self, req: Request<proto::LedgerRequest>) -> Result<Response<proto::LedgerReply>, Status> {
+    async fn ledger(
+        &self,
+        req: Request<proto::LedgerRequest>,
+    ) -> Result<Response<proto::LedgerReply>, Status> {
         let start = Instant::now();
         let r = req.get_ref();
         let state = self.lock();
@@ -266,10 +299,16 @@ impl tonic::service::Interceptor for TokenCheck {
         let peer = req
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
-        let why = if given.is_none() { "no job token" } else { "wrong job token" };
+        let why = if given.is_none() {
+            "no job token"
+        } else {
+            "wrong job token"
+        };
         tracing::warn!(%peer, "rejected an RPC: {why}");
         metrics::counter!("ferry_rpc_rejected_total", "reason" => why).increment(1);
-        Err(Status::unauthenticated(format!("{why}: this coordinator needs the job's token")))
+        Err(Status::unauthenticated(format!(
+            "{why}: this coordinator needs the job's token"
+        )))
     }
 }
 

@@ -19,8 +19,8 @@
 //!   all-reduce on any rank proves every rank contributed. Later reports confirm it.
 
 use crate::store::{
-    CheckpointRecord, FormedRecord, JobRecord, LedgerRecord, SliceRecord, StateSourceRecord,
-    Store, StoreError, WorkerRecord,
+    CheckpointRecord, FormedRecord, JobRecord, LedgerRecord, SliceRecord, StateSourceRecord, Store,
+    StoreError, WorkerRecord,
 };
 use ferry_common::job::JobSpec;
 use ferry_common::proto::{self, watch_event::Kind};
@@ -51,8 +51,7 @@ impl Timing {
             heartbeat_timeout,
             heartbeat_interval: heartbeat_timeout / 4,
             settle: Duration::from_secs_f64(c.settle_s),
-            formation_deadline: heartbeat_timeout
-                + Duration::from_secs_f64(c.collective_timeout_s),
+            formation_deadline: heartbeat_timeout + Duration::from_secs_f64(c.collective_timeout_s),
         }
     }
 }
@@ -269,7 +268,12 @@ impl JobState {
     /// Rebuilds the rank index after `job.formed` changed.
     fn index_ranks(&mut self) {
         self.rank_index = match &self.job.formed {
-            Some(f) => f.ranks.iter().enumerate().map(|(r, id)| (id.clone(), r)).collect(),
+            Some(f) => f
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(r, id)| (id.clone(), r))
+                .collect(),
             None => HashMap::new(),
         };
     }
@@ -293,7 +297,9 @@ impl JobState {
             )));
         }
         if devices.len() > 64 || devices.iter().any(|d| d.len() > 255) {
-            return Err(Status::invalid_argument("at most 64 devices of 255 characters"));
+            return Err(Status::invalid_argument(
+                "at most 64 devices of 255 characters",
+            ));
         }
         if self.job.stopped {
             return Err(Status::failed_precondition("the job is stopped"));
@@ -358,7 +364,8 @@ impl JobState {
             tracing::info!(worker = %id, "worker leaves at the next step boundary");
             return Ok(false);
         }
-        let in_proposal = matches!(&self.phase, Phase::Forming(f) if f.members.iter().any(|m| m == id));
+        let in_proposal =
+            matches!(&self.phase, Phase::Forming(f) if f.members.iter().any(|m| m == id));
         self.remove_worker(id, "left");
         if in_proposal {
             self.propose(now, true)?;
@@ -448,7 +455,10 @@ impl JobState {
         if members.len() < min {
             if force || !matches!(self.phase, Phase::Formed) {
                 if !matches!(self.phase, Phase::Idle) {
-                    tracing::warn!("{} workers, below the quorum of {min}: waiting", members.len());
+                    tracing::warn!(
+                        "{} workers, below the quorum of {min}: waiting",
+                        members.len()
+                    );
                     self.previous = self.job.formed.take().or(self.previous.take());
                     self.index_ranks();
                     self.phase = Phase::Idle;
@@ -459,11 +469,13 @@ impl JobState {
             return Ok(());
         }
         let same = |ids: &[String]| {
-            ids.len() == members.len() && ids.iter().collect::<BTreeSet<_>>() == members.iter().collect()
+            ids.len() == members.len()
+                && ids.iter().collect::<BTreeSet<_>>() == members.iter().collect()
         };
         match &self.phase {
             Phase::Idle => {
-                let full = members.len() >= self.job.target_workers.min(self.spec.max_workers()) as usize;
+                let full =
+                    members.len() >= self.job.target_workers.min(self.spec.max_workers()) as usize;
                 if !full && now.duration_since(self.last_join) < self.timing.settle {
                     return Ok(());
                 }
@@ -498,14 +510,15 @@ impl JobState {
             }
             self.emit(Kind::Released, &id, "left".into());
         }
-        let carried: BTreeMap<String, Arrival> = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Forming(f) => f
-                .arrived
-                .into_iter()
-                .filter(|(id, _)| members.contains(id))
-                .collect(),
-            _ => BTreeMap::new(),
-        };
+        let carried: BTreeMap<String, Arrival> =
+            match std::mem::replace(&mut self.phase, Phase::Idle) {
+                Phase::Forming(f) => f
+                    .arrived
+                    .into_iter()
+                    .filter(|(id, _)| members.contains(id))
+                    .collect(),
+                _ => BTreeMap::new(),
+            };
         if let Some(formed) = self.job.formed.take() {
             self.previous = Some(formed);
         }
@@ -549,7 +562,10 @@ impl JobState {
             .max();
         if newest == Some(self.job.committed + 1) {
             if let Some(prev) = self.previous.clone() {
-                tracing::info!(step = self.job.committed, "late commit: a member holds its result");
+                tracing::info!(
+                    step = self.job.committed,
+                    "late commit: a member holds its result"
+                );
                 self.record_commit(&prev, f64::NAN, 0, 0.0)?;
             }
         }
@@ -587,7 +603,12 @@ impl JobState {
         };
         let peers = ranks
             .iter()
-            .map(|id| self.workers.get(id).map(|w| w.rec.data_addr.clone()).unwrap_or_default())
+            .map(|id| {
+                self.workers
+                    .get(id)
+                    .map(|w| w.rec.data_addr.clone())
+                    .unwrap_or_default()
+            })
             .collect();
         let blob = f.arrived[&ranks[0]].blob.clone();
         self.job.formed = Some(FormedRecord {
@@ -719,7 +740,11 @@ impl JobState {
     }
 
     fn ready_reply(&self, rank: usize) -> proto::RendezvousReply {
-        let f = self.job.formed.as_ref().expect("called with a formed group");
+        let f = self
+            .job
+            .formed
+            .as_ref()
+            .expect("called with a formed group");
         let world = f.ranks.len();
         let (peers, peer_ranks) = if world <= FULL_PEER_LIST_MAX {
             (f.peers.clone(), Vec::new())
@@ -808,7 +833,12 @@ impl JobState {
         }
         let formed = self.job.formed.as_ref().expect("member of a formed group");
         let world = formed.ranks.len() as u64;
-        Ok(NextStepOutcome::Plan(self.plan(step, generation, rank as u64, world)))
+        Ok(NextStepOutcome::Plan(self.plan(
+            step,
+            generation,
+            rank as u64,
+            world,
+        )))
     }
 
     /// Stream positions `[start, start + count)` of rank `rank` of `world` at `step`.
@@ -943,7 +973,10 @@ impl JobState {
         self.ledger_tail = Some(entry);
         self.emit(Kind::Committed, "", format!("step {step} committed"));
         if self.finished() {
-            tracing::info!(steps = self.job.committed, "all steps committed: job finished");
+            tracing::info!(
+                steps = self.job.committed,
+                "all steps committed: job finished"
+            );
             self.emit(Kind::Finished, "", "finished".into());
         }
         self.publish_gauges();
@@ -963,7 +996,9 @@ impl JobState {
             )));
         }
         if req.path.is_empty() || req.path.len() > 4096 {
-            return Err(Status::invalid_argument("checkpoint path must be 1 to 4096 bytes"));
+            return Err(Status::invalid_argument(
+                "checkpoint path must be 1 to 4096 bytes",
+            ));
         }
         self.job.checkpoint = Some(CheckpointRecord {
             step: req.step,
@@ -982,7 +1017,11 @@ impl JobState {
         if self.member_rank(&req.worker_id, req.generation)?.is_some() {
             tracing::warn!(worker = %req.worker_id, generation = req.generation,
                 "data-plane failure reported: {}", req.message.chars().take(500).collect::<String>());
-            self.emit(Kind::WorkerLost, &req.worker_id, req.message.chars().take(500).collect());
+            self.emit(
+                Kind::WorkerLost,
+                &req.worker_id,
+                req.message.chars().take(500).collect(),
+            );
             self.propose(now, true)?;
         }
         Ok(self.job.generation)
@@ -1112,7 +1151,11 @@ impl JobState {
 
     /// Committed ledger entries in `[from, to)`; `to == 0` means up to the last one.
     pub fn ledger(&self, from: u64, to: u64) -> Result<Vec<LedgerRecord>, Status> {
-        let to = if to == 0 { self.job.committed } else { to.min(self.job.committed) };
+        let to = if to == 0 {
+            self.job.committed
+        } else {
+            to.min(self.job.committed)
+        };
         if from > to {
             return Err(Status::out_of_range(format!(
                 "from_step {from} is beyond the committed steps ({})",
@@ -1120,7 +1163,9 @@ impl JobState {
             )));
         }
         if to - from > 100_000 {
-            return Err(Status::invalid_argument("ask for at most 100000 steps at a time"));
+            return Err(Status::invalid_argument(
+                "ask for at most 100000 steps at a time",
+            ));
         }
         self.store.read_ledger(from, to).map_err(store_err)
     }

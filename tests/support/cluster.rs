@@ -113,7 +113,11 @@ impl CoordinatorProc {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("coordinator exited with {status}: {}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "coordinator did not start: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not start: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -269,7 +273,12 @@ impl SimWorker {
                 .into_inner();
             let status = reply.status();
             if status == rendezvous_reply::Status::Wait {
-                assert!(Instant::now() < deadline, "{}: still waiting: {}", self.id, reply.message);
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: still waiting: {}",
+                    self.id,
+                    reply.message
+                );
                 continue;
             }
             if status == rendezvous_reply::Status::Ready {
@@ -378,7 +387,12 @@ pub async fn run_steps(workers: &mut Vec<SimWorker>, steps: u64) -> Vec<SimWorke
                 w.plan = None;
             }
             let statuses = rendezvous_all(workers).await;
-            assert!(statuses.iter().all(|s| *s == rendezvous_reply::Status::Ready), "{statuses:?}");
+            assert!(
+                statuses
+                    .iter()
+                    .all(|s| *s == rendezvous_reply::Status::Ready),
+                "{statuses:?}"
+            );
             continue;
         }
         for w in workers.iter_mut() {
@@ -402,23 +416,39 @@ pub fn verify_exactly_once(ledger: &proto::LedgerReply, trained: &[Trained]) -> 
         let mut next = e.step * g;
         for (r, s) in e.slices.iter().enumerate() {
             assert_eq!(s.rank as usize, r);
-            assert_eq!(s.stream_start, next, "step {}: slices are contiguous", e.step);
+            assert_eq!(
+                s.stream_start, next,
+                "step {}: slices are contiguous",
+                e.step
+            );
             assert!(s.count > 0);
             next += s.count;
         }
-        assert_eq!(next, (e.step + 1) * g, "step {}: slices cover the global batch", e.step);
+        assert_eq!(
+            next,
+            (e.step + 1) * g,
+            "step {}: slices cover the global batch",
+            e.step
+        );
     }
     // Stream position -> sequence id, from what workers were told and trained.
     let mut by_position = vec![None; (steps * g) as usize];
     for t in trained.iter().filter(|t| t.step < steps) {
         let e = &ledger.entries[t.step as usize];
-        assert_eq!(e.generation, t.generation, "step {} trained by its ledger generation", t.step);
+        assert_eq!(
+            e.generation, t.generation,
+            "step {} trained by its ledger generation",
+            t.step
+        );
         let slice = &e.slices[t.rank as usize];
         assert_eq!(slice.stream_start, t.stream_start);
         assert_eq!(slice.count, t.ids.len() as u64);
         for (k, id) in t.ids.iter().enumerate() {
             let slot = &mut by_position[(t.stream_start + k as u64) as usize];
-            assert!(slot.is_none() || *slot == Some(*id), "position trained twice differently");
+            assert!(
+                slot.is_none() || *slot == Some(*id),
+                "position trained twice differently"
+            );
             *slot = Some(*id);
         }
     }
@@ -439,7 +469,10 @@ pub fn verify_exactly_once(ledger: &proto::LedgerReply, trained: &[Trained]) -> 
     // The partial epoch: no repeats.
     let mut tail: Vec<u64> = ids[(epochs * n) as usize..].to_vec();
     tail.sort_unstable();
-    assert!(tail.windows(2).all(|w| w[0] != w[1]), "a sequence repeats within an epoch");
+    assert!(
+        tail.windows(2).all(|w| w[0] != w[1]),
+        "a sequence repeats within an epoch"
+    );
     epochs
 }
 
@@ -448,9 +481,16 @@ pub fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }

@@ -12,9 +12,9 @@ use crate::metrics::MetricsLog;
 use crate::models::{gpt2, overrides::apply_overrides, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
-use ferry_common::sampler::{mix_seed, SampleOrder};
 use crate::schedule::{Decay, LrSchedule};
 use crate::weights;
+use ferry_common::sampler::{mix_seed, SampleOrder};
 use ferry_common::shards::TokenSplit;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -165,7 +165,11 @@ impl TrainConfig {
 impl TrainConfig {
     /// The engine settings of a cluster job: what every worker of the job trains with.
     /// `threads` and `device` are the worker's own.
-    pub fn from_job(spec: &ferry_common::job::JobSpec, threads: usize, device: &str) -> TrainConfig {
+    pub fn from_job(
+        spec: &ferry_common::job::JobSpec,
+        threads: usize,
+        device: &str,
+    ) -> TrainConfig {
         let o = &spec.optimizer;
         TrainConfig {
             model: spec.model.family.name().into(),

@@ -28,16 +28,16 @@ pub fn all_reduce_grads(
         // Take parameters until the bucket is full (always at least one).
         let mut end = start;
         let mut bytes = 0;
-        while end < params.len() && (end == start || bytes + 4 * params[end].1.numel() as i64 <= BUCKET_BYTES) {
+        while end < params.len()
+            && (end == start || bytes + 4 * params[end].1.numel() as i64 <= BUCKET_BYTES)
+        {
             bytes += 4 * params[end].1.numel() as i64;
             end += 1;
         }
         let last = end == params.len();
         let mut pieces: Vec<Tensor> = params[start..end]
             .iter()
-            .map(|(_, p)| {
-                p.grad().to_kind(Kind::Float).reshape([-1])
-            })
+            .map(|(_, p)| p.grad().to_kind(Kind::Float).reshape([-1]))
             .collect();
         if last {
             let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
@@ -56,7 +56,9 @@ pub fn all_reduce_grads(
             }
         });
         if last {
-            let tail = flat.narrow(0, offset, scalars.len() as i64).to_kind(Kind::Double);
+            let tail = flat
+                .narrow(0, offset, scalars.len() as i64)
+                .to_kind(Kind::Double);
             out = Vec::<f64>::try_from(&tail).unwrap_or_default();
         }
         start = end;
@@ -115,8 +117,13 @@ pub fn broadcast_state(
 pub fn parameter_checksum(ps: &ParamStore) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (_, p) in ps.named() {
-        let v = Vec::<f32>::try_from(p.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
-            .unwrap_or_default();
+        let v = Vec::<f32>::try_from(
+            p.detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .reshape([-1]),
+        )
+        .unwrap_or_default();
         for x in v {
             for b in x.to_bits().to_le_bytes() {
                 h ^= u64::from(b);

@@ -115,7 +115,13 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         .map_err(|s| rpc("join", s))?;
     // Heartbeats start at once: loading and checking the data can take longer than the timeout.
     let progress = Arc::new(Mutex::new(Progress::default()));
-    spawn_heartbeats(&rt, &clients, &joined.worker_id, joined.heartbeat_interval_s, progress.clone());
+    spawn_heartbeats(
+        &rt,
+        &clients,
+        &joined.worker_id,
+        joined.heartbeat_interval_s,
+        progress.clone(),
+    );
     let spec = JobSpec::from_toml(&joined.job_toml, "the coordinator's job spec")?;
     let cfg = TrainConfig::from_job(&spec, opts.threads, &opts.device);
     cfg.validate()?;
@@ -133,7 +139,11 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         (Backend::Nccl, _) => bail!(
             "cluster.backend = \"nccl\" but this worker has no usable GPU and NCCL ({}); \
              use backend = \"ring\" or \"auto\"",
-            if gpu.is_some() { "NCCL did not load" } else { "device is the CPU" }
+            if gpu.is_some() {
+                "NCCL did not load"
+            } else {
+                "device is the CPU"
+            }
         ),
     };
     eprintln!(
@@ -187,7 +197,11 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let mut c = w.clients.coordinator.clone();
     let id = w.id.clone();
     let _ = w.rt.block_on(async move {
-        tokio::time::timeout(Duration::from_secs(5), c.leave(proto::LeaveRequest { worker_id: id })).await
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            c.leave(proto::LeaveRequest { worker_id: id }),
+        )
+        .await
     });
     Ok(exit)
 }
@@ -219,7 +233,10 @@ fn spawn_heartbeats(
             if let Err(s) = r {
                 if s.code() == Code::NotFound {
                     // Declared dead (silent too long): this process's state is no longer wanted.
-                    eprintln!("error: the coordinator no longer knows this worker ({}); exiting", s.message());
+                    eprintln!(
+                        "error: the coordinator no longer knows this worker ({}); exiting",
+                        s.message()
+                    );
                     std::process::exit(1);
                 }
             }
@@ -332,7 +349,11 @@ impl Worker {
     }
 
     /// Rank 0 makes its state the group's starting point; everyone else receives it.
-    fn take_group_state(&mut self, reply: &proto::RendezvousReply, coll: &mut dyn Collective) -> Result<Option<String>> {
+    fn take_group_state(
+        &mut self,
+        reply: &proto::RendezvousReply,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<String>> {
         let start = reply.start_step;
         if reply.rank == 0 {
             match reply.state_source() {
@@ -346,7 +367,11 @@ impl Worker {
                     eprintln!("restoring {} for step {start}", dir.display());
                     let st = self.engine.restore(&dir)?;
                     if st.step != start {
-                        bail!("{}: holds step {}, the coordinator resumes at {start}", dir.display(), st.step);
+                        bail!(
+                            "{}: holds step {}, the coordinator resumes at {start}",
+                            dir.display(),
+                            st.step
+                        );
                     }
                 }
                 StateSource::Init | StateSource::Unspecified => {
@@ -401,7 +426,9 @@ impl Worker {
                 async move { c.next_step(req).await }
             })?;
             let plan = match next.status() {
-                next_step_reply::Status::Plan => next.plan.context("coordinator sent PLAN without a plan")?,
+                next_step_reply::Status::Plan => {
+                    next.plan.context("coordinator sent PLAN without a plan")?
+                }
                 next_step_reply::Status::Regroup => return Ok(Outcome::Regroup(Regroup::Asked)),
                 next_step_reply::Status::Finished => {
                     self.finish(rank, step)?;
@@ -411,17 +438,23 @@ impl Worker {
                     self.finish(rank, step)?;
                     return Ok(Outcome::Exit(WorkerExit::Stopped));
                 }
-                next_step_reply::Status::Released => return Ok(Outcome::Exit(WorkerExit::Released)),
+                next_step_reply::Status::Released => {
+                    return Ok(Outcome::Exit(WorkerExit::Released))
+                }
                 other => bail!("coordinator next_step: unexpected answer {other:?}"),
             };
             let t0 = Instant::now();
-            let partial = self.engine.forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
+            let partial =
+                self.engine
+                    .forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
             let t_reduce = Instant::now();
             let reduced = match all_reduce_grads(&self.engine.ps, &[partial], coll.as_mut()) {
                 Ok(r) => r,
                 Err(e) => {
                     self.engine.ps.zero_grad();
-                    return Ok(Outcome::Regroup(Regroup::Failed(format!("all-reduce of step {step} failed: {e}"))));
+                    return Ok(Outcome::Regroup(Regroup::Failed(format!(
+                        "all-reduce of step {step} failed: {e}"
+                    ))));
                 }
             };
             let allreduce_s = t_reduce.elapsed().as_secs_f64();
@@ -456,21 +489,41 @@ impl Worker {
                 Ok(_) => {}
                 // The group changed while this step ran; the step is ours (applied) and the
                 // coordinator learns so at rendezvous.
-                Err(s) if s.code() == Code::FailedPrecondition => return Ok(Outcome::Regroup(Regroup::Asked)),
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    return Ok(Outcome::Regroup(Regroup::Asked))
+                }
                 Err(s) => return Err(rpc("commit_step", s)),
             }
             if let Ok(mut p) = self.progress.lock() {
-                *p = Progress { generation: self.generation, step: step + 1, loss, tokens_per_s: tps };
+                *p = Progress {
+                    generation: self.generation,
+                    step: step + 1,
+                    loss,
+                    tokens_per_s: tps,
+                };
             }
             if rank == 0 {
-                self.after_step(step + 1, loss, lr, grad_norm, secs, tps, allreduce_s, plan.world_size)?;
+                self.after_step(
+                    step + 1,
+                    loss,
+                    lr,
+                    grad_norm,
+                    secs,
+                    tps,
+                    allreduce_s,
+                    plan.world_size,
+                )?;
             }
         }
     }
 
     /// Ranks compare a checksum of their weights; a difference is a bug that would silently
     /// ruin the run, so the job stops.
-    fn compare_checksums(&mut self, step: u64, coll: &mut dyn Collective) -> Result<Option<String>> {
+    fn compare_checksums(
+        &mut self,
+        step: u64,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<String>> {
         let mine = parameter_checksum(&self.engine.ps);
         let all = match coll.all_gather(&mine.to_le_bytes()) {
             Ok(all) => all,
@@ -479,7 +532,12 @@ impl Worker {
         if all.iter().any(|b| b.as_slice() != mine.to_le_bytes()) {
             let sums: Vec<String> = all
                 .iter()
-                .map(|b| format!("{:016x}", u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8]))))
+                .map(|b| {
+                    format!(
+                        "{:016x}",
+                        u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
+                    )
+                })
                 .collect();
             let _ = self.call("stop", |_| {
                 let mut admin = self.clients.admin.clone();
@@ -505,7 +563,9 @@ impl Worker {
         allreduce_s: f64,
         world: u32,
     ) -> Result<()> {
-        let mfu = self.engine.flops_per_token * tps / 1e9 / (self.engine.peak_gflops * f64::from(world.max(1)));
+        let mfu = self.engine.flops_per_token * tps
+            / 1e9
+            / (self.engine.peak_gflops * f64::from(world.max(1)));
         if let Some(log) = &mut self.metrics {
             log.write(&json!({
                 "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -523,9 +583,14 @@ impl Worker {
         let eval_every = self.spec.eval.every;
         if eval_every > 0 && step % eval_every == 0 {
             let val = self.engine.evaluate()?;
-            eprintln!("step {step:>6}  val_loss {val:.4}  val_ppl {:.1}", val.exp());
+            eprintln!(
+                "step {step:>6}  val_loss {val:.4}  val_ppl {:.1}",
+                val.exp()
+            );
             if let Some(log) = &mut self.metrics {
-                log.write(&json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+                log.write(
+                    &json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}),
+                )?;
             }
         }
         let ck = self.spec.checkpoint.every;
@@ -542,7 +607,8 @@ impl Worker {
             tokens_seen: step * self.spec.batch.global * self.spec.data.seq_len,
             seed: self.spec.job.seed,
             rng_derivation:
-                "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)".into(),
+                "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)"
+                    .into(),
             optimizer_steps: self.engine.opt.steps(),
             last_loss: None,
         };
@@ -573,12 +639,19 @@ impl Worker {
         let every = self.spec.eval.every;
         if every > 0 && step % every != 0 {
             let val = self.engine.evaluate()?;
-            eprintln!("step {step:>6}  val_loss {val:.4}  val_ppl {:.1}", val.exp());
+            eprintln!(
+                "step {step:>6}  val_loss {val:.4}  val_ppl {:.1}",
+                val.exp()
+            );
             if let Some(log) = &mut self.metrics {
-                log.write(&json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+                log.write(
+                    &json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}),
+                )?;
             }
         }
-        let exists = checkpoint::list(&self.spec.job.run_dir)?.iter().any(|(s, _)| *s == step);
+        let exists = checkpoint::list(&self.spec.job.run_dir)?
+            .iter()
+            .any(|(s, _)| *s == step);
         if !exists {
             self.checkpoint(step)?;
         }
