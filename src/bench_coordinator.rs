@@ -145,26 +145,11 @@ heartbeat_timeout_s = {hb_timeout}
         .spawn()
         .context("cannot start the coordinator")?;
     let mut child = CoordinatorChild { child };
-    let state = dir.join("state");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(addr) = crate::cluster::endpoint_from_state(&state) {
-            return Ok((child, addr, token));
-        }
-        if let Some(status) = child.child.try_wait()? {
-            bail!(
-                "the coordinator exited with {status}: {}",
-                std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{}: the coordinator did not start within 60 s",
-                state.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let addr = crate::cluster::wait_for_endpoint(&dir.join("state"), &mut child.child)
+        .with_context(|| {
+            std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
+        })?;
+    Ok((child, addr, token))
 }
 
 /// One simulated worker's protocol state.

@@ -119,6 +119,34 @@ pub fn endpoint_from_state(dir: &Path) -> Result<String> {
     }
 }
 
+/// Waits for the coordinator started as `child` to write its endpoint into `state` (the pid
+/// must match, so a stale file from an earlier run is not taken); returns its gRPC address.
+pub fn wait_for_endpoint(state: &Path, child: &mut std::process::Child) -> Result<String> {
+    let path = state.join(ferry_coordinator::ENDPOINT_FILE);
+    let pid = u64::from(child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let endpoint = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .filter(|v| v["pid"].as_u64() == Some(pid))
+            .and_then(|v| v["grpc"].as_str().map(str::to_string));
+        if let Some(addr) = endpoint {
+            return Ok(addr);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the coordinator exited ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{}: the coordinator did not start within 60 s",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn clients(c: &ConnectArgs) -> Result<(Clients, String)> {
     let address = match &c.state {
         Some(dir) => endpoint_from_state(dir)?,

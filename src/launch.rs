@@ -147,30 +147,6 @@ fn load_or_create_token(state: &Path) -> Result<String> {
     Ok(token)
 }
 
-fn wait_for_endpoint(state: &Path, coordinator: &mut Proc) -> Result<String> {
-    let pid = coordinator.child.id();
-    let path = state.join(ferry_coordinator::ENDPOINT_FILE);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if v["pid"].as_u64() == Some(u64::from(pid)) {
-                    if let Some(addr) = v["grpc"].as_str() {
-                        return Ok(addr.to_string());
-                    }
-                }
-            }
-        }
-        if let Some(status) = coordinator.child.try_wait()? {
-            bail!("the coordinator exited ({status}); its messages are above");
-        }
-        if Instant::now() > deadline {
-            bail!("the coordinator did not start within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 pub fn run(a: LaunchArgs) -> Result<()> {
     if !a.local {
         bail!("only --local is supported here; on a cluster run `ferry coordinator` once and `ferry worker` per GPU (see deploy/)");
@@ -215,7 +191,8 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()),
         );
     let mut coordinator = spawn(&console, "coordinator", cmd, &token)?;
-    let address = wait_for_endpoint(&state, &mut coordinator)?;
+    let address = crate::cluster::wait_for_endpoint(&state, &mut coordinator.child)
+        .context("starting the coordinator (its messages are above)")?;
     let mut procs = Procs(vec![coordinator]);
     console.line(format!(
         "[launch] job {:?}: coordinator on {address}, {} workers x {threads} threads, state in {}",

@@ -85,16 +85,40 @@ pub fn rank_micro_batches(micro_batches: u64, world: u64, rank: u64) -> (u64, u6
     (first, end - first)
 }
 
-/// FNV-1a over the little-endian bytes of sequence ids: a worker's proof of what it trained.
-pub fn sequences_digest(ids: &[u64]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for id in ids {
-        for b in id.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+/// 64-bit FNV-1a: a stable digest (no dependency can change it) for comparing data across
+/// processes.
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    pub fn new() -> Fnv1a {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
-    h
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a::new()
+    }
+}
+
+/// FNV-1a over the little-endian bytes of sequence ids: a worker's proof of what it trained.
+pub fn sequences_digest(ids: &[u64]) -> u64 {
+    let mut h = Fnv1a::new();
+    for id in ids {
+        h.write(&id.to_le_bytes());
+    }
+    h.finish()
 }
 
 #[cfg(test)]

@@ -65,35 +65,12 @@ impl Default for TrainConfig {
     /// The optimizer, schedule, eval and checkpoint defaults are the job spec's, so a local
     /// `ferry train` and a cluster job with the same fields left out train the same way.
     fn default() -> Self {
-        let o = ferry_common::job::OptimizerSection::default();
-        let e = ferry_common::job::EvalSection::default();
-        let c = ferry_common::job::CheckpointSection::default();
-        TrainConfig {
-            model: "gpt2".into(),
-            size: "tiny".into(),
-            overrides: Vec::new(),
-            data: PathBuf::from("data-prepared"),
-            seq_len: None,
-            global_batch: 16,
-            micro_batch: 8,
-            steps: 300,
-            lr: o.lr,
-            min_lr: o.min_lr,
-            warmup_steps: o.warmup_steps,
-            decay: o.decay,
-            weight_decay: o.weight_decay,
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            grad_clip: o.grad_clip,
-            eval_interval: e.every,
-            eval_sequences: e.sequences,
-            checkpoint_interval: c.every,
-            keep_checkpoints: c.keep as usize,
-            seed: ferry_common::job::DEFAULT_SEED,
-            threads: 0,
-            device: "auto".into(),
-        }
+        use ferry_common::job::{CheckpointSection, EvalSection, OptimizerSection};
+        TrainConfig::from_sections(
+            &OptimizerSection::default(),
+            &EvalSection::default(),
+            &CheckpointSection::default(),
+        )
     }
 }
 
@@ -170,7 +147,6 @@ impl TrainConfig {
         threads: usize,
         device: &str,
     ) -> TrainConfig {
-        let o = &spec.optimizer;
         TrainConfig {
             model: spec.model.family.name().into(),
             size: spec.model.size.clone(),
@@ -180,6 +156,28 @@ impl TrainConfig {
             global_batch: spec.batch.global,
             micro_batch: spec.batch.micro,
             steps: spec.job.steps,
+            seed: spec.job.seed,
+            threads,
+            device: device.into(),
+            ..TrainConfig::from_sections(&spec.optimizer, &spec.eval, &spec.checkpoint)
+        }
+    }
+
+    /// The single-process defaults with the job spec's optimizer, eval and checkpoint settings.
+    fn from_sections(
+        o: &ferry_common::job::OptimizerSection,
+        e: &ferry_common::job::EvalSection,
+        c: &ferry_common::job::CheckpointSection,
+    ) -> TrainConfig {
+        TrainConfig {
+            model: "gpt2".into(),
+            size: "tiny".into(),
+            overrides: Vec::new(),
+            data: PathBuf::from("data-prepared"),
+            seq_len: None,
+            global_batch: 16,
+            micro_batch: 8,
+            steps: 300,
             lr: o.lr,
             min_lr: o.min_lr,
             warmup_steps: o.warmup_steps,
@@ -189,13 +187,13 @@ impl TrainConfig {
             beta2: o.beta2,
             eps: o.eps,
             grad_clip: o.grad_clip,
-            eval_interval: spec.eval.every,
-            eval_sequences: spec.eval.sequences,
-            checkpoint_interval: spec.checkpoint.every,
-            keep_checkpoints: spec.checkpoint.keep as usize,
-            seed: spec.job.seed,
-            threads,
-            device: device.into(),
+            eval_interval: e.every,
+            eval_sequences: e.sequences,
+            checkpoint_interval: c.every,
+            keep_checkpoints: c.keep as usize,
+            seed: ferry_common::job::DEFAULT_SEED,
+            threads: 0,
+            device: "auto".into(),
         }
     }
 }

@@ -115,7 +115,7 @@ pub fn broadcast_state(
 /// FNV-1a over the bits of every parameter: equal on two ranks only if their weights are
 /// identical to the last bit.
 pub fn parameter_checksum(ps: &ParamStore) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = ferry_common::sampler::Fnv1a::new();
     for (_, p) in ps.named() {
         let v = Vec::<f32>::try_from(
             p.detach()
@@ -125,11 +125,8 @@ pub fn parameter_checksum(ps: &ParamStore) -> u64 {
         )
         .unwrap_or_default();
         for x in v {
-            for b in x.to_bits().to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
+            h.write(&x.to_bits().to_le_bytes());
         }
     }
-    h
+    h.finish()
 }
