@@ -33,22 +33,43 @@ pub const MODEL_SIZES: [&str; 6] = ["tiny", "mini", "small", "base", "medium", "
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFamily {
+    /// GPT-2 (Radford et al. 2019), byte-level BPE.
     Gpt2,
+    /// The original GPT (Radford et al. 2018), BPE with `</w>` word ends.
+    Gpt,
+    /// BERT (Devlin et al. 2019): masked LM + next-sentence prediction, WordPiece.
+    Bert,
 }
 
 impl ModelFamily {
     pub fn name(self) -> &'static str {
         match self {
             ModelFamily::Gpt2 => "gpt2",
+            ModelFamily::Gpt => "gpt",
+            ModelFamily::Bert => "bert",
         }
     }
 
-    /// Context length (`n_positions`) of a named size; must agree with the model code.
+    /// Context length of a named size; must agree with the model code (a worker test checks).
     pub fn context_length(self, size: &str) -> Option<u64> {
-        match (self, size) {
-            (ModelFamily::Gpt2, "tiny" | "mini" | "small") => Some(256),
-            (ModelFamily::Gpt2, "base" | "medium" | "large") => Some(1024),
-            _ => None,
+        if !MODEL_SIZES.contains(&size) {
+            return None;
+        }
+        let small = matches!(size, "tiny" | "mini" | "small");
+        Some(match self {
+            ModelFamily::Gpt2 if small => 256,
+            ModelFamily::Gpt2 => 1024,
+            ModelFamily::Gpt if small => 256,
+            ModelFamily::Gpt => 512,
+            ModelFamily::Bert => 512,
+        })
+    }
+
+    /// The `config.json` field holding the context length, overridable in `model.overrides`.
+    pub fn context_field(self) -> &'static str {
+        match self {
+            ModelFamily::Bert => "max_position_embeddings",
+            ModelFamily::Gpt2 | ModelFamily::Gpt => "n_positions",
         }
     }
 }
@@ -323,12 +344,13 @@ impl JobSpec {
                 ),
             );
         };
-        let context = match self.model.overrides.get("n_positions") {
+        let context_field = family.context_field();
+        let context = match self.model.overrides.get(context_field) {
             Some(v) => match v.as_integer() {
                 Some(n) if n > 0 => n as u64,
                 _ => {
                     return err(
-                        "model.overrides.n_positions",
+                        &format!("model.overrides.{context_field}"),
                         format!("must be a positive integer, got {v}"),
                     )
                 }
@@ -341,11 +363,13 @@ impl JobSpec {
                 "must name a directory written by `ferry prepare`".into(),
             );
         }
-        if self.data.seq_len < 2 || self.data.seq_len > context {
+        // A BERT example needs [CLS] a [SEP] b [SEP]; a causal window an input and a target.
+        let shortest = if family == ModelFamily::Bert { 5 } else { 2 };
+        if self.data.seq_len < shortest || self.data.seq_len > context {
             return err(
                 "data.seq_len",
                 format!(
-                    "{} is outside 2..={context} (the model's context length)",
+                    "{} is outside {shortest}..={context} (the model's context length)",
                     self.data.seq_len
                 ),
             );

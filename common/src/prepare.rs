@@ -14,7 +14,7 @@ use crate::shards::{
     sha256_hex, token_bytes_for, Manifest, SourceInfo, SplitInfo, SplitWriter, FORMAT,
     MANIFEST_FILE, TOKENIZER_FILE, VERSION,
 };
-use crate::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerKind, EOS_TOKEN};
+use crate::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerKind};
 use crate::DataError;
 
 /// The smallest vocabulary a byte-level tokenizer can have: 256 bytes and the EOS token.
@@ -108,7 +108,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
         .tokenizer
         .clone()
         .unwrap_or_else(|| opts.output.join(TOKENIZER_FILE));
-    let encoder = Encoder::new(tokenizer, &named)?;
+    // A given tokenizer's kind is read off the tokenizer itself, not assumed.
+    let kind = TokenizerKind::of(&tokenizer);
+    let encoder = Encoder::new(tokenizer, kind, &named)?;
 
     let token_bytes = token_bytes_for(encoder.vocab_size);
     let mut splits = BTreeMap::new();
@@ -122,7 +124,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
         version: VERSION,
         tokenizer_file: TOKENIZER_FILE.to_owned(),
         tokenizer_sha256: sha256_hex(&tokenizer_json),
-        tokenizer_kind: opts.tokenizer_kind.as_str().to_owned(),
+        tokenizer_kind: kind.as_str().to_owned(),
         vocab_size: encoder.vocab_size,
         token_bytes,
         eos_token_id: encoder.eos,
@@ -283,9 +285,10 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(tokenizer: Tokenizer, path: &Path) -> Result<Encoder, DataError> {
-        let eos = tokenizer.token_to_id(EOS_TOKEN).ok_or_else(|| {
-            DataError::tokenizer(path, format!("has no {EOS_TOKEN} token to end documents"))
+    fn new(tokenizer: Tokenizer, kind: TokenizerKind, path: &Path) -> Result<Encoder, DataError> {
+        let end = kind.document_end_token();
+        let eos = tokenizer.token_to_id(end).ok_or_else(|| {
+            DataError::tokenizer(path, format!("has no {end} token to end documents"))
         })?;
         // Ids run below this. It is the entry count for trained tokenizers, but a loaded one
         // may have gaps in its ids.

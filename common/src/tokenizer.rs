@@ -1,36 +1,112 @@
 //! Training, saving and loading tokenizers (HuggingFace `tokenizers` JSON format, so the files
 //! also load in Python).
+//!
+//! Three kinds, one per model family, each set up as `transformers` sets up that family's fast
+//! tokenizer, so the files behave the same in Python:
+//! - GPT-2: byte-level BPE (any text encodes, no unknown tokens);
+//! - GPT: BPE over lower-cased words with a `</w>` end-of-word suffix (OpenAI GPT's scheme);
+//! - BERT: lower-cased WordPiece with `##` continuations and [PAD] [UNK] [CLS] [SEP] [MASK].
 
-use std::fmt;
+use std::fmt::{self, Display};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use tokenizers::decoders::bpe::BPEDecoder;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer, TokenizerImpl};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, ModelWrapper, Tokenizer, TokenizerImpl};
 
 use crate::corpus::Document;
 use crate::DataError;
 
-/// Appended after every document; GPT-2's name for it.
+/// Appended after every document by the BPE tokenizers; GPT-2's name for it.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
+/// OpenAI GPT's unknown token (WikiText's own `<unk>` maps onto it).
+pub const GPT_UNK_TOKEN: &str = "<unk>";
+/// The end-of-word marker of OpenAI GPT's BPE.
+pub const GPT_END_OF_WORD: &str = "</w>";
 
-/// Which kind of tokenizer to train. WordPiece (BERT) and plain BPE will join this list.
+/// BERT's special tokens, in the order they get ids 0..5 when ferry trains a WordPiece
+/// vocabulary ([PAD] is 0, as `BertConfig.pad_token_id` expects).
+pub const BERT_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Which kind of tokenizer to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TokenizerKind {
     /// GPT-2 style byte-level BPE: any text encodes without unknown tokens.
     #[default]
     ByteLevelBpe,
+    /// OpenAI GPT style BPE on lower-cased, punctuation-split words, `</w>` ending a word.
+    Bpe,
+    /// BERT style WordPiece on lower-cased, punctuation-split words.
+    WordPiece,
 }
 
 impl TokenizerKind {
+    pub const ALL: [TokenizerKind; 3] = [
+        TokenizerKind::ByteLevelBpe,
+        TokenizerKind::Bpe,
+        TokenizerKind::WordPiece,
+    ];
+
     /// The name recorded in manifests and accepted by [`FromStr`].
     pub fn as_str(self) -> &'static str {
         match self {
             TokenizerKind::ByteLevelBpe => "byte_level_bpe",
+            TokenizerKind::Bpe => "bpe",
+            TokenizerKind::WordPiece => "wordpiece",
+        }
+    }
+
+    /// The tokenizer a model family is pretrained with (`gpt2`, `gpt`, `bert`).
+    pub fn for_model_family(family: &str) -> Option<TokenizerKind> {
+        match family {
+            "gpt2" => Some(TokenizerKind::ByteLevelBpe),
+            "gpt" => Some(TokenizerKind::Bpe),
+            "bert" => Some(TokenizerKind::WordPiece),
+            _ => None,
+        }
+    }
+
+    /// The token the shard stream puts after every document: GPT-2's `<|endoftext|>` for the
+    /// BPE kinds, [SEP] for WordPiece (BERT's separator; its examples are cut from document
+    /// and sentence boundaries, never across this token).
+    pub fn document_end_token(self) -> &'static str {
+        match self {
+            TokenizerKind::ByteLevelBpe | TokenizerKind::Bpe => EOS_TOKEN,
+            TokenizerKind::WordPiece => "[SEP]",
+        }
+    }
+
+    /// The special tokens this kind's vocabulary starts with, in id order.
+    pub fn special_tokens(self) -> &'static [&'static str] {
+        match self {
+            TokenizerKind::ByteLevelBpe => &[EOS_TOKEN],
+            TokenizerKind::Bpe => &[GPT_UNK_TOKEN, EOS_TOKEN],
+            TokenizerKind::WordPiece => &BERT_SPECIAL_TOKENS,
+        }
+    }
+
+    /// The kind of a loaded tokenizer, from its model and pre-tokenizer.
+    pub fn of(tokenizer: &Tokenizer) -> TokenizerKind {
+        match tokenizer.get_model() {
+            ModelWrapper::WordPiece(_) => TokenizerKind::WordPiece,
+            _ => {
+                let json = serde_json::to_value(tokenizer.get_pre_tokenizer()).unwrap_or_default();
+                if json.get("type").and_then(|t| t.as_str()) == Some("ByteLevel") {
+                    TokenizerKind::ByteLevelBpe
+                } else {
+                    TokenizerKind::Bpe
+                }
+            }
         }
     }
 }
@@ -45,12 +121,13 @@ impl FromStr for TokenizerKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "byte_level_bpe" => Ok(TokenizerKind::ByteLevelBpe),
-            other => Err(format!(
-                "unknown tokenizer kind {other:?} (known: byte_level_bpe)"
-            )),
-        }
+        TokenizerKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = TokenizerKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown tokenizer kind {s:?} (known: {})", known.join(", "))
+            })
     }
 }
 
@@ -64,7 +141,20 @@ pub fn train_tokenizer(
 ) -> Result<Tokenizer, DataError> {
     match kind {
         TokenizerKind::ByteLevelBpe => train_byte_level_bpe(docs, vocab_size, show_progress),
+        TokenizerKind::Bpe => train_gpt_bpe(docs, vocab_size, show_progress),
+        TokenizerKind::WordPiece => train_wordpiece(docs, vocab_size, show_progress),
     }
+}
+
+fn special_tokens(kind: TokenizerKind) -> Vec<AddedToken> {
+    kind.special_tokens()
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect()
+}
+
+fn training_error(e: impl Display) -> DataError {
+    DataError::tokenizer(Path::new("<tokenizer training>"), e)
 }
 
 fn train_byte_level_bpe(
@@ -81,7 +171,7 @@ fn train_byte_level_bpe(
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(show_progress)
-        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
+        .special_tokens(special_tokens(TokenizerKind::ByteLevelBpe))
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
@@ -92,7 +182,94 @@ fn train_byte_level_bpe(
         .with_decoder(Some(byte_level));
     tokenizer
         .train(&mut trainer, docs.iter().map(Document::text))
-        .map_err(|e| DataError::tokenizer(Path::new("<tokenizer training>"), e))?;
+        .map_err(training_error)?;
+    Ok(tokenizer.into())
+}
+
+/// OpenAI GPT's tokenizer as `transformers` builds its fast version: BERT's normalizer
+/// (lower case) and pre-tokenizer, BPE whose word-final pieces end in `</w>`, `<unk>` for
+/// characters never seen in training.
+fn train_gpt_bpe(
+    docs: &[Document],
+    vocab_size: usize,
+    show_progress: bool,
+) -> Result<Tokenizer, DataError> {
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(show_progress)
+        .special_tokens(special_tokens(TokenizerKind::Bpe))
+        .end_of_word_suffix(GPT_END_OF_WORD.to_owned())
+        .build();
+    let model = BPE::builder()
+        .unk_token(GPT_UNK_TOKEN.to_owned())
+        .end_of_word_suffix(GPT_END_OF_WORD.to_owned())
+        .build()
+        .map_err(training_error)?;
+    let mut tokenizer: TokenizerImpl<
+        BPE,
+        BertNormalizer,
+        BertPreTokenizer,
+        TemplateProcessing,
+        BPEDecoder,
+    > = TokenizerImpl::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::default()))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_decoder(Some(BPEDecoder::new(GPT_END_OF_WORD.to_owned())));
+    tokenizer
+        .train(&mut trainer, docs.iter().map(Document::text))
+        .map_err(training_error)?;
+    Ok(tokenizer.into())
+}
+
+/// BERT's uncased WordPiece tokenizer: BERT's normalizer and pre-tokenizer, `##` for pieces
+/// inside a word, and a post-processor that frames inputs as `[CLS] A [SEP] B [SEP]` with
+/// segment ids 0 and 1 (used when encoding with special tokens, as for fine-tuning; shards are
+/// encoded without).
+fn train_wordpiece(
+    docs: &[Document],
+    vocab_size: usize,
+    show_progress: bool,
+) -> Result<Tokenizer, DataError> {
+    let mut trainer = WordPieceTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(show_progress)
+        .special_tokens(special_tokens(TokenizerKind::WordPiece))
+        .build();
+    let model = WordPiece::builder()
+        .unk_token("[UNK]".to_owned())
+        .build()
+        .map_err(training_error)?;
+    let mut tokenizer: TokenizerImpl<
+        WordPiece,
+        BertNormalizer,
+        BertPreTokenizer,
+        TemplateProcessing,
+        WordPieceDecoder,
+    > = TokenizerImpl::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::default()))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_decoder(Some(WordPieceDecoder::default()));
+    tokenizer
+        .train(&mut trainer, docs.iter().map(Document::text))
+        .map_err(training_error)?;
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| training_error(format!("{t} missing after training")))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let framing = TemplateProcessing::builder()
+        .try_single("[CLS] $A:0 [SEP]:0")
+        .and_then(|b| b.try_pair("[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1"))
+        .map_err(training_error)?
+        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .build()
+        .map_err(training_error)?;
+    tokenizer.with_post_processor(Some(framing));
     Ok(tokenizer.into())
 }
 
