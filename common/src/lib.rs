@@ -11,6 +11,7 @@ pub mod error;
 pub mod job;
 pub mod prepare;
 pub mod sampler;
+pub mod sentence_pairs;
 pub mod shards;
 pub mod tokenizer;
 
