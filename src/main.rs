@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_common::prepare::{prepare, PrepareOptions};
+use ferry_common::tokenizer::TokenizerKind;
 use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
 use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
 use ferry_worker::collective::Transport;
 use ferry_worker::generate::{generate, SamplingConfig};
+use ferry_worker::models::Family;
 use ferry_worker::schedule::Decay;
 use ferry_worker::train::{self, TrainConfig};
 use ferry_worker::{pretrained, runtime};
@@ -14,6 +16,7 @@ use std::io::IsTerminal;
 
 mod bench_coordinator;
 mod cluster;
+mod examples;
 mod launch;
 use std::path::PathBuf;
 
@@ -35,8 +38,11 @@ enum Command {
     Prepare(PrepareArgs),
     /// Pretrain a model in this process.
     Train(TrainArgs),
-    /// Sample text from a trained model.
+    /// Sample text from a trained model (GPT-2 or GPT).
     Generate(GenerateArgs),
+    /// Show the training examples a model family builds from prepared data (BERT's sentence
+    /// pairs and masks, GPT windows), exactly as every worker builds them.
+    Examples(ExamplesArgs),
     /// Serve a job's control plane: membership, rendezvous, sample schedule, durable state.
     Coordinator(cluster::CoordinatorArgs),
     /// Train as one data-parallel rank of a coordinator's job.
@@ -62,6 +68,10 @@ struct PrepareArgs {
     /// Output directory for shards, index, manifest and tokenizer.
     #[arg(long, short)]
     output: PathBuf,
+    /// The model family the data is for; it picks the tokenizer: byte-level BPE for gpt2,
+    /// BPE with `</w>` word ends for gpt, WordPiece for bert.
+    #[arg(long, default_value = "gpt2", value_parser = ["gpt2", "gpt", "bert"])]
+    model: String,
     /// Use this tokenizer.json instead of training a new one.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -94,7 +104,7 @@ struct TrainArgs {
     /// Prepared data directory (from `ferry prepare`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Model family [default: gpt2].
+    /// Model family: gpt2, gpt or bert [default: gpt2].
     #[arg(long)]
     model: Option<String>,
     /// Named size: tiny, mini, small, base, medium, large [default: tiny].
@@ -285,7 +295,38 @@ struct BenchAllreduceArgs {
 }
 
 #[derive(Args)]
+struct ExamplesArgs {
+    /// Prepared data directory (from `ferry prepare`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Model family: gpt2, gpt or bert.
+    #[arg(long, default_value = "bert")]
+    model: String,
+    /// Tokens per example.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// The run's seed (BERT's pairs and masks derive from it and the example index).
+    #[arg(long, default_value_t = ferry_common::job::DEFAULT_SEED)]
+    seed: u64,
+    /// train or val.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// The first example to show.
+    #[arg(long, default_value_t = 0)]
+    index: u64,
+    /// How many examples to show.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// One JSON object per example instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchTrainArgs {
+    /// Model family: gpt2, gpt or bert.
+    #[arg(long, default_value = "gpt2")]
+    model: String,
     #[arg(long, default_value_t = 6)]
     layers: i64,
     #[arg(long, default_value_t = 384)]
@@ -335,6 +376,8 @@ fn run(cli: Cli) -> Result<()> {
                 inputs: a.inputs,
                 output: a.output.clone(),
                 tokenizer: a.tokenizer,
+                tokenizer_kind: TokenizerKind::for_model_family(&a.model)
+                    .context("--model: not a model family")?,
                 vocab_size: a.vocab_size,
                 val_fraction: a.val_fraction,
                 seed: a.seed,
@@ -375,14 +418,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => {
             let device = runtime::select_device(&a.device)?;
-            let loaded = pretrained::load_gpt2(&a.model, device)?;
+            let loaded = pretrained::load_model(&a.model, device)?;
+            let Some(lm) = loaded.model.as_causal() else {
+                anyhow::bail!(
+                    "{}: a {} model does not generate text; use a gpt2 or gpt model",
+                    loaded.dir.display(),
+                    loaded.config.family().name()
+                );
+            };
             let tok_path = loaded.dir.join("tokenizer.json");
             let tokenizer = ferry_common::tokenizer::load_tokenizer(&tok_path)?;
             let enc = tokenizer.encode(a.prompt.as_str(), false).map_err(|e| {
                 anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display())
             })?;
             let mut prompt: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
-            let eos = loaded.model.config.eos_token_id;
+            let eos = lm.eos_token_id();
             if prompt.is_empty() {
                 prompt.push(eos.unwrap_or(0));
             }
@@ -393,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_p: a.top_p,
                 seed: a.seed,
             };
-            let new = generate(&loaded.model, &prompt, &sampling, eos);
+            let new = generate(lm, &prompt, &sampling, eos);
             let ids: Vec<u32> = new
                 .iter()
                 .filter(|&&t| Some(t) != eos)
@@ -404,9 +454,20 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
             println!("{}{}", a.prompt, text);
         }
+        Command::Examples(a) => examples::run(&examples::ExamplesRequest {
+            data: a.data,
+            family: Family::parse(&a.model)?,
+            seq_len: a.seq_len,
+            seed: a.seed,
+            split: a.split,
+            index: a.index,
+            count: a.count,
+            json: a.json,
+        })?,
         Command::Bench(BenchCommand::Coordinator(a)) => bench_coordinator::run(a)?,
         Command::Bench(BenchCommand::Train(a)) => {
             let r = run_train_bench(&TrainBenchConfig {
+                family: Family::parse(&a.model)?,
                 layers: a.layers,
                 d_model: a.d_model,
                 heads: a.heads,

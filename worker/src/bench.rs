@@ -1,8 +1,9 @@
 //! Training throughput on random tokens: the same measurement, fields and FLOP accounting as
-//! `shared/bench/torch_gpt2_bench.py`, so the two print comparable JSON lines.
+//! `shared/bench/torch_gpt2_bench.py` (GPT-2) and `bench/torch_models_bench.py` (GPT, BERT),
+//! so ferry and PyTorch print comparable JSON lines.
 
 use crate::error::Result;
-use crate::models::{gpt2, ParamStore};
+use crate::models::{Family, Model, ModelConfig, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
 use serde::Serialize;
@@ -11,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct TrainBenchConfig {
+    pub family: Family,
     pub layers: i64,
     pub d_model: i64,
     pub heads: i64,
@@ -28,6 +30,7 @@ pub struct TrainBenchConfig {
 #[derive(Serialize, Debug)]
 pub struct TrainBenchResult {
     pub r#impl: &'static str,
+    pub model: &'static str,
     pub world: usize,
     pub threads_per_rank: usize,
     pub layers: i64,
@@ -59,10 +62,27 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> Result<TrainBenchResult> {
     }
     let threads = runtime::configure_threads(c.threads);
     tch::manual_seed(c.seed as i64);
-    let mut mc = gpt2::Config::sized("small", c.vocab).expect("known size");
-    (mc.n_layer, mc.n_embd, mc.n_head, mc.n_positions) = (c.layers, c.d_model, c.heads, c.ctx);
+    let (l, d, h, t) = (c.layers, c.d_model, c.heads, c.ctx);
+    let shape: Vec<String> = match c.family {
+        Family::Gpt2 | Family::Gpt => {
+            vec![
+                format!("n_layer={l}"),
+                format!("n_embd={d}"),
+                format!("n_head={h}"),
+                format!("n_positions={t}"),
+            ]
+        }
+        Family::Bert => vec![
+            format!("num_hidden_layers={l}"),
+            format!("hidden_size={d}"),
+            format!("num_attention_heads={h}"),
+            format!("intermediate_size={}", 4 * d),
+            format!("max_position_embeddings={t}"),
+        ],
+    };
+    let mc = ModelConfig::sized(c.family, "small", c.vocab)?.with_overrides(&shape)?;
     let mut ps = ParamStore::new(c.device);
-    let model = gpt2::Gpt2::new(&mut ps, &mc)?;
+    let model = Model::new(&mut ps, &mc)?;
     let mut opt = AdamW::new(
         &ps,
         AdamWConfig {
@@ -78,9 +98,7 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> Result<TrainBenchResult> {
     let tokens = (c.batch * c.ctx) as f64;
 
     let mut step = || {
-        let data = Tensor::randint(c.vocab, [c.batch, c.ctx + 1], (Kind::Int64, c.device));
-        let (x, y) = (data.narrow(1, 0, c.ctx), data.narrow(1, 1, c.ctx));
-        let loss = model.lm_loss_sum(&x, &y, true) / tokens;
+        let loss = random_batch_loss(&model, c);
         loss.backward();
         clip_grad_norm(&ps, 1.0);
         opt.step(3e-4);
@@ -102,6 +120,7 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> Result<TrainBenchResult> {
     let tps = tokens * c.steps as f64 / elapsed;
     Ok(TrainBenchResult {
         r#impl: "ferry",
+        model: c.family.name(),
         world: 1,
         threads_per_rank: threads,
         layers: c.layers,
@@ -126,4 +145,39 @@ pub fn run_train_bench(c: &TrainBenchConfig) -> Result<TrainBenchResult> {
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
     })
+}
+
+/// The mean loss of one random batch. Causal models: next-token loss on uniform tokens. BERT:
+/// 15% of positions masked (all to [MASK], id 4; the 80/10/10 split costs nothing) and random
+/// next-sentence labels on [CLS]-less random pairs, segment 1 from the middle on; the MLM head
+/// runs on the masked positions only, as in training.
+fn random_batch_loss(model: &Model, c: &TrainBenchConfig) -> Tensor {
+    let dev = c.device;
+    match model {
+        Model::Bert(bert) => {
+            let ids = Tensor::randint_low(5, c.vocab, [c.batch, c.ctx], (Kind::Int64, dev));
+            let chosen = Tensor::rand([c.batch, c.ctx], (Kind::Float, dev)).lt(0.15);
+            let labels = ids.masked_fill(&chosen.logical_not(), -100);
+            let inputs = ids.masked_fill(&chosen, 4);
+            let types = Tensor::arange(c.ctx, (Kind::Int64, dev))
+                .ge(c.ctx / 2)
+                .to_kind(Kind::Int64)
+                .expand([c.batch, c.ctx], false);
+            let mask = Tensor::ones([c.batch, c.ctx], (Kind::Int64, dev));
+            let nsp = Tensor::randint(2, [c.batch], (Kind::Int64, dev));
+            let inputs = crate::models::bert::BertInputs {
+                input_ids: &inputs,
+                token_type_ids: &types,
+                attention_mask: &mask,
+            };
+            let sums = bert.pretraining_sums(&inputs, &labels, &nsp, true);
+            sums.mlm_loss / (sums.mlm_count.max(1) as f64) + sums.nsp_loss / c.batch as f64
+        }
+        _ => {
+            let lm = model.as_causal().expect("causal");
+            let data = Tensor::randint(c.vocab, [c.batch, c.ctx + 1], (Kind::Int64, dev));
+            let (x, y) = (data.narrow(1, 0, c.ctx), data.narrow(1, 1, c.ctx));
+            lm.lm_loss_sum(&x, &y, true) / (c.batch * c.ctx) as f64
+        }
+    }
 }

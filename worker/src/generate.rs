@@ -1,6 +1,6 @@
 //! Sampling text from a causal language model: temperature, top-k and nucleus (top-p).
 
-use crate::models::gpt2::Gpt2;
+use crate::models::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -18,14 +18,14 @@ pub struct SamplingConfig {
 
 /// Continues `prompt` and returns only the new tokens; stops early at `stop_token`.
 pub fn generate(
-    model: &Gpt2,
+    model: &dyn CausalLm,
     prompt: &[i64],
     cfg: &SamplingConfig,
     stop_token: Option<i64>,
 ) -> Vec<i64> {
     tch::manual_seed(cfg.seed as i64 & i64::MAX);
-    let device = model.wte_device();
-    let ctx = model.config.n_positions as usize;
+    let device = model.device();
+    let ctx = model.context() as usize;
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     tch::no_grad(|| {

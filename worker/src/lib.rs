@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod metrics;
 pub mod models;
+pub mod objective;
 pub mod optim;
 pub mod pretrained;
 pub mod runtime;

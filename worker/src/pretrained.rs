@@ -1,10 +1,10 @@
 //! Opening a model directory: a ferry checkpoint, a run directory (its newest checkpoint), or
-//! a directory saved by `transformers`' `save_pretrained` (safetensors weights).
+//! a directory saved by `transformers`' `save_pretrained` (safetensors weights), of any family.
 
 use crate::checkpoint;
 use crate::error::{EngineError, Result};
 use crate::fsutil::read_json;
-use crate::models::{gpt2, ParamStore};
+use crate::models::{Model, ModelConfig, ParamStore};
 use crate::weights;
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -21,28 +21,22 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
         .ok_or_else(|| EngineError::file(dir, "holds neither config.json nor checkpoints/step-*"))
 }
 
-pub struct LoadedGpt2 {
+pub struct LoadedModel {
     pub dir: PathBuf,
     pub params: ParamStore,
-    pub model: gpt2::Gpt2,
+    pub config: ModelConfig,
+    pub model: Model,
 }
 
-pub fn load_gpt2(dir: &Path, device: Device) -> Result<LoadedGpt2> {
+/// Reads `config.json` (its `model_type` picks the family), builds the model and loads
+/// `model.safetensors` into it, after checking `checksums.json` when there is one.
+pub fn load_model(dir: &Path, device: Device) -> Result<LoadedModel> {
     let dir = resolve_model_dir(dir)?;
     checkpoint::verify(&dir)?;
     let config_path = dir.join(checkpoint::CONFIG_FILE);
-    let raw: serde_json::Value = read_json(&config_path)?;
-    let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    if model_type != "gpt2" {
-        return Err(EngineError::file(
-            &config_path,
-            format!("model_type is `{model_type}`, expected `gpt2`"),
-        ));
-    }
-    let config: gpt2::Config = serde_json::from_value(raw)
-        .map_err(|e| EngineError::file(&config_path, format!("invalid GPT-2 config: {e}")))?;
+    let config = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
     let mut params = ParamStore::new(device);
-    let model = gpt2::Gpt2::new(&mut params, &config)?;
+    let model = Model::new(&mut params, &config)?;
     let weights_path = dir.join(checkpoint::MODEL_FILE);
     if !weights_path.exists() {
         return Err(EngineError::file(
@@ -53,8 +47,13 @@ pub fn load_gpt2(dir: &Path, device: Device) -> Result<LoadedGpt2> {
     weights::load_into(
         &params,
         &weights::load_safetensors(&weights_path)?,
-        "transformer.",
+        config.family().base_prefix(),
         &weights_path,
     )?;
-    Ok(LoadedGpt2 { dir, params, model })
+    Ok(LoadedModel {
+        dir,
+        params,
+        config,
+        model,
+    })
 }

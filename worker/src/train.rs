@@ -9,24 +9,26 @@ use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, write_json};
 use crate::metrics::MetricsLog;
-use crate::models::{gpt2, overrides::apply_overrides, ParamStore};
+use crate::models::{Family, Model, ModelConfig, ParamStore};
+use crate::objective::{EvalReport, Objective};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
 use crate::schedule::{Decay, LrSchedule};
 use crate::weights;
 use ferry_common::sampler::{mix_seed, SampleOrder};
+use ferry_common::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
 use ferry_common::shards::TokenSplit;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Device;
 
 /// Everything that defines a training run; saved as `train.json` in the run directory.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model family (`gpt2`).
+    /// Model family: gpt2, gpt or bert.
     pub model: String,
     /// Named size: tiny, mini, small, base, medium, large.
     pub size: String,
@@ -82,13 +84,7 @@ impl TrainConfig {
                 message,
             })
         };
-        if self.model != "gpt2" {
-            return bad(
-                "model",
-                format!("`{}` is not a known model family (gpt2)", self.model),
-            );
-        }
-        gpt2::Config::sized(&self.size, 1)?;
+        ModelConfig::sized(Family::parse(&self.model)?, &self.size, 1)?;
         if self.micro_batch == 0 || self.global_batch == 0 {
             return bad(
                 "micro_batch",
@@ -119,19 +115,23 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn model_config(&self, vocab_size: i64) -> Result<gpt2::Config> {
-        let mut c = gpt2::Config::sized(&self.size, vocab_size)?;
+    /// The model's config for a vocabulary: the named size, its context stretched to
+    /// `seq_len` if that is longer, then the overrides.
+    pub fn model_config(&self, vocab_size: i64) -> Result<ModelConfig> {
+        let mut c = ModelConfig::sized(Family::parse(&self.model)?, &self.size, vocab_size)?;
         if let Some(t) = self.seq_len {
-            c.n_positions = c.n_positions.max(t);
+            c.set_context(c.context().max(t));
         }
-        let c = apply_overrides(&c, &self.overrides)?;
+        let c = c.with_overrides(&self.overrides)?;
         c.validate()?;
-        if let Some(t) = self.seq_len.filter(|&t| t <= 0 || t > c.n_positions) {
+        let shortest = if c.family() == Family::Bert { 5 } else { 1 };
+        if let Some(t) = self.seq_len.filter(|&t| t < shortest || t > c.context()) {
             return Err(EngineError::Config {
                 field: "seq_len".into(),
                 message: format!(
-                    "{t} must be between 1 and the model's n_positions ({})",
-                    c.n_positions
+                    "{t} must be between {shortest} and the model's {} ({})",
+                    c.context_field(),
+                    c.context()
                 ),
             });
         }
@@ -224,7 +224,9 @@ pub(crate) struct Engine {
     pub(crate) device: Device,
     pub(crate) seq_len: i64,
     pub(crate) ps: ParamStore,
-    pub(crate) model: gpt2::Gpt2,
+    pub(crate) model: Model,
+    pub(crate) model_config: ModelConfig,
+    pub(crate) objective: Objective,
     pub(crate) opt: AdamW,
     pub(crate) schedule: LrSchedule,
     pub(crate) order: SampleOrder,
@@ -275,10 +277,10 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
 
     let mut first_val = None;
     if state.step == 0 {
-        let val = engine.evaluate()?;
-        log.write(&json!({"event": "eval", "step": 0, "val_loss": val, "val_ppl": val.exp()}))?;
-        println!("step {:>6}  val_loss {val:.4}  val_ppl {:.1}", 0, val.exp());
-        first_val = Some(val);
+        let report = engine.evaluate()?;
+        log.write(&report.record(0))?;
+        println!("{}", report.summary(0));
+        first_val = Some(report.loss);
     }
     let bar = progress_bar(progress, cfg.steps, state.step);
     let tokens_per_step = cfg.global_batch * engine.seq_len as u64;
@@ -318,16 +320,10 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
 
         let last = state.step == cfg.steps;
         if last || (cfg.eval_interval > 0 && state.step % cfg.eval_interval == 0) {
-            let val = engine.evaluate()?;
-            log.write(&json!({"event": "eval", "step": state.step, "val_loss": val, "val_ppl": val.exp()}))?;
-            bar.suspend(|| {
-                println!(
-                    "step {:>6}  val_loss {val:.4}  val_ppl {:.1}",
-                    state.step,
-                    val.exp()
-                )
-            });
-            last_val = Some(val);
+            let report = engine.evaluate()?;
+            log.write(&report.record(state.step))?;
+            bar.suspend(|| println!("{}", report.summary(state.step)));
+            last_val = Some(report.loss);
         }
         if last || (cfg.checkpoint_interval > 0 && state.step % cfg.checkpoint_interval == 0) {
             let dir = engine.save_checkpoint(run_dir, &state)?;
@@ -380,11 +376,32 @@ impl Engine {
         let manifest = train.manifest().clone();
         let tokenizer_path = cfg.data.join(&manifest.tokenizer_file);
         // Checkpoints carry the tokenizer; fail now, not at the first checkpoint.
-        ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
+        let tokenizer = ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
         let mut mc = cfg.model_config(manifest.vocab_size as i64)?;
-        mc.eos_token_id = Some(manifest.eos_token_id as i64);
-        mc.bos_token_id = Some(manifest.eos_token_id as i64);
-        let seq_len = cfg.seq_len.unwrap_or(mc.n_positions);
+        let family = mc.family();
+        let seq_len = cfg.seq_len.unwrap_or(mc.context());
+        let objective = if family == Family::Bert {
+            let special = SpecialIds::from_tokenizer(&tokenizer, &tokenizer_path)?;
+            mc.set_special_tokens(
+                i64::from(manifest.eos_token_id),
+                Some(i64::from(special.pad)),
+            );
+            let pairs = |split| {
+                PairBuilder::new(
+                    split,
+                    seq_len as usize,
+                    cfg.seed,
+                    MaskingRule::default(),
+                    special,
+                )
+            };
+            // The held-out split must hold examples too; one builder serves both.
+            pairs(&val)?;
+            Objective::MaskedLm(pairs(&train)?)
+        } else {
+            mc.set_special_tokens(i64::from(manifest.eos_token_id), None);
+            Objective::CausalLm
+        };
         let num_sequences = train.num_sequences(seq_len as usize);
         if num_sequences == 0 || val.num_sequences(seq_len as usize) == 0 {
             return Err(EngineError::file(
@@ -395,7 +412,7 @@ impl Engine {
 
         tch::manual_seed(mix_seed(&[cfg.seed, 0x1417]) as i64 & i64::MAX);
         let mut ps = ParamStore::new(device);
-        let model = gpt2::Gpt2::new(&mut ps, &mc)?;
+        let model = Model::new(&mut ps, &mc)?;
         let flops_per_token = mc.flops_per_token(seq_len, model.non_embedding_params(&ps));
         let opt = AdamW::new(
             &ps,
@@ -420,6 +437,8 @@ impl Engine {
             order: SampleOrder::new(cfg.seed, num_sequences),
             ps,
             model,
+            model_config: mc,
+            objective,
             opt,
             schedule,
             data: Data {
@@ -433,21 +452,6 @@ impl Engine {
         })
     }
 
-    /// Sequences `[batch, seq_len + 1]` as (inputs, targets) on the device.
-    fn batch(&self, split: &TokenSplit, indices: &[u64]) -> Result<(Tensor, Tensor)> {
-        let t = self.seq_len as usize;
-        let mut all = Vec::with_capacity(indices.len() * (t + 1));
-        let mut seq = Vec::with_capacity(t + 1);
-        for &i in indices {
-            split.sequence(i, t, &mut seq)?;
-            all.extend_from_slice(&seq);
-        }
-        let tokens = Tensor::from_slice(&all)
-            .reshape([indices.len() as i64, t as i64 + 1])
-            .to_device(self.device);
-        Ok((tokens.narrow(1, 0, t as i64), tokens.narrow(1, 1, t as i64)))
-    }
-
     /// One optimizer step over the global batch; returns (mean token loss, gradient norm).
     fn train_step(&mut self, step: u64, lr: f64) -> Result<(f64, f64)> {
         let sequences = self.order.step_sequences(step, self.cfg.global_batch);
@@ -457,29 +461,48 @@ impl Engine {
     }
 
     /// Forward and backward over `sequences`, a run of whole micro-batches of step `step`
-    /// starting at micro-batch `first_micro`. Each token's loss is divided by the token count
-    /// of the whole global step, so gradients (and the returned loss) summed over all the
-    /// step's micro-batches, in one process or many, are the step's mean.
+    /// starting at micro-batch `first_micro`. Losses are divided by the counts of the whole
+    /// global step (see [`crate::objective`]), so gradients (and the returned loss) summed
+    /// over all the step's micro-batches, in one process or many, are the step's mean.
     pub(crate) fn forward_backward(
         &mut self,
         step: u64,
         first_micro: u64,
         sequences: &[u64],
     ) -> Result<f64> {
-        let cfg = &self.cfg;
-        let step_tokens = (cfg.global_batch as i64 * self.seq_len) as f64;
+        let (micro, global) = (self.cfg.micro_batch as usize, self.cfg.global_batch);
+        let seq_len = self.seq_len as usize;
+        let step_ids = self.order.step_sequences(step, global);
+        // The plan must be this step's own run of micro-batches: the counts below (and the
+        // data every rank trains) rest on the coordinator and this process agreeing.
+        let from = first_micro as usize * micro;
+        if step_ids.get(from..from + sequences.len()) != Some(sequences) {
+            return Err(EngineError::Config {
+                field: "seed".into(),
+                message: format!(
+                    "step {step}: the planned sequences are not micro-batches {first_micro}.. of \
+                     this process's sample order (different seed or data?)"
+                ),
+            });
+        }
+        let counts = self
+            .objective
+            .step_counts(&self.data.train, &step_ids, seq_len)?;
         let mut loss_sum = 0.0;
-        for (k, chunk) in sequences.chunks(cfg.micro_batch as usize).enumerate() {
+        for (k, chunk) in sequences.chunks(micro).enumerate() {
             // Dropout masks depend on the micro-batch's place in the global step, not on
             // which process runs it.
-            let micro = first_micro + k as u64;
-            tch::manual_seed(mix_seed(&[cfg.seed, step, micro]) as i64 & i64::MAX);
-            let (inputs, targets) = self.batch(&self.data.train, chunk)?;
-            let loss = runtime::with_precision(self.precision, || {
-                self.model
-                    .lm_loss_sum(&inputs, &targets, true)
-                    .to_kind(tch::Kind::Float)
-            }) / step_tokens;
+            let m = first_micro + k as u64;
+            tch::manual_seed(mix_seed(&[self.cfg.seed, step, m]) as i64 & i64::MAX);
+            let loss = self.objective.micro_batch_loss(
+                &self.model,
+                &self.data.train,
+                chunk,
+                seq_len,
+                counts,
+                self.precision,
+                self.device,
+            )?;
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
@@ -504,27 +527,21 @@ impl Engine {
         Ok(grad_norm)
     }
 
-    /// Mean next-token loss over the first `eval_sequences` held-out sequences.
-    pub(crate) fn evaluate(&self) -> Result<f64> {
-        let n = self
-            .data
-            .val
+    /// Held-out metrics over the first `eval_sequences` sequences of the val split.
+    pub(crate) fn evaluate(&self) -> Result<EvalReport> {
+        let val = &self.data.val;
+        let n = val
             .num_sequences(self.seq_len as usize)
             .min(self.cfg.eval_sequences.max(1));
-        let indices: Vec<u64> = (0..n).collect();
-        let (mut total, mut count) = (0.0, 0.0);
-        tch::no_grad(|| -> Result<()> {
-            for chunk in indices.chunks(self.cfg.micro_batch as usize) {
-                let (inputs, targets) = self.batch(&self.data.val, chunk)?;
-                let loss = runtime::with_precision(self.precision, || {
-                    self.model.lm_loss_sum(&inputs, &targets, false)
-                });
-                total += loss.double_value(&[]);
-                count += targets.numel() as f64;
-            }
-            Ok(())
-        })?;
-        Ok(total / count)
+        self.objective.evaluate(
+            &self.model,
+            val,
+            n,
+            self.cfg.micro_batch as usize,
+            self.seq_len as usize,
+            self.precision,
+            self.device,
+        )
     }
 
     pub(crate) fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
@@ -532,7 +549,7 @@ impl Engine {
             weights::save_safetensors(&dir.join(checkpoint::MODEL_FILE), self.ps.named())?;
             write_json(
                 &dir.join(checkpoint::CONFIG_FILE),
-                &self.model.config.to_hf_json(),
+                &self.model_config.to_hf_json(),
             )?;
             let tok = &self.data.tokenizer_path;
             std::fs::copy(tok, dir.join(checkpoint::TOKENIZER_FILE))
@@ -561,7 +578,7 @@ impl Engine {
         weights::load_into(
             &self.ps,
             &weights::load_safetensors(&model_path)?,
-            "transformer.",
+            self.model_config.family().base_prefix(),
             &model_path,
         )?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);

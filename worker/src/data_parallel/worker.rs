@@ -582,20 +582,21 @@ impl Worker {
         }
         let eval_every = self.spec.eval.every;
         if eval_every > 0 && step % eval_every == 0 {
-            let val = self.engine.evaluate()?;
-            eprintln!(
-                "step {step:>6}  val_loss {val:.4}  val_ppl {:.1}",
-                val.exp()
-            );
-            if let Some(log) = &mut self.metrics {
-                log.write(
-                    &json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}),
-                )?;
-            }
+            self.evaluate(step)?;
         }
         let ck = self.spec.checkpoint.every;
         if ck > 0 && step % ck == 0 {
             self.checkpoint(step)?;
+        }
+        Ok(())
+    }
+
+    /// Rank 0's held-out evaluation, printed and logged.
+    fn evaluate(&mut self, step: u64) -> Result<()> {
+        let report = self.engine.evaluate()?;
+        eprintln!("{}", report.summary(step));
+        if let Some(log) = &mut self.metrics {
+            log.write(&report.record(step))?;
         }
         Ok(())
     }
@@ -638,16 +639,7 @@ impl Worker {
         }
         let every = self.spec.eval.every;
         if every > 0 && step % every != 0 {
-            let val = self.engine.evaluate()?;
-            eprintln!(
-                "step {step:>6}  val_loss {val:.4}  val_ppl {:.1}",
-                val.exp()
-            );
-            if let Some(log) = &mut self.metrics {
-                log.write(
-                    &json!({"event": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}),
-                )?;
-            }
+            self.evaluate(step)?;
         }
         let exists = checkpoint::list(&self.spec.job.run_dir)?
             .iter()

@@ -254,16 +254,8 @@ impl Gpt2 {
     /// Sum of next-token cross-entropy over every position (targets [batch, time]). A sum,
     /// not a mean, so that callers can divide by the step's global token count.
     pub fn lm_loss_sum(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let hidden = self.hidden_states(input_ids, train);
-        let logits = hidden.matmul(&self.wte.tr());
-        let v = self.config.vocab_size;
-        logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
-            &targets.reshape([-1]),
-            None,
-            tch::Reduction::Sum,
-            -100,
-            0.0,
-        )
+        let logits = self.hidden_states(input_ids, train).matmul(&self.wte.tr());
+        super::token_cross_entropy_sum(&logits, targets)
     }
 }
 
