@@ -8,6 +8,11 @@ use support::*;
 
 /// A small real-text corpus (from the shared books) prepared with a small vocabulary.
 fn small_prepared(name: &str) -> PathBuf {
+    small_prepared_for(name, "gpt2")
+}
+
+/// The same corpus prepared with the tokenizer of model family `family`.
+fn small_prepared_for(name: &str, family: &str) -> PathBuf {
     let corpus = scratch(&format!("{name}-corpus"));
     std::fs::create_dir_all(&corpus).unwrap();
     let book = std::fs::read_to_string(data_dir().join("books/carroll-alice.txt")).unwrap();
@@ -22,6 +27,8 @@ fn small_prepared(name: &str) -> PathBuf {
             .args([
                 "prepare",
                 "--no-progress",
+                "--model",
+                family,
                 "--vocab-size",
                 "400",
                 "--val-fraction",
@@ -211,4 +218,44 @@ fn bench_with_heads_not_dividing_the_width() {
         "bench", "train", "--heads", "5", "--steps", "1", "--device", "cpu",
     ]));
     assert!(err.contains("n_head") && err.contains("384"), "{err}");
+}
+
+#[test]
+fn unknown_model_family() {
+    let data = small_prepared("family");
+    let err = run_err(&mut tiny_train(
+        &data,
+        &scratch("family-run"),
+        &["--model", "llama"],
+    ));
+    assert!(
+        err.contains("llama") && err.contains("gpt2, gpt, bert"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bert_on_data_prepared_for_gpt2() {
+    let data = small_prepared("bert-on-bpe");
+    let err = run_err(&mut tiny_train(
+        &data,
+        &scratch("bert-on-bpe-run"),
+        &["--model", "bert"],
+    ));
+    assert!(
+        err.contains("tokenizer.json") && err.contains("[PAD]") && err.contains("--model bert"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_from_a_bert_checkpoint() {
+    let data = small_prepared_for("bert-generate", "bert");
+    let run = scratch("bert-generate-run");
+    run_ok(&mut tiny_train(&data, &run, &["--model", "bert"]));
+    let err = run_err(ferry().args(["generate", "--model"]).arg(&run));
+    assert!(
+        err.contains("bert") && err.contains("does not generate"),
+        "{err}"
+    );
 }

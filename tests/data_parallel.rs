@@ -12,6 +12,10 @@ use support::cluster::{CoordinatorProc, Trained};
 const STEPS: u64 = 20;
 
 fn job(run_dir: &Path, cluster: &str) -> String {
+    job_for("gpt2", run_dir, cluster)
+}
+
+fn job_for(family: &str, run_dir: &Path, cluster: &str) -> String {
     format!(
         r#"[job]
 name = "dp-test"
@@ -20,7 +24,7 @@ run_dir = "{run}"
 seed = 11
 
 [model]
-family = "gpt2"
+family = "{family}"
 size = "tiny"
 
 [data]
@@ -45,7 +49,7 @@ every = 0
 {cluster}
 "#,
         run = run_dir.display(),
-        shards = support::prepared_shared_corpus().display(),
+        shards = support::prepared_shared_corpus_for(family).display(),
     )
 }
 
@@ -96,25 +100,20 @@ fn single_worker_run() -> Reference {
 }
 
 fn single_worker_training() -> PathBuf {
-    let dir = support::scratch("dp-one");
+    launched_run("dp-one", "gpt2", 1)
+}
+
+/// A whole `ferry launch --local` run of the test job with `workers` processes.
+fn launched_run(name: &str, family: &str, workers: u32) -> PathBuf {
+    let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
-    std::fs::write(
-        dir.join("job.toml"),
-        job(&run, "min_workers = 1\nsettle_s = 0.0"),
-    )
-    .unwrap();
+    let cluster = format!("min_workers = {workers}\nsettle_s = 0.0");
+    std::fs::write(dir.join("job.toml"), job_for(family, &run, &cluster)).unwrap();
     support::run_ok(
         support::ferry()
-            .args([
-                "launch",
-                "--local",
-                "--workers",
-                "1",
-                "--threads",
-                "1",
-                "--no-progress",
-            ])
+            .args(["launch", "--local", "--threads", "1", "--no-progress"])
+            .args(["--workers", &workers.to_string()])
             .arg(dir.join("job.toml")),
     );
     run
@@ -138,27 +137,7 @@ fn assert_same_training(reference: &Reference, run: &Path) {
 #[test]
 fn two_workers_train_the_same_model_as_one() {
     let reference = single_worker_run();
-    let dir = support::scratch("dp-two");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
-    std::fs::write(
-        dir.join("job.toml"),
-        job(&run, "min_workers = 2\nsettle_s = 0.0"),
-    )
-    .unwrap();
-    support::run_ok(
-        support::ferry()
-            .args([
-                "launch",
-                "--local",
-                "--workers",
-                "2",
-                "--threads",
-                "1",
-                "--no-progress",
-            ])
-            .arg(dir.join("job.toml")),
-    );
+    let run = launched_run("dp-two", "gpt2", 2);
     assert_same_training(&reference, &run);
     let worlds: Vec<u64> = support::read_jsonl(&run.join("metrics.jsonl"))
         .iter()
@@ -166,6 +145,16 @@ fn two_workers_train_the_same_model_as_one() {
         .map(|r| r["world_size"].as_u64().unwrap())
         .collect();
     assert!(worlds.iter().all(|&w| w == 2), "{worlds:?}");
+}
+
+/// BERT's losses are divided by the step's global counts of predicted tokens and pairs, and
+/// its examples are seeded by index: two workers must reach one worker's weights too.
+#[test]
+fn two_bert_workers_train_the_same_model_as_one() {
+    let one = launched_run("dp-bert-one", "bert", 1);
+    let reference = (one.clone(), final_weights(&one), step_losses(&one));
+    let two = launched_run("dp-bert-two", "bert", 2);
+    assert_same_training(&reference, &two);
 }
 
 struct WorkerProc {

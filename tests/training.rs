@@ -72,6 +72,145 @@ fn tiny_gpt2_lowers_held_out_loss() {
 }
 
 #[test]
+fn tiny_gpt_lowers_held_out_loss() {
+    let data = prepared_shared_corpus_for("gpt");
+    let run = scratch("learn-gpt");
+    let args = [
+        "--model",
+        "gpt",
+        "--size",
+        "tiny",
+        "--seq-len",
+        "128",
+        "--steps",
+        "300",
+        "--global-batch",
+        "16",
+        "--micro-batch",
+        "8",
+        "--eval-interval",
+        "100",
+        "--eval-sequences",
+        "64",
+        "--checkpoint-interval",
+        "300",
+    ];
+    run_ok(&mut train_cmd(data, &run, &args));
+    let records = read_jsonl(&run.join("metrics.jsonl"));
+    let evals = series(&records, "eval", "val_loss");
+    let (first, last) = (evals.first().unwrap().1, evals.last().unwrap().1);
+    println!(
+        "GPT held-out loss: before {first:.4} (ppl {:.0}), after 300 steps {last:.4} (ppl {:.0})",
+        first.exp(),
+        last.exp()
+    );
+    println!("evals: {evals:?}");
+    assert_eq!(evals.last().unwrap().0, 300);
+    // Untrained, the loss is about ln(8192) = 9.0.
+    assert!(first > 8.5, "untrained held-out loss {first}");
+    assert!(
+        last < first - 2.5,
+        "held-out loss only went from {first} to {last}"
+    );
+    // Perplexity is reported and is exp(loss).
+    let ppl = series(&records, "eval", "val_ppl").last().unwrap().1;
+    assert!((ppl - last.exp()).abs() < 1e-6 * ppl);
+    let sample = run_ok(
+        ferry()
+            .args([
+                "generate",
+                "--max-new-tokens",
+                "30",
+                "--prompt",
+                "the history of",
+                "--model",
+            ])
+            .arg(&run),
+    );
+    let text = String::from_utf8_lossy(&sample.stdout);
+    println!("sample: {text}");
+    assert!(
+        text.len() > "the history of".len() + 10,
+        "no text generated: {text:?}"
+    );
+}
+
+/// The share of the most frequent target among the masked tokens of held-out examples
+/// 0..n: what always guessing one token would score.
+fn majority_token_share(data: &Path, n: u64) -> f64 {
+    let out = run_ok(
+        ferry()
+            .args(["examples", "--json", "--split", "val", "--seq-len", "128"])
+            .args(["--count", &n.to_string(), "--data"])
+            .arg(data),
+    );
+    let mut counts = std::collections::HashMap::new();
+    let mut total = 0usize;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        for l in e["mlm_labels"].as_array().unwrap() {
+            let l = l.as_i64().unwrap();
+            if l != -100 {
+                *counts.entry(l).or_insert(0usize) += 1;
+                total += 1;
+            }
+        }
+    }
+    *counts.values().max().unwrap() as f64 / total as f64
+}
+
+#[test]
+fn tiny_bert_learns_masked_tokens_and_next_sentences() {
+    let data = prepared_shared_corpus_for("bert");
+    let run = scratch("learn-bert");
+    let eval_pairs = 512;
+    let args = [
+        "--model",
+        "bert",
+        "--size",
+        "tiny",
+        "--seq-len",
+        "128",
+        "--steps",
+        "400",
+        "--global-batch",
+        "32",
+        "--micro-batch",
+        "16",
+        "--eval-interval",
+        "200",
+        "--eval-sequences",
+        &eval_pairs.to_string(),
+        "--checkpoint-interval",
+        "400",
+    ];
+    run_ok(&mut train_cmd(data, &run, &args));
+    let records = read_jsonl(&run.join("metrics.jsonl"));
+    let mlm = series(&records, "eval", "val_mlm_acc");
+    let nsp = series(&records, "eval", "val_nsp_acc");
+    let loss = series(&records, "eval", "val_loss");
+    let majority = majority_token_share(data, eval_pairs);
+    println!("BERT held-out loss (MLM + NSP): {loss:?}");
+    println!("masked-LM accuracy: {mlm:?} (always the most frequent token: {majority:.4})");
+    println!("next-sentence accuracy on {eval_pairs} held-out pairs: {nsp:?} (chance 0.5)");
+    let (mlm_first, mlm_last) = (mlm[0].1, mlm.last().unwrap().1);
+    let nsp_last = nsp.last().unwrap().1;
+    assert_eq!(mlm.last().unwrap().0, 400);
+    assert!(
+        mlm_last > mlm_first + 0.05,
+        "MLM accuracy {mlm_first} -> {mlm_last}"
+    );
+    assert!(
+        mlm_last > majority + 0.02,
+        "MLM accuracy {mlm_last} vs majority {majority}"
+    );
+    // 512 pairs: the standard error of an accuracy near one half is 2.2 points, so 0.57 is
+    // three standard errors above chance.
+    assert!(nsp_last > 0.57, "NSP accuracy {nsp_last}");
+    assert!(loss.last().unwrap().1 < loss[0].1 - 1.0, "loss {loss:?}");
+}
+
+#[test]
 fn resume_after_kill_retraces_the_uninterrupted_run() {
     let data = prepared_shared_corpus();
     let args = [

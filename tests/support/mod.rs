@@ -83,27 +83,42 @@ pub fn run_err(cmd: &mut Command) -> String {
     lines[0].to_string()
 }
 
-/// The shared WikiText + books corpus prepared once per test binary (vocabulary 8192).
+/// The shared WikiText + books corpus prepared once per test binary for GPT-2 (byte-level
+/// BPE, vocabulary 8192).
 pub fn prepared_shared_corpus() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let data = data_dir();
-        assert!(
-            data.join("wikitext").is_dir(),
-            "shared data not found at {}: set FERRY_DATA_DIR",
-            data.display()
-        );
-        let out = scratch("prepared-shared");
-        run_ok(
-            ferry()
-                .args(["prepare", "--no-progress", "--output"])
-                .arg(&out)
-                .arg("--input")
-                .arg(data.join("wikitext"))
-                .arg(data.join("books")),
-        );
-        out
-    })
+    DIR.get_or_init(|| prepare_shared_corpus("gpt2"))
+}
+
+/// The same corpus prepared for `family` (`gpt`: BPE, `bert`: WordPiece), once per binary.
+pub fn prepared_shared_corpus_for(family: &str) -> &'static Path {
+    static GPT: OnceLock<PathBuf> = OnceLock::new();
+    static BERT: OnceLock<PathBuf> = OnceLock::new();
+    match family {
+        "gpt2" => prepared_shared_corpus(),
+        "gpt" => GPT.get_or_init(|| prepare_shared_corpus("gpt")),
+        "bert" => BERT.get_or_init(|| prepare_shared_corpus("bert")),
+        other => panic!("no prepared corpus for {other}"),
+    }
+}
+
+fn prepare_shared_corpus(family: &str) -> PathBuf {
+    let data = data_dir();
+    assert!(
+        data.join("wikitext").is_dir(),
+        "shared data not found at {}: set FERRY_DATA_DIR",
+        data.display()
+    );
+    let out = scratch(&format!("prepared-shared-{family}"));
+    run_ok(
+        ferry()
+            .args(["prepare", "--no-progress", "--model", family, "--output"])
+            .arg(&out)
+            .arg("--input")
+            .arg(data.join("wikitext"))
+            .arg(data.join("books")),
+    );
+    out
 }
 
 /// A fresh directory under the target dir's scratch space, unique to this test process.
