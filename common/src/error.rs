@@ -165,6 +165,9 @@ pub enum DataError {
         line: u64,
         message: String,
     },
+    /// A `split.json` that cannot be used: unreadable, inconsistent, or for another data file.
+    #[error("{}: bad split: {message}", path.display())]
+    Split { path: PathBuf, message: String },
 }
 
 impl DataError {
