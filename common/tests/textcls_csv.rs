@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use ferry_common::sampler::splitmix64;
 use ferry_common::textcls::{read_labelled_csv, LabelledSet};
@@ -83,6 +84,42 @@ fn reads_the_airline_file() {
         .filter(|e| e.text.contains('\n'))
         .count();
     assert_eq!(multi_line, 138);
+}
+
+/// The Python baseline reads the same records with the same numbering: compare every text and
+/// label with `bench/tfidf_baseline.py`'s reader (standard library only).
+#[test]
+fn python_reader_sees_the_same_records() {
+    let Some(path) = tweets() else { return };
+    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench");
+    let script = format!(
+        "import json, sys; sys.path.insert(0, {bench:?}); import tfidf_baseline as t; \
+         print(json.dumps(t.read_records(sys.argv[1], 'text', 'airline_sentiment')))"
+    );
+    let output = match Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&path)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) => {
+            println!("skipped: python3 not runnable ({e})");
+            return;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let python: Vec<(String, String)> = serde_json::from_slice(&output.stdout).unwrap();
+    let set = read_tweets(&path);
+    assert_eq!(python.len(), set.len());
+    for (e, (text, label)) in set.examples.iter().zip(&python) {
+        assert_eq!(&e.text, text, "record {}", e.record);
+        assert_eq!(&set.labels[e.label.unwrap()], label, "record {}", e.record);
+    }
 }
 
 #[test]
