@@ -77,6 +77,97 @@ pub enum DataError {
         option: &'static str,
         message: String,
     },
+    // Labelled CSV (`textcls::csv`). `line` is the 1-based line where the record starts (a
+    // quoted field can span lines); `record` is the 0-based data record index, header excluded.
+    /// A file with nothing in it, not even a header row.
+    #[error("{}: line 1: empty file, no header row", path.display())]
+    CsvEmpty { path: PathBuf },
+    /// A header row and no data records after it.
+    #[error("{}: line {line}: a header row but no data records", path.display())]
+    CsvNoRecords { path: PathBuf, line: u64 },
+    #[error(
+        "{}: line {line}: no column {column:?} in the header (columns: {})",
+        path.display(),
+        quoted_list(available)
+    )]
+    CsvMissingColumn {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        available: Vec<String>,
+    },
+    /// A column asked for by name that the header has more than once, so the name is ambiguous.
+    #[error(
+        "{}: line {line}: column {column:?} appears {count} times in the header",
+        path.display()
+    )]
+    CsvDuplicateColumn {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        count: usize,
+    },
+    /// A record whose field count differs from the header's.
+    #[error(
+        "{}: line {line}: record {record} has {found} fields, the header has {expected}",
+        path.display()
+    )]
+    CsvRaggedRow {
+        path: PathBuf,
+        line: u64,
+        record: usize,
+        expected: usize,
+        found: usize,
+    },
+    /// `column` is the header name of the field with the bad bytes (or `header field N`).
+    #[error(
+        "{}: line {line}, column {column:?}: invalid UTF-8 (at byte {byte_offset} of the field)",
+        path.display()
+    )]
+    CsvInvalidUtf8 {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        byte_offset: usize,
+    },
+    #[error("{}: line {line}, column {column:?}: empty label", path.display())]
+    CsvEmptyLabel {
+        path: PathBuf,
+        line: u64,
+        record: usize,
+        column: String,
+    },
+    #[error(
+        "{}: line {line}, column {column:?}: unknown label {label:?} (known labels: {})",
+        path.display(),
+        quoted_list(known)
+    )]
+    CsvUnknownLabel {
+        path: PathBuf,
+        line: u64,
+        record: usize,
+        column: String,
+        label: String,
+        known: Vec<String>,
+    },
+    /// A text that is empty or only whitespace (after HTML entities are decoded).
+    #[error("{}: line {line}, column {column:?}: empty text", path.display())]
+    CsvEmptyText {
+        path: PathBuf,
+        line: u64,
+        record: usize,
+        column: String,
+    },
+    /// A CSV syntax error reported by the parser, kept to one line.
+    #[error("{}: line {line}: {message}", path.display())]
+    Csv {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
+    /// A `split.json` that cannot be used: unreadable, inconsistent, or for another data file.
+    #[error("{}: bad split: {message}", path.display())]
+    Split { path: PathBuf, message: String },
 }
 
 impl DataError {
@@ -93,4 +184,19 @@ impl DataError {
             message: error.to_string().replace('\n', " "),
         }
     }
+}
+
+/// `"a", "b", "c"`: names quoted (and escaped, so the message stays one line), at most
+/// `MAX_LISTED` of them.
+fn quoted_list(names: &[String]) -> String {
+    const MAX_LISTED: usize = 30;
+    let mut listed: Vec<String> = names
+        .iter()
+        .take(MAX_LISTED)
+        .map(|n| format!("{n:?}"))
+        .collect();
+    if names.len() > MAX_LISTED {
+        listed.push(format!("... {} more", names.len() - MAX_LISTED));
+    }
+    listed.join(", ")
 }

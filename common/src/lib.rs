@@ -3,7 +3,8 @@
 //! format and its reader ([`shards`]), and the `prepare` step that ties them together
 //! ([`prepare`]). So do the job spec ([`job`]), the sample order every worker follows
 //! ([`sampler`]), and the coordinator's gRPC protocol with an authenticated client ([`proto`],
-//! [`client`]).
+//! [`client`]). Fine-tuning's model-free half, labelled CSV, split, metrics, report picture and
+//! learning-rate recipes, is [`textcls`].
 
 pub mod client;
 pub mod corpus;
@@ -13,6 +14,7 @@ pub mod prepare;
 pub mod sampler;
 pub mod sentence_pairs;
 pub mod shards;
+pub mod textcls;
 pub mod tokenizer;
 
 /// Code generated from `proto/ferry.proto`.
