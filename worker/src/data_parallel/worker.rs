@@ -109,6 +109,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
                 data_addr: data_addr.clone(),
                 devices: vec![opts.device.clone()],
                 pid: std::process::id(),
+                metrics_addr: String::new(),
             };
             async move { c.join(req).await.map(|r| r.into_inner()) }
         }))
