@@ -183,6 +183,8 @@ impl WorkerProc {
                 "1",
                 "--data-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--state",
             ])
             .arg(&c.state)
