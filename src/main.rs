@@ -13,6 +13,7 @@ use ferry_worker::{pretrained, runtime};
 use std::io::IsTerminal;
 
 mod bench_coordinator;
+mod cli_spec;
 mod cluster;
 mod launch;
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ enum Command {
     Scale(cluster::ScaleArgs),
     /// Stop a running job after its current step.
     Stop(cluster::StopArgs),
+    /// Every subcommand, flag and environment variable as JSON (for checking manifests).
+    #[command(hide = true)]
+    HelpJson,
     /// Throughput benchmarks (JSON lines on stdout).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -330,6 +334,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => cluster::run_status(a)?,
         Command::Scale(a) => cluster::run_scale(a)?,
         Command::Stop(a) => cluster::run_stop(a)?,
+        Command::HelpJson => {
+            let spec = cli_spec::dump(<Cli as clap::CommandFactory>::command());
+            println!("{}", serde_json::to_string_pretty(&spec)?);
+        }
         Command::Prepare(a) => {
             let opts = PrepareOptions {
                 inputs: a.inputs,
