@@ -3,5 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# tests/observability.rs opens the status page in Debian's headless Chromium; install it once.
+if [ ! -x /usr/bin/chromium ]; then
+    echo "test: installing Debian's chromium package for the status-page test"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 export FERRY_DATA_DIR=${FERRY_DATA_DIR:-$(cd .. && pwd)/shared/data}
 cargo test --release --workspace "$@"

@@ -203,6 +203,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                         data_addr: format!("10.0.{}.{}:29500", i / 250, i % 250 + 1),
                         devices: vec!["cuda:0".into()],
                         pid: i as u32,
+                        metrics_addr: String::new(),
                     })
                     .await;
                 lat.lock().unwrap().record("join", t);

@@ -74,8 +74,12 @@ pub struct StopArgs {
     connect: ConnectArgs,
 }
 
+/// The log filter of every subcommand (`error`, `warn`, `info`, `debug`, or per-module
+/// directives as in `RUST_LOG`).
+pub const LOG_ENV: &str = "FERRY_LOG";
+
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -206,6 +210,7 @@ pub fn status_json(st: &proto::StatusReply) -> serde_json::Value {
         "last_loss": st.recent_loss.last().map(|p| p.loss),
         "workers": st.workers.iter().map(|w| serde_json::json!({
             "worker_id": w.worker_id, "host": w.host, "data_addr": w.data_addr,
+            "metrics_addr": w.metrics_addr,
             "rank": w.rank, "state": w.state, "generation": w.generation, "step": w.step,
             "loss": if w.loss.is_finite() { Some(w.loss) } else { None },
             "tokens_per_s": w.tokens_per_s, "last_seen_s": w.last_seen_s,
@@ -322,6 +327,16 @@ pub struct WorkerArgs {
     /// Seconds to keep retrying an unreachable coordinator before giving up.
     #[arg(long, default_value_t = 120)]
     patience_s: u64,
+    /// HTTP address for Prometheus /metrics, /healthz (liveness) and /readyz (joined the
+    /// coordinator); port 0 picks a free one (printed at start, and shown by
+    /// `ferry status --json` as the worker's metrics_addr); "off" serves none.
+    #[arg(long, default_value = "0.0.0.0:29500")]
+    metrics_listen: String,
+    /// /healthz answers 503 once the training loop has not moved for this many seconds (a
+    /// wedged worker, for the liveness probe to restart). Allow for the slowest step,
+    /// evaluation or checkpoint.
+    #[arg(long, default_value_t = 900)]
+    stall_timeout_s: u64,
 }
 
 pub fn run_worker(a: WorkerArgs) -> Result<()> {
@@ -356,6 +371,10 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
             threads: a.threads,
             device: a.device,
             patience: Duration::from_secs(a.patience_s),
+            telemetry: ferry_worker::data_parallel::TelemetryOptions {
+                listen: (a.metrics_listen != "off").then_some(a.metrics_listen),
+                stall_timeout: Duration::from_secs(a.stall_timeout_s),
+            },
         })?;
     eprintln!("worker done: {exit:?}");
     Ok(())

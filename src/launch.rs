@@ -104,6 +104,23 @@ fn spawn(console: &Console, name: &str, mut cmd: Command, token: &str) -> Result
         // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops
         // the job gracefully.
         .process_group(0);
+    // A launcher killed outright (SIGKILL, OOM) cannot run `Procs`' Drop; the kernel then
+    // kills the children, so no worker trains on for a job nobody watches.
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died before prctl took effect.
+            if libc::getppid() != launcher {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
@@ -187,8 +204,8 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .arg("--state")
         .arg(&state)
         .env(
-            "FERRY_LOG",
-            std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()),
+            crate::cluster::LOG_ENV,
+            std::env::var(crate::cluster::LOG_ENV).unwrap_or_else(|_| "warn".into()),
         );
     let mut coordinator = spawn(&console, "coordinator", cmd, &token)?;
     let address = crate::cluster::wait_for_endpoint(&state, &mut coordinator.child)
@@ -227,12 +244,16 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     let gpus = tch::Cuda::device_count().max(0) as u32;
     let worker_cmd = |exe: &Path, index: u32| {
         let mut c = Command::new(exe);
+        // Every local worker serves its own metrics on a free port; `ferry status --json`
+        // and the status page list them.
         c.args([
             "worker",
             "--data-listen",
             "127.0.0.1:0",
             "--advertise",
             "127.0.0.1",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(&state)

@@ -15,6 +15,7 @@ use ferry_worker::{pretrained, runtime};
 use std::io::IsTerminal;
 
 mod bench_coordinator;
+mod cli_spec;
 mod cluster;
 mod examples;
 mod launch;
@@ -55,6 +56,9 @@ enum Command {
     Scale(cluster::ScaleArgs),
     /// Stop a running job after its current step.
     Stop(cluster::StopArgs),
+    /// Every subcommand, flag and environment variable as JSON (for checking manifests).
+    #[command(hide = true)]
+    HelpJson,
     /// Throughput benchmarks (JSON lines on stdout).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -371,6 +375,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => cluster::run_status(a)?,
         Command::Scale(a) => cluster::run_scale(a)?,
         Command::Stop(a) => cluster::run_stop(a)?,
+        Command::HelpJson => {
+            let spec = cli_spec::dump(<Cli as clap::CommandFactory>::command());
+            println!("{}", serde_json::to_string_pretty(&spec)?);
+        }
         Command::Prepare(a) => {
             let opts = PrepareOptions {
                 inputs: a.inputs,

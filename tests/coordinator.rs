@@ -412,6 +412,17 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = coord
+        .join(proto::JoinRequest {
+            host: "h".into(),
+            data_addr: "h:1".into(),
+            metrics_addr: "h:not-a-port".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("metrics_addr"), "{err:?}");
+    let err = coord
         .rendezvous(proto::RendezvousRequest {
             worker_id: id.clone(),
             known_generation: gen + 100,

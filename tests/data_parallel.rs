@@ -172,6 +172,8 @@ impl WorkerProc {
                 "1",
                 "--data-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--state",
             ])
             .arg(&c.state)

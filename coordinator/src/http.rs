@@ -49,6 +49,8 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The whole page. The summary, the loss chart and the workers table carry stable ids
+/// (`summary`, `loss-chart`, `workers`) that tests and scrapers rely on.
 pub fn render_page(st: &StatusReply) -> String {
     let mut h = String::new();
     let _ = write!(
@@ -60,9 +62,12 @@ pub fn render_page(st: &StatusReply) -> String {
          th{{background:#f4f4f4}}td:first-child,th:first-child{{text-align:left}}\
          .k{{color:#666}}</style></head><body>\
          <h1>ferry job <code>{name}</code></h1>\
-         <p><span class=k>phase</span> <b>{phase}</b> · <span class=k>step</span> {c}/{t} · \
-         <span class=k>generation</span> {g} · <span class=k>world size</span> {w} \
-         (target {tw}, allowed {minw}–{maxw}) · <span class=k>tokens/s</span> {tps:.0} · \
+         <p id=summary><span class=k>phase</span> <b id=phase>{phase}</b> · \
+         <span class=k>step</span> <span id=step>{c}</span>/{t} · \
+         <span class=k>generation</span> <span id=generation>{g}</span> · \
+         <span class=k>world size</span> <span id=world-size>{w}</span> \
+         (target {tw}, allowed {minw}–{maxw}) · \
+         <span class=k>throughput</span> <span id=throughput>{tps:.0}</span> tokens/s · \
          <span class=k>job id</span> <code>{id}</code></p>",
         name = esc(&st.job_name),
         phase = esc(&st.phase),
@@ -79,13 +84,20 @@ pub fn render_page(st: &StatusReply) -> String {
     h.push_str("<h2>Loss</h2>");
     h.push_str(&loss_chart(&st.recent_loss));
     h.push_str(
-        "<h2>Workers</h2><table><tr><th>worker</th><th>host</th><th>rank</th><th>state</th>\
-         <th>generation</th><th>step</th><th>loss</th><th>tokens/s</th><th>last seen</th></tr>",
+        "<h2>Workers</h2><table id=workers><thead><tr><th>worker</th><th>host</th><th>rank</th>\
+         <th>state</th><th>generation</th><th>step</th><th>loss</th><th>tokens/s</th>\
+         <th>last seen</th><th>metrics</th></tr></thead><tbody>",
     );
     for w in &st.workers {
+        let metrics = if w.metrics_addr.is_empty() {
+            "-".to_string()
+        } else {
+            let a = esc(&w.metrics_addr);
+            format!("<a href=\"http://{a}/metrics\">{a}</a>")
+        };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}s ago</td></tr>",
+            "<tr class=worker><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}s ago</td><td>{}</td></tr>",
             esc(&w.worker_id),
             esc(&w.host),
             if w.rank < 0 { "-".to_string() } else { w.rank.to_string() },
@@ -95,9 +107,13 @@ pub fn render_page(st: &StatusReply) -> String {
             if w.loss.is_finite() { format!("{:.4}", w.loss) } else { "-".into() },
             w.tokens_per_s,
             w.last_seen_s,
+            metrics,
         );
     }
-    h.push_str("</table>");
+    if st.workers.is_empty() {
+        h.push_str("<tr><td colspan=10 class=k>no workers</td></tr>");
+    }
+    h.push_str("</tbody></table>");
     if !st.latest_checkpoint_path.is_empty() {
         let _ = write!(
             h,
@@ -118,7 +134,7 @@ fn loss_chart(points: &[ferry_common::proto::LossPoint]) -> String {
         .map(|p| (p.step as f64, p.loss))
         .collect();
     if pts.is_empty() {
-        return "<p class=k>no committed steps yet</p>".into();
+        return "<p id=loss-chart-empty class=k>no committed steps yet</p>".into();
     }
     let (w, hgt, left, bottom, top, right) = (720.0, 280.0, 60.0, 30.0, 10.0, 10.0);
     let x0 = pts.first().map_or(0.0, |p| p.0);
@@ -145,7 +161,7 @@ fn loss_chart(points: &[ferry_common::proto::LossPoint]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{hgt}' role='img' aria-label='training loss by step'>\
+        "<svg id='loss-chart' xmlns='http://www.w3.org/2000/svg' width='{w}' height='{hgt}' role='img' aria-label='training loss by step'>\
          <rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>\
          <path d='{path}' fill='none' stroke='#1f77b4' stroke-width='1.5'/>\
          <text x='{lx}' y='{ty}' font-size='11' text-anchor='end'>{ymax:.3}</text>\

@@ -63,9 +63,14 @@ impl Coordinator for Service {
     ) -> Result<Response<proto::JoinReply>, Status> {
         let start = Instant::now();
         let r = req.into_inner();
-        let result = self
-            .lock()
-            .join(r.host, r.data_addr, r.devices, r.pid, Instant::now());
+        let result = self.lock().join(
+            r.host,
+            r.data_addr,
+            r.metrics_addr,
+            r.devices,
+            r.pid,
+            Instant::now(),
+        );
         observe("join", start, result)
     }
 

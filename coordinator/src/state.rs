@@ -284,6 +284,7 @@ impl JobState {
         &mut self,
         host: String,
         data_addr: String,
+        metrics_addr: String,
         devices: Vec<String>,
         pid: u32,
         now: Instant,
@@ -294,6 +295,11 @@ impl JobState {
         if !valid_addr(&data_addr) {
             return Err(Status::invalid_argument(format!(
                 "data_addr {data_addr:?} is not host:port"
+            )));
+        }
+        if !metrics_addr.is_empty() && !valid_addr(&metrics_addr) {
+            return Err(Status::invalid_argument(format!(
+                "metrics_addr {metrics_addr:?} is not host:port"
             )));
         }
         if devices.len() > 64 || devices.iter().any(|d| d.len() > 255) {
@@ -308,6 +314,7 @@ impl JobState {
             id: format!("w{}-{}", self.job.next_join_seq, &new_id()[..6]),
             host,
             data_addr,
+            metrics_addr,
             devices,
             pid,
             join_seq: self.job.next_join_seq,
@@ -1103,6 +1110,7 @@ impl JobState {
                     worker_id: w.rec.id.clone(),
                     host: w.rec.host.clone(),
                     data_addr: w.rec.data_addr.clone(),
+                    metrics_addr: w.rec.metrics_addr.clone(),
                     rank: rank.map_or(-1, |r| r as i32),
                     generation: w.generation,
                     step: w.step,

@@ -73,6 +73,9 @@ pub struct WorkerRecord {
     pub id: String,
     pub host: String,
     pub data_addr: String,
+    /// Empty when the worker serves no metrics; absent in state written before it existed.
+    #[serde(default)]
+    pub metrics_addr: String,
     pub devices: Vec<String>,
     pub pid: u32,
     pub join_seq: u64,

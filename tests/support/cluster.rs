@@ -222,6 +222,7 @@ impl SimWorker {
                 data_addr: format!("{host}:9"),
                 devices: vec!["cpu".into()],
                 pid: 1,
+                metrics_addr: String::new(),
             })
             .await
             .expect("join")

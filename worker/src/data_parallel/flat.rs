@@ -69,6 +69,16 @@ pub fn all_reduce_grads(
     Ok(out)
 }
 
+/// Bytes that [`all_reduce_grads`] sums on a group of `world_size`: every gradient and the
+/// scalars, as f32; nothing when the rank is alone.
+pub fn all_reduce_bytes(ps: &ParamStore, scalars: usize, world_size: usize) -> u64 {
+    if world_size <= 1 {
+        return 0;
+    }
+    let elements: i64 = ps.named().iter().map(|(_, p)| p.numel() as i64).sum();
+    4 * (elements as u64 + scalars as u64)
+}
+
 /// Gives every parameter a gradient tensor (zeros where backward left none), so that the
 /// reduced gradient has somewhere to go.
 fn ensure_grads(ps: &ParamStore) {

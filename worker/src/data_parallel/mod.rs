@@ -1,8 +1,12 @@
 //! Data parallelism around the single-process engine, torchtitan-style: the model and the
 //! train step know nothing of it. [`flat`] reduces gradients in buckets and broadcasts state;
-//! [`worker`] is the elastic rank that the coordinator drives.
+//! [`worker`] is the elastic rank that the coordinator drives; [`telemetry`] serves its
+//! Prometheus metrics and health probes.
 
 pub mod flat;
+mod shutdown;
+pub mod telemetry;
 pub mod worker;
 
+pub use telemetry::TelemetryOptions;
 pub use worker::{run_worker, WorkerExit, WorkerOptions};

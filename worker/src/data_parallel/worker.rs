@@ -6,7 +6,8 @@
 //! collective fail within its timeout; the worker reports it and goes back to rendezvous with
 //! its weights at the last step it applied, so nothing is lost and nothing hangs.
 
-use super::flat::{all_reduce_grads, broadcast_state, parameter_checksum};
+use super::flat::{all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum};
+use super::telemetry::{self, TelemetryOptions};
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::{nccl, Collective, GroupSpec, RingAllReduce};
 use crate::metrics::MetricsLog;
@@ -41,6 +42,7 @@ pub struct WorkerOptions {
     pub device: String,
     /// How long to keep retrying a coordinator that does not answer.
     pub patience: Duration,
+    pub telemetry: TelemetryOptions,
 }
 
 /// What heartbeats report, updated after every step.
@@ -99,6 +101,9 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let listener = TcpListener::bind(&opts.data_listen)
         .with_context(|| format!("--data-listen {}: cannot bind", opts.data_listen))?;
     let data_addr = format!("{}:{}", opts.advertise_host, listener.local_addr()?.port());
+    let metrics_addr = telemetry::serve(&rt, &opts.telemetry)?
+        .map(|a| format!("{}:{}", opts.advertise_host, a.port()))
+        .unwrap_or_default();
     let clients = Clients::connect_lazy(&opts.coordinator)?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| opts.advertise_host.clone());
     let joined = rt
@@ -109,10 +114,13 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
                 data_addr: data_addr.clone(),
                 devices: vec![opts.device.clone()],
                 pid: std::process::id(),
+                metrics_addr: metrics_addr.clone(),
             };
             async move { c.join(req).await.map(|r| r.into_inner()) }
         }))
         .map_err(|s| rpc("join", s))?;
+    telemetry::joined(&joined.worker_id, &joined.job_id);
+    super::shutdown::leave_on_sigterm(&rt, &clients, &joined.worker_id);
     // Heartbeats start at once: loading and checking the data can take longer than the timeout.
     let progress = Arc::new(Mutex::new(Progress::default()));
     spawn_heartbeats(
@@ -279,6 +287,7 @@ impl Worker {
                 let req = req.clone();
                 async move { c.rendezvous(req).await }
             })?;
+            telemetry::beat();
             if reply.status() != rendezvous_reply::Status::Wait {
                 return Ok(reply);
             }
@@ -403,6 +412,7 @@ impl Worker {
             "generation {}: rank {rank} of {}, starting at step {}",
             reply.generation, reply.world_size, reply.start_step
         );
+        telemetry::enter_generation(reply.generation, rank, reply.world_size);
         if rank == 0 {
             std::fs::create_dir_all(&self.spec.job.run_dir)
                 .with_context(|| format!("job.run_dir = {}", self.spec.job.run_dir.display()))?;
@@ -416,6 +426,7 @@ impl Worker {
         let tokens_per_step = self.spec.batch.global * self.spec.data.seq_len;
         loop {
             let step = self.state_step.expect("holds the group state");
+            telemetry::beat();
             let req = proto::NextStepRequest {
                 worker_id: self.id.clone(),
                 generation: self.generation,
@@ -502,6 +513,17 @@ impl Worker {
                     tokens_per_s: tps,
                 };
             }
+            telemetry::record_step(&telemetry::StepSample {
+                committed_step: step + 1,
+                loss,
+                tokens: tokens_per_step,
+                step_s: secs,
+                allreduce_s,
+                allreduce_bytes: all_reduce_bytes(&self.engine.ps, 1, coll.world_size()),
+                flops_per_token: self.engine.flops_per_token,
+                peak_gflops: self.engine.peak_gflops,
+                world_size: plan.world_size,
+            });
             if rank == 0 {
                 self.after_step(
                     step + 1,
@@ -563,9 +585,12 @@ impl Worker {
         allreduce_s: f64,
         world: u32,
     ) -> Result<()> {
-        let mfu = self.engine.flops_per_token * tps
-            / 1e9
-            / (self.engine.peak_gflops * f64::from(world.max(1)));
+        let mfu = telemetry::model_flops_utilization(
+            self.engine.flops_per_token,
+            tps,
+            self.engine.peak_gflops,
+            world,
+        );
         if let Some(log) = &mut self.metrics {
             log.write(&json!({
                 "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
