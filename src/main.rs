@@ -18,6 +18,7 @@ mod bench_coordinator;
 mod cli_spec;
 mod cluster;
 mod examples;
+mod finetune_cli;
 mod launch;
 use std::path::PathBuf;
 
@@ -41,6 +42,11 @@ enum Command {
     Train(TrainArgs),
     /// Sample text from a trained model (GPT-2 or GPT).
     Generate(GenerateArgs),
+    /// Fine-tune a pretrained checkpoint (or the same architecture from scratch) on a labelled
+    /// CSV: stratified split, dev evaluation, report (JSON, table, SVG), transformers-format model.
+    Finetune(finetune_cli::FinetuneArgs),
+    /// Classify texts with a fine-tuned model.
+    Predict(finetune_cli::PredictArgs),
     /// Show the training examples a model family builds from prepared data (BERT's sentence
     /// pairs and masks, GPT windows), exactly as every worker builds them.
     Examples(ExamplesArgs),
@@ -462,6 +468,8 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
             println!("{}{}", a.prompt, text);
         }
+        Command::Finetune(a) => finetune_cli::run_finetune(a)?,
+        Command::Predict(a) => finetune_cli::run_predict(a)?,
         Command::Examples(a) => examples::run(&examples::ExamplesRequest {
             data: a.data,
             family: Family::parse(&a.model)?,

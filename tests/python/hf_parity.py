@@ -9,6 +9,10 @@
   logits DIR IDS_FILE    load DIR with the class its config.json names (from_pretrained) and
                          write its logits for the inputs in IDS_FILE to DIR/hf_logits.safetensors
   encode TOKENIZER TEXTS print the ids Python `tokenizers` gives each line of TEXTS as JSON
+  classify DIR TEXTS     load a fine-tuned model directory with its config's
+                         ...ForSequenceClassification class and print, as JSON, the class
+                         probabilities of each line of TEXTS (framed as ferry frames them:
+                         [CLS] text [SEP] for BERT, the bare text for GPT/GPT-2)
 """
 import json
 import sys
@@ -115,7 +119,32 @@ def encode(tokenizer_file, texts_file):
     print(json.dumps([tok.encode(line).ids for line in lines]))
 
 
+def classify(model_dir, texts_file):
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir).eval()
+    tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    with open(f"{model_dir}/finetune.json", encoding="utf-8") as f:
+        max_len = json.load(f)["max_len"]
+    with open(texts_file, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for line in lines:
+        ids = tok.encode(line, add_special_tokens=False).ids
+        if config.model_type == "bert":
+            ids = [tok.token_to_id("[CLS]")] + ids[: max_len - 2] + [tok.token_to_id("[SEP]")]
+        else:
+            ids = ids[:max_len]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits
+        out.append(torch.softmax(logits[0], -1).tolist())
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"make-gpt2": make_gpt2, "make-gpt": make_gpt, "make-bert": make_bert, "logits": logits,
-     "encode": encode}[cmd](*args)
+     "encode": encode, "classify": classify}[cmd](*args)

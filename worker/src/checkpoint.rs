@@ -41,9 +41,28 @@ pub fn save(
     step: u64,
     write_files: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let root = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&root).map_err(|e| EngineError::io(&root, e))?;
-    let name = format!("step-{step:08}");
+    let dest = run_dir.join("checkpoints").join(format!("step-{step:08}"));
+    write_verified_dir(&dest, write_files)?;
+    Ok(dest)
+}
+
+/// Builds directory `dest` the way checkpoints are built: `write_files` fills a hidden temp
+/// directory beside it, `checksums.json` is added, and the whole is fsynced and renamed over
+/// `dest`, so readers see the old directory or the complete new one.
+pub fn write_verified_dir(
+    dest: &Path,
+    write_files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let root = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(root).map_err(|e| EngineError::io(root, e))?;
+    let name = dest
+        .file_name()
+        .ok_or_else(|| EngineError::file(dest, "does not name a directory"))?
+        .to_string_lossy()
+        .into_owned();
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
@@ -62,13 +81,11 @@ pub fn save(
     }
     write_json(&tmp.join(CHECKSUMS_FILE), &sums)?;
     sync_dir(&tmp)?;
-    let dest = root.join(&name);
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| EngineError::io(&dest, e))?;
+        std::fs::remove_dir_all(dest).map_err(|e| EngineError::io(dest, e))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| EngineError::io(&dest, e))?;
-    sync_dir(&root)?;
-    Ok(dest)
+    std::fs::rename(&tmp, dest).map_err(|e| EngineError::io(dest, e))?;
+    sync_dir(root)
 }
 
 /// Completed checkpoints of a run, oldest first.

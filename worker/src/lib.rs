@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data_parallel;
 pub mod error;
+pub mod finetune;
 pub mod fsutil;
 pub mod generate;
 pub mod metrics;

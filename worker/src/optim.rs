@@ -34,8 +34,13 @@ impl AdamW {
     /// Weight decay applies to matrices and embeddings only, never to biases or LayerNorm
     /// weights (every 1-D parameter).
     pub fn new(ps: &ParamStore, config: AdamWConfig) -> Self {
-        let slots = ps
-            .named()
+        AdamW::for_params(ps.named(), config)
+    }
+
+    /// An optimizer over some of a store's parameters (fine-tuning gives each layer group
+    /// its own, with its own learning rate and step count, created when the group thaws).
+    pub fn for_params(params: &[(String, Tensor)], config: AdamWConfig) -> Self {
+        let slots = params
             .iter()
             .map(|(name, p)| Slot {
                 name: name.clone(),

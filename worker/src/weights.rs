@@ -79,14 +79,32 @@ pub fn load_into(
     prefix: &str,
     path: &Path,
 ) -> Result<()> {
+    load_except(ps, tensors, prefix, path, |_| false).map(|_| ())
+}
+
+/// [`load_into`], except that parameters the file lacks and `may_stay_fresh` accepts keep
+/// their initial values (a new classification head on a pretrained body). Returns their
+/// names.
+pub fn load_except(
+    ps: &ParamStore,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+    may_stay_fresh: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
     let mut missing = Vec::new();
+    let mut fresh = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, param) in ps.named() {
             let found = tensors
                 .get(name)
                 .or_else(|| name.strip_prefix(prefix).and_then(|n| tensors.get(n)));
             let Some(src) = found else {
-                missing.push(name.clone());
+                if may_stay_fresh(name) {
+                    fresh.push(name.clone());
+                } else {
+                    missing.push(name.clone());
+                }
                 continue;
             };
             if src.size() != param.size() {
@@ -116,5 +134,5 @@ pub fn load_into(
             ),
         ));
     }
-    Ok(())
+    Ok(fresh)
 }

@@ -1,0 +1,314 @@
+//! Fine-tuning on the airline CSV (issue: fine-tuning, must-shows 2 and 3) through the real
+//! binary: the report is consistent with itself and with `ferry predict`, transformers loads
+//! the fine-tuned model with the same outputs, and malformed CSVs get one error line naming the
+//! row.
+
+mod support;
+
+use ferry_common::textcls::{read_labelled_csv, Split};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use support::*;
+
+fn airline_csv() -> PathBuf {
+    data_dir().join("airline/Tweets.csv")
+}
+
+/// A tiny model of `family` pretrained for a few steps on the shared corpora, once per binary.
+fn pretrained(family: &'static str) -> &'static Path {
+    static GPT2: OnceLock<PathBuf> = OnceLock::new();
+    static BERT: OnceLock<PathBuf> = OnceLock::new();
+    let cell = if family == "bert" { &BERT } else { &GPT2 };
+    cell.get_or_init(|| {
+        let run = scratch(&format!("ft-pretrain-{family}"));
+        run_ok(
+            ferry()
+                .args([
+                    "train",
+                    "--no-progress",
+                    "--threads",
+                    "2",
+                    "--model",
+                    family,
+                ])
+                .args(["--size", "tiny", "--seq-len", "64", "--steps", "5"])
+                .args([
+                    "--global-batch",
+                    "8",
+                    "--micro-batch",
+                    "8",
+                    "--eval-sequences",
+                    "8",
+                ])
+                .arg("--data")
+                .arg(prepared_shared_corpus_for(family))
+                .arg("--run-dir")
+                .arg(&run),
+        );
+        run
+    })
+}
+
+fn finetune(from: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(
+        ferry()
+            .args([
+                "finetune",
+                "--no-progress",
+                "--threads",
+                "2",
+                "--max-steps",
+                "30",
+            ])
+            .args(["--eval-every", "10", "--lr", "5e-4", "--from"])
+            .arg(from)
+            .arg("--data")
+            .arg(airline_csv())
+            .arg("--output")
+            .arg(out)
+            .args(extra),
+    )
+}
+
+/// Macro-F1 from a confusion matrix (rows gold, columns predicted), 0/0 taken as 0.
+fn macro_f1(confusion: &[Vec<u64>]) -> f64 {
+    let k = confusion.len();
+    let f1s: Vec<f64> = (0..k)
+        .map(|c| {
+            let tp = confusion[c][c] as f64;
+            let gold: u64 = confusion[c].iter().sum();
+            let predicted: u64 = confusion.iter().map(|row| row[c]).sum();
+            let p = if predicted == 0 {
+                0.0
+            } else {
+                tp / predicted as f64
+            };
+            let r = if gold == 0 { 0.0 } else { tp / gold as f64 };
+            if p + r == 0.0 {
+                0.0
+            } else {
+                2.0 * p * r / (p + r)
+            }
+        })
+        .collect();
+    f1s.iter().sum::<f64>() / k as f64
+}
+
+fn check_part(report: &Value, part: &str, size: usize) {
+    let m = &report[part];
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(m["confusion"].clone()).unwrap();
+    let total: u64 = confusion.iter().flatten().sum();
+    let trace: u64 = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+    assert_eq!(
+        total as usize, size,
+        "{part}: the confusion matrix sums to the split size"
+    );
+    assert_eq!(m["total"].as_u64(), Some(total));
+    let accuracy = m["accuracy"].as_f64().unwrap();
+    assert!(
+        (accuracy - trace as f64 / total as f64).abs() < 1e-12,
+        "{part}: accuracy"
+    );
+    let f1 = m["macro_f1"].as_f64().unwrap();
+    assert!(
+        (f1 - macro_f1(&confusion)).abs() < 1e-9,
+        "{part}: macro-F1 {f1}"
+    );
+    for (c, class) in m["per_class"].as_array().unwrap().iter().enumerate() {
+        let support: u64 = confusion[c].iter().sum();
+        assert_eq!(class["support"].as_u64(), Some(support), "{part}: support");
+    }
+    println!(
+        "{part}: {size} texts, accuracy {accuracy:.4}, macro-F1 {f1:.4}, confusion {confusion:?}"
+    );
+}
+
+#[test]
+fn a_short_finetune_writes_a_consistent_report() {
+    let out = scratch("ft-report");
+    finetune(pretrained("gpt2"), &out, &[]);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let set = read_labelled_csv(&airline_csv(), "text", Some("airline_sentiment"), None).unwrap();
+    let split = Split::load(&out.join("split.json"), &set).unwrap();
+    let sizes = [&split.train, &split.dev, &split.test].map(|p| p.len());
+    assert_eq!(sizes.iter().sum::<usize>(), 14_640);
+    assert_eq!(report["split"]["train"].as_u64(), Some(sizes[0] as u64));
+    check_part(&report, "dev", sizes[1]);
+    check_part(&report, "test", sizes[2]);
+    assert_eq!(report["steps"].as_u64(), Some(30));
+    // The dev curve has the three evaluations, and the kept step is the best of them.
+    let f1s: Vec<(u64, f64)> =
+        serde_json::from_value(report["curves"]["dev_macro_f1"].clone()).unwrap();
+    assert_eq!(
+        f1s.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![10, 20, 30]
+    );
+    let best = f1s
+        .iter()
+        .cloned()
+        .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+    assert_eq!(report["best_step"].as_u64(), Some(best.0));
+    assert!((report["dev"]["macro_f1"].as_f64().unwrap() - best.1).abs() < 1e-9);
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("negative") && svg.contains("neutral"));
+
+    // ferry predict on the test split's texts reproduces the reported test accuracy.
+    let test_csv = out.join("test-split.csv");
+    let mut rows = String::from("text,airline_sentiment\n");
+    for e in split.examples(ferry_common::textcls::Part::Test, &set) {
+        let label = &set.labels[e.label.unwrap()];
+        rows.push_str(&format!("\"{}\",{label}\n", e.text.replace('"', "\"\"")));
+    }
+    std::fs::write(&test_csv, rows).unwrap();
+    let predictions = out.join("predictions.csv");
+    run_ok(
+        ferry()
+            .args(["predict", "--model"])
+            .arg(&out)
+            .arg("--input")
+            .arg(&test_csv)
+            .arg("--output")
+            .arg(&predictions),
+    );
+    let gold = read_labelled_csv(&test_csv, "text", Some("airline_sentiment"), None).unwrap();
+    let predicted =
+        read_labelled_csv(&predictions, "text", Some("predicted"), Some(&set.labels)).unwrap();
+    assert_eq!(predicted.len(), sizes[2]);
+    let right = gold
+        .examples
+        .iter()
+        .zip(&predicted.examples)
+        .filter(|(g, p)| set.labels[g.label.unwrap()] == predicted.labels[p.label.unwrap()])
+        .count();
+    let accuracy = right as f64 / sizes[2] as f64;
+    assert!(
+        (accuracy - report["test"]["accuracy"].as_f64().unwrap()).abs() < 1e-12,
+        "predict gives test accuracy {accuracy}, the report {}",
+        report["test"]["accuracy"]
+    );
+}
+
+/// Fine-tuned BERT and GPT-2 open in transformers (BertForSequenceClassification,
+/// GPT2ForSequenceClassification) and give the probabilities ferry predict gives.
+#[test]
+fn transformers_loads_the_finetuned_models_with_the_same_outputs() {
+    let texts = [
+        "@united thanks, the crew was great & on time",
+        "@AmericanAir my bag is lost AGAIN 😡 worst airline",
+        "@SouthwestAir is there wifi on the 6am flight to Denver?",
+    ];
+    let texts_file = scratch("ft-hf-texts");
+    std::fs::write(&texts_file, texts.join("\n")).unwrap();
+    for family in ["bert", "gpt2"] {
+        let out = scratch(&format!("ft-hf-{family}"));
+        finetune(pretrained(family), &out, &["--max-steps", "10"]);
+        let model = out.join("model");
+        let theirs = run_ok(
+            std::process::Command::new(python())
+                .arg(root().join("tests/python/hf_parity.py"))
+                .arg("classify")
+                .arg(&model)
+                .arg(&texts_file),
+        );
+        let theirs: Vec<Vec<f64>> = serde_json::from_slice(&theirs.stdout).unwrap();
+        let csv = out.join("texts.csv");
+        let mut rows = String::from("text\n");
+        for t in texts {
+            rows.push_str(&format!("\"{t}\"\n"));
+        }
+        std::fs::write(&csv, rows).unwrap();
+        let ours = String::from_utf8(
+            run_ok(
+                ferry()
+                    .args(["predict", "--model"])
+                    .arg(&model)
+                    .arg("--input")
+                    .arg(&csv),
+            )
+            .stdout,
+        )
+        .unwrap();
+        let mut worst = 0.0f64;
+        for (line, theirs) in ours.lines().skip(1).zip(&theirs) {
+            // "record","predicted","p_negative","p_neutral","p_positive","text"
+            let fields: Vec<f64> = line
+                .split(',')
+                .skip(2)
+                .take(3)
+                .map(|f| f.trim_matches('"').parse().unwrap())
+                .collect();
+            for (a, b) in fields.iter().zip(theirs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        println!("{family}: max |probability difference| ferry vs transformers = {worst:.2e}");
+        assert_eq!(ours.lines().count(), texts.len() + 1);
+        assert!(worst < 1e-4, "{family}: {worst}");
+    }
+}
+
+/// A malformed CSV: one error line that names the file and the line, exit 1, no panic.
+fn finetune_err(name: &str, content: &[u8]) -> String {
+    let csv = scratch(&format!("bad-csv-{name}.csv"));
+    std::fs::write(&csv, content).unwrap();
+    let err = run_err(
+        ferry()
+            .args(["finetune", "--no-progress", "--max-steps", "1", "--from"])
+            .arg(pretrained("gpt2"))
+            .arg("--data")
+            .arg(&csv)
+            .arg("--output")
+            .arg(scratch(&format!("bad-csv-{name}-out"))),
+    );
+    assert!(err.contains(&csv.display().to_string()), "{err}");
+    err
+}
+
+#[test]
+fn malformed_csvs_name_the_row() {
+    let header = "tweet_id,airline_sentiment,text\n";
+    let good = "1,negative,late again\n2,positive,great crew\n";
+    let case = |name: &str, body: &[u8], expect: &[&str]| {
+        let mut content = header.as_bytes().to_vec();
+        content.extend_from_slice(good.as_bytes());
+        content.extend_from_slice(body);
+        let err = finetune_err(name, &content);
+        for e in expect {
+            assert!(err.contains(e), "{name}: {err:?} lacks {e:?}");
+        }
+        println!("{name}: {err}");
+    };
+    case("empty-label", b"3,,no label here\n", &["line 4", "label"]);
+    case("empty-text", b"3,neutral,   \n", &["line 4", "text"]);
+    case("ragged", b"3,neutral,too,many,fields\n", &["line 4", "5"]);
+    case(
+        "not-utf8",
+        b"3,neutral,caf\xe9 au lait\n",
+        &["line 4", "UTF-8"],
+    );
+    case(
+        "quoted-newline-then-bad",
+        b"3,neutral,\"two\nlines\"\n4,,x\n",
+        &["line 6"],
+    );
+    let err = finetune_err("missing-column", b"tweet_id,sentiment,text\n1,negative,x\n");
+    assert!(
+        err.contains("airline_sentiment") && err.contains("sentiment"),
+        "{err}"
+    );
+    // predict with a label column scores against the model's labels: an unknown one is named.
+    let out = scratch("ft-unknown-label");
+    finetune(pretrained("gpt2"), &out, &["--max-steps", "2"]);
+    let csv = scratch("unknown-label.csv");
+    std::fs::write(&csv, "text,airline_sentiment\nok,negative\nmeh,furious\n").unwrap();
+    let err = run_err(
+        ferry()
+            .args(["predict", "--label-column", "airline_sentiment", "--model"])
+            .arg(&out)
+            .arg("--input")
+            .arg(&csv),
+    );
+    assert!(err.contains("line 3") && err.contains("furious"), "{err}");
+}
