@@ -366,6 +366,7 @@ struct BenchTrainArgs {
 }
 
 fn main() {
+    runtime::reproducible_blas();
     if let Err(e) = run(Cli::parse()) {
         // One line: the chain of causes joined, so each error names its file and problem.
         eprintln!("error: {e:#}");

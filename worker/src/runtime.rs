@@ -71,6 +71,18 @@ pub fn with_precision<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Asks oneMKL (libtorch's CPU BLAS) for conditional numerical reproducibility, `MKL_CBWR=AUTO`,
+/// unless the user chose a mode. Without it MKL does not promise the same bits from run to run,
+/// and on a loaded machine two runs of the same step once differed in the 7th digit (the
+/// resume test caught it), which breaks the promise that a resumed or re-sharded run retraces
+/// the original. It costs nothing measurable here. It must run before libtorch's first MKL
+/// call, so `main` calls it first.
+pub fn reproducible_blas() {
+    if std::env::var_os("MKL_CBWR").is_none() {
+        std::env::set_var("MKL_CBWR", "AUTO");
+    }
+}
+
 /// Intra-op threads for libtorch; 0 means one per available core.
 pub fn configure_threads(threads: usize) -> usize {
     let n = if threads == 0 {
