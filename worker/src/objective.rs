@@ -114,6 +114,20 @@ pub struct BertBatch {
 }
 
 impl BertBatch {
+    /// Examples `ids` of `split`, built and stacked.
+    pub fn build(
+        builder: &PairBuilder,
+        split: &TokenSplit,
+        ids: &[u64],
+        device: Device,
+    ) -> Result<BertBatch> {
+        let examples = ids
+            .iter()
+            .map(|&i| builder.example(split, i))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(BertBatch::from_examples(&examples, device))
+    }
+
     pub fn from_examples(examples: &[BertExample], device: Device) -> BertBatch {
         let rows = examples.len() as i64;
         let stack = |f: fn(&BertExample) -> &[i64]| {
@@ -190,11 +204,7 @@ impl Objective {
                 Model::Bert(bert),
                 StepCounts::Bert { predicted, pairs },
             ) => {
-                let examples = ids
-                    .iter()
-                    .map(|&i| builder.example(split, i))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let batch = BertBatch::from_examples(&examples, device);
+                let batch = BertBatch::build(builder, split, ids, device)?;
                 let sums = with_precision(precision, || {
                     bert.pretraining_sums(
                         &batch.inputs(),
@@ -273,11 +283,7 @@ fn evaluate_bert(
     let (mut mlm_loss, mut nsp_loss, mut mlm_correct, mut nsp_correct) = (0.0, 0.0, 0i64, 0i64);
     let mut predicted = 0i64;
     for chunk in indices.chunks(micro) {
-        let examples = chunk
-            .iter()
-            .map(|&i| builder.example(split, i))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let batch = BertBatch::from_examples(&examples, device);
+        let batch = BertBatch::build(builder, split, chunk, device)?;
         let sums = with_precision(precision, || {
             bert.pretraining_sums(&batch.inputs(), &batch.mlm_labels, &batch.nsp_labels, false)
         });

@@ -349,7 +349,8 @@ pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
     read_json(&run_dir.join(TRAIN_CONFIG_FILE))
 }
 
-fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
+/// A step counter on stderr (hidden when `enabled` is false), starting at step `at`.
+pub(crate) fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
     if !enabled {
         return indicatif::ProgressBar::hidden();
     }

@@ -116,39 +116,32 @@ impl Classifier {
             });
         }
         let (_, width) = config.layers_and_width();
+        // The causal families' `score` has no bias and reads the pooled width.
+        let score = |ps: &mut ParamStore, std: f64| {
+            let n_in = if pooling == Pooling::Concat {
+                3 * width
+            } else {
+                width
+            };
+            Linear::new(ps, "score", n_in, num_labels, std, false)
+        };
         let (body, head) = match config {
             ModelConfig::Bert(c) => {
                 let body = Body::Bert(Bert::encoder_only(ps, c)?);
-                let head = Linear::new(
-                    ps,
-                    "classifier",
-                    width,
-                    num_labels,
-                    c.initializer_range,
-                    true,
-                );
-                (body, head)
+                let std = c.initializer_range;
+                (
+                    body,
+                    Linear::new(ps, "classifier", width, num_labels, std, true),
+                )
             }
-            ModelConfig::Gpt2(c) => {
-                let body = Body::Gpt2(gpt2::Gpt2::new(ps, c)?);
-                let n_in = if pooling == Pooling::Concat {
-                    3 * width
-                } else {
-                    width
-                };
-                let head = Linear::new(ps, "score", n_in, num_labels, c.initializer_range, false);
-                (body, head)
-            }
-            ModelConfig::Gpt(c) => {
-                let body = Body::Gpt(gpt::Gpt::new(ps, c)?);
-                let n_in = if pooling == Pooling::Concat {
-                    3 * width
-                } else {
-                    width
-                };
-                let head = Linear::new(ps, "score", n_in, num_labels, c.initializer_range, false);
-                (body, head)
-            }
+            ModelConfig::Gpt2(c) => (
+                Body::Gpt2(gpt2::Gpt2::new(ps, c)?),
+                score(ps, c.initializer_range),
+            ),
+            ModelConfig::Gpt(c) => (
+                Body::Gpt(gpt::Gpt::new(ps, c)?),
+                score(ps, c.initializer_range),
+            ),
         };
         Ok(Classifier {
             config: config.clone(),

@@ -292,7 +292,7 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     let mut curves = Curves::default();
     let mut stopping = EarlyStopping::new(cfg.patience, 0.0);
     let mut best: Option<(u64, Vec<Tensor>)> = None;
-    let bar = progress_bar(progress, total_steps);
+    let bar = crate::train::progress_bar(progress, total_steps, 0);
     let mut step = 0u64;
     let mut order: Vec<usize> = (0..train.ids.len()).collect();
     'epochs: for epoch in 0.. {
@@ -575,18 +575,4 @@ fn write_report(dir: &Path, report: &FinetuneReport, from: &str) -> Result<()> {
         })
     );
     Ok(())
-}
-
-fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar
 }
