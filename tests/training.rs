@@ -176,17 +176,17 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
         "--seq-len",
         "128",
         "--steps",
-        "400",
+        "600",
         "--global-batch",
         "32",
         "--micro-batch",
         "16",
         "--eval-interval",
-        "200",
+        "300",
         "--eval-sequences",
         &eval_pairs.to_string(),
         "--checkpoint-interval",
-        "400",
+        "600",
     ];
     run_ok(&mut train_cmd(data, &run, &args));
     let records = read_jsonl(&run.join("metrics.jsonl"));
@@ -199,7 +199,7 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
     println!("next-sentence accuracy on {eval_pairs} held-out pairs: {nsp:?} (chance 0.5)");
     let (mlm_first, mlm_last) = (mlm[0].1, mlm.last().unwrap().1);
     let nsp_last = nsp.last().unwrap().1;
-    assert_eq!(mlm.last().unwrap().0, 400);
+    assert_eq!(mlm.last().unwrap().0, 600);
     assert!(
         mlm_last > mlm_first + 0.05,
         "MLM accuracy {mlm_first} -> {mlm_last}"
@@ -208,9 +208,10 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
         mlm_last > majority + 0.02,
         "MLM accuracy {mlm_last} vs majority {majority}"
     );
-    // 512 pairs: the standard error of an accuracy near one half is 2.2 points, so 0.57 is
-    // three standard errors above chance.
-    assert!(nsp_last > 0.57, "NSP accuracy {nsp_last}");
+    // 512 pairs: the standard error of an accuracy near one half is 2.2 points, so 0.6 is
+    // 4.5 standard errors above chance. Next-sentence prediction takes off late: with seeds
+    // 1234, 7 and 99 it was 0.62-0.74 after 400 steps and 0.66-0.78 after 600.
+    assert!(nsp_last > 0.6, "NSP accuracy {nsp_last}");
     assert!(loss.last().unwrap().1 < loss[0].1 - 1.0, "loss {loss:?}");
 }
 
