@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: prepare the corpora, pretrain a small GPT-2 for a few minutes with a coordinator
-# and two worker processes (data-parallel over a TCP/shared-memory ring), sample from it.
-# Data comes from $FERRY_DATA_DIR (default ../shared/data).
+# and two worker processes (data-parallel over a TCP/shared-memory ring), sample from it, then
+# fine-tune the checkpoint on Twitter US Airline Sentiment and classify two new tweets.
+# Data comes from $FERRY_DATA_DIR (default ../shared/data). FERRY_MAIN_STEPS and
+# FERRY_FINETUNE_STEPS shorten the two training stages (for a quick check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -13,6 +15,8 @@ prepared=data-prepared/wikitext-books     # data.shards in the job file
 for d in "$data/wikitext" "$data/books"; do
     [ -d "$d" ] || { echo "error: $d not found: set FERRY_DATA_DIR (see README, 'Data')" >&2; exit 1; }
 done
+airline=$data/airline/Tweets.csv
+[ -f "$airline" ] || { echo "error: $airline not found: set FERRY_DATA_DIR (see README, 'Data')" >&2; exit 1; }
 
 echo "== prepare: tokenizer + shards from $data/wikitext and $data/books"
 $ferry prepare --input "$data/wikitext" "$data/books" --output "$prepared"
@@ -32,3 +36,11 @@ $ferry launch --local --workers 2 "$job"
 
 echo "== sample"
 $ferry generate --model "$run" --prompt "The history of the" --max-new-tokens 60 --seed 1
+
+echo "== fine-tune on Twitter US Airline Sentiment (stratified 80/10/10 split, seed 0)"
+finetuned=$run/finetune-airline
+$ferry finetune --from "$run" --data "$airline" --text-column text --label-column airline_sentiment \
+    --output "$finetuned" --epochs 2 --lr 3e-4 --max-steps "${FERRY_FINETUNE_STEPS:-0}"
+$ferry predict --model "$finetuned" "@united lost my bag again, two hours on hold" \
+    "@SouthwestAir thank you for the smooth flight and the friendly crew!"
+echo "== done: report in $finetuned/report.json and $finetuned/report.svg, model in $finetuned/model"
