@@ -34,6 +34,10 @@ pub struct FinetuneArgs {
     /// Reuse a split.json (from an earlier run) instead of making one.
     #[arg(long)]
     split: Option<PathBuf>,
+    /// Train on a stratified subset of this many training texts (dev and test stay whole),
+    /// e.g. for a learning curve.
+    #[arg(long)]
+    train_examples: Option<usize>,
     /// Seed of the stratified split.
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
@@ -126,6 +130,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         label_column: a.label_column,
         output: a.output,
         split_file: a.split,
+        train_examples: a.train_examples,
         split_seed: a.split_seed,
         fractions: SplitFractions { train, dev, test },
         epochs: a.epochs,

@@ -58,6 +58,9 @@ pub struct FinetuneConfig {
     pub output: PathBuf,
     /// Reuse this split instead of making one.
     pub split_file: Option<PathBuf>,
+    /// Train on a stratified, seeded subset of this many training texts (a learning curve);
+    /// dev and test stay whole.
+    pub train_examples: Option<usize>,
     pub split_seed: u64,
     pub fractions: SplitFractions,
     pub epochs: u64,
@@ -245,7 +248,10 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     }
     let tokenizer = ferry_common::tokenizer::load_tokenizer(&start.tokenizer)?;
     let enc = TextEncoder::new(tokenizer, &start.tokenizer, family, cfg.max_len, start.eos)?;
-    let train = encode_part(&set, &split, Part::Train, &enc)?;
+    let mut train = encode_part(&set, &split, Part::Train, &enc)?;
+    if let Some(n) = cfg.train_examples {
+        train = stratified_subset(train, n, set.labels.len(), cfg.seed);
+    }
     let dev = encode_part(&set, &split, Part::Dev, &enc)?;
     let test = encode_part(&set, &split, Part::Test, &enc)?;
 
@@ -406,6 +412,39 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     Ok(report)
 }
 
+/// `n` of the texts, each class keeping its share (largest remainder), chosen by a seeded
+/// shuffle; the rest is dropped.
+fn stratified_subset(part: PartData, n: usize, num_labels: usize, seed: u64) -> PartData {
+    let total = part.labels.len();
+    if n >= total {
+        return part;
+    }
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_labels];
+    for (i, &l) in part.labels.iter().enumerate() {
+        by_class[l].push(i);
+    }
+    let exact: Vec<f64> = by_class
+        .iter()
+        .map(|c| c.len() as f64 * n as f64 / total as f64)
+        .collect();
+    let mut take: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..num_labels).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    for &c in order.iter().cycle().take(n - take.iter().sum::<usize>()) {
+        take[c] += 1;
+    }
+    let mut kept = Vec::with_capacity(n);
+    for (c, members) in by_class.iter_mut().enumerate() {
+        shuffle(members, mix_seed(&[seed, 0x5B5E7, c as u64]));
+        kept.extend_from_slice(&members[..take[c].min(members.len())]);
+    }
+    kept.sort_unstable();
+    PartData {
+        ids: kept.iter().map(|&i| part.ids[i].clone()).collect(),
+        labels: kept.iter().map(|&i| part.labels[i]).collect(),
+    }
+}
+
 fn check(cfg: &FinetuneConfig) -> Result<()> {
     let bad = |field: &str, message: String| {
         Err(EngineError::Config {
@@ -413,6 +452,9 @@ fn check(cfg: &FinetuneConfig) -> Result<()> {
             message,
         })
     };
+    if cfg.train_examples == Some(0) {
+        return bad("train_examples", "must be at least 1".into());
+    }
     if cfg.batch_size == 0 {
         return bad("batch_size", "must be at least 1".into());
     }
