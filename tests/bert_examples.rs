@@ -156,3 +156,60 @@ fn an_example_is_the_same_in_separate_processes() {
     );
     assert!(err.contains("--index"), "{err}");
 }
+
+/// The example's segments with the masked tokens put back: (A, B).
+fn restored_segments(e: &BertExample, sep: i64) -> (Vec<i64>, Vec<i64>) {
+    let real = e.attention_mask.iter().filter(|&&m| m == 1).count();
+    let tokens: Vec<i64> = (0..real)
+        .map(|i| {
+            if e.mlm_labels[i] == IGNORE_LABEL {
+                e.input_ids[i]
+            } else {
+                e.mlm_labels[i]
+            }
+        })
+        .collect();
+    let first_sep = tokens.iter().position(|&t| t == sep).unwrap();
+    (
+        tokens[1..first_sep].to_vec(),
+        tokens[first_sep + 1..real - 1].to_vec(),
+    )
+}
+
+#[test]
+fn a_true_next_segment_continues_a_where_it_ends() {
+    // Next-sentence prediction is about the seam: for a true pair, B must start exactly where A
+    // stops in the corpus, also when the pair had to be cut to fit. A cut that drops the end of
+    // A would teach the model that continuations skip text.
+    let data = prepared_shared_corpus_for("bert");
+    let split = TokenSplit::open(data, "train", false).unwrap();
+    let s = special_ids();
+    let builder = PairBuilder::new(&split, 128, 1234, MaskingRule::default(), s).unwrap();
+    let (mut true_pairs, mut cut, mut buf) = (0, 0, Vec::new());
+    for index in (0..builder.num_examples(&split)).step_by(7).take(600) {
+        let e = builder.example(&split, index).unwrap();
+        let (a, b) = restored_segments(&e, i64::from(s.sep));
+        assert!(!a.is_empty() && !b.is_empty(), "#{index}: an empty segment");
+        if e.next_sentence_label != IS_NEXT {
+            continue;
+        }
+        true_pairs += 1;
+        cut += usize::from(a.len() + b.len() == 125);
+        // Find A + B as one run of the corpus near the anchor (the anchor's sentence starts at
+        // most a long sentence before it).
+        let anchor = index * 128;
+        let from = anchor.saturating_sub(4096);
+        let len = ((anchor + 512).min(split.len_tokens()) - from) as usize;
+        split.tokens(from, len, &mut buf).unwrap();
+        let joined: Vec<i64> = a.iter().chain(&b).copied().collect();
+        assert!(
+            buf.windows(joined.len()).any(|w| w == joined.as_slice()),
+            "#{index}: A ({} tokens) and its true next segment B ({} tokens) are not one run \
+             of the corpus",
+            a.len(),
+            b.len()
+        );
+    }
+    println!("{true_pairs} true pairs checked, {cut} of them cut to fit 128 tokens");
+    assert!(true_pairs > 200, "only {true_pairs} true pairs");
+}

@@ -167,7 +167,7 @@ fn majority_token_share(data: &Path, n: u64) -> f64 {
 fn tiny_bert_learns_masked_tokens_and_next_sentences() {
     let data = prepared_shared_corpus_for("bert");
     let run = scratch("learn-bert");
-    let eval_pairs = 512;
+    let eval_pairs = 1024;
     let args = [
         "--model",
         "bert",
@@ -176,17 +176,17 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
         "--seq-len",
         "128",
         "--steps",
-        "600",
+        "1000",
         "--global-batch",
         "32",
         "--micro-batch",
         "16",
         "--eval-interval",
-        "300",
+        "500",
         "--eval-sequences",
         &eval_pairs.to_string(),
         "--checkpoint-interval",
-        "600",
+        "1000",
     ];
     run_ok(&mut train_cmd(data, &run, &args));
     let records = read_jsonl(&run.join("metrics.jsonl"));
@@ -199,7 +199,7 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
     println!("next-sentence accuracy on {eval_pairs} held-out pairs: {nsp:?} (chance 0.5)");
     let (mlm_first, mlm_last) = (mlm[0].1, mlm.last().unwrap().1);
     let nsp_last = nsp.last().unwrap().1;
-    assert_eq!(mlm.last().unwrap().0, 600);
+    assert_eq!(mlm.last().unwrap().0, 1000);
     assert!(
         mlm_last > mlm_first + 0.05,
         "MLM accuracy {mlm_first} -> {mlm_last}"
@@ -208,9 +208,10 @@ fn tiny_bert_learns_masked_tokens_and_next_sentences() {
         mlm_last > majority + 0.02,
         "MLM accuracy {mlm_last} vs majority {majority}"
     );
-    // 512 pairs: the standard error of an accuracy near one half is 2.2 points, so 0.6 is
-    // 4.5 standard errors above chance. Next-sentence prediction takes off late: with seeds
-    // 1234, 7 and 99 it was 0.62-0.74 after 400 steps and 0.66-0.78 after 600.
+    // 1024 pairs: the standard error of an accuracy near one half is 1.6 points, so 0.6 is
+    // over 6 standard errors above chance. Next-sentence prediction takes off late and at a
+    // seed-dependent step: after 600 steps seeds 1234, 5 and 99 gave 0.71, 0.51 and 0.70 here
+    // (and 1234 gave 0.59 on the CI machine); after 1200 steps seeds 5 and 99 gave 0.70, 0.75.
     assert!(nsp_last > 0.6, "NSP accuracy {nsp_last}");
     assert!(loss.last().unwrap().1 < loss[0].1 - 1.0, "loss {loss:?}");
 }

@@ -223,15 +223,18 @@ impl PairBuilder {
                 out.extend_from_slice(&buf);
             }
         }
-        // Google's truncate_seq_pair trims the longer segment; from its end here, so the
-        // seam between A and B (what next-sentence prediction looks at) stays intact for A.
-        while a_tokens.len() + b_tokens.len() > budget {
-            if a_tokens.len() > b_tokens.len() {
-                a_tokens.pop();
+        // Google's truncate_seq_pair trims the longer segment a token at a time. Here A loses
+        // tokens from its front and B from its back, so the seam between them (the end of A
+        // and the start of B, what next-sentence prediction is about) survives the cut.
+        let mut a_from = 0;
+        while (a_tokens.len() - a_from) + b_tokens.len() > budget {
+            if a_tokens.len() - a_from > b_tokens.len() {
+                a_from += 1;
             } else {
                 b_tokens.pop();
             }
         }
+        a_tokens.drain(..a_from);
         Ok(self.assemble(index, &a_tokens, &b_tokens, label, &mut rng))
     }
 
