@@ -8,7 +8,6 @@ use ferry_worker::models::Model;
 use ferry_worker::pretrained::load_model;
 use ferry_worker::weights::load_safetensors;
 use std::collections::HashMap;
-use std::path::Path;
 use support::*;
 use tch::{Device, Tensor};
 

@@ -123,17 +123,12 @@ impl Config {
 
     /// `config.json` as `transformers` writes it for `BertForPreTraining`.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let o = v.as_object_mut().expect("object");
-        o.insert(
-            "architectures".into(),
-            serde_json::json!(["BertForPreTraining"]),
-        );
-        o.insert("model_type".into(), "bert".into());
-        o.insert("position_embedding_type".into(), "absolute".into());
-        o.insert("tie_word_embeddings".into(), true.into());
-        o.insert("dtype".into(), "float32".into());
-        v
+        super::hf_config_json(
+            self,
+            "BertForPreTraining",
+            "bert",
+            [("position_embedding_type", "absolute".into())],
+        )
     }
 
     /// Training FLOPs per token: 6N + 12·L·d·T, N without the embeddings. The MLM head runs

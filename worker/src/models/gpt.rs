@@ -121,16 +121,7 @@ impl Config {
 
     /// `config.json` as `transformers` writes it for `OpenAIGPTLMHeadModel`.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let o = v.as_object_mut().expect("object");
-        o.insert(
-            "architectures".into(),
-            serde_json::json!(["OpenAIGPTLMHeadModel"]),
-        );
-        o.insert("model_type".into(), "openai-gpt".into());
-        o.insert("tie_word_embeddings".into(), true.into());
-        o.insert("dtype".into(), "float32".into());
-        v
+        super::hf_config_json(self, "OpenAIGPTLMHeadModel", "openai-gpt", [])
     }
 
     /// Training FLOPs per token (6N + 12·L·d·T, N without the embeddings).

@@ -131,19 +131,16 @@ impl Config {
 
     /// `config.json` as `transformers` writes it for `GPT2LMHeadModel`.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let o = v.as_object_mut().expect("object");
-        o.insert(
-            "architectures".into(),
-            serde_json::json!(["GPT2LMHeadModel"]),
-        );
-        o.insert("model_type".into(), "gpt2".into());
-        o.insert("n_ctx".into(), self.n_positions.into());
-        o.insert("tie_word_embeddings".into(), true.into());
-        o.insert("scale_attn_weights".into(), true.into());
-        o.insert("use_cache".into(), true.into());
-        o.insert("dtype".into(), "float32".into());
-        v
+        super::hf_config_json(
+            self,
+            "GPT2LMHeadModel",
+            "gpt2",
+            [
+                ("n_ctx", self.n_positions.into()),
+                ("scale_attn_weights", true.into()),
+                ("use_cache", true.into()),
+            ],
+        )
     }
 
     /// Training FLOPs per token, forward and backward (Kaplan et al.: 6N + 12·L·d·T, N without

@@ -366,3 +366,23 @@ mod tests {
         }
     }
 }
+
+/// A model config as `transformers` writes it in `config.json`: the config's own fields, the
+/// architecture and model type, tied embeddings, float32, and the family's `extra` keys.
+fn hf_config_json<const N: usize>(
+    config: &impl serde::Serialize,
+    architecture: &str,
+    model_type: &str,
+    extra: [(&str, serde_json::Value); N],
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(config).expect("a model config serialises");
+    let o = v.as_object_mut().expect("a model config is a JSON object");
+    o.insert("architectures".into(), serde_json::json!([architecture]));
+    o.insert("model_type".into(), model_type.into());
+    o.insert("tie_word_embeddings".into(), true.into());
+    o.insert("dtype".into(), "float32".into());
+    for (key, value) in extra {
+        o.insert(key.into(), value);
+    }
+    v
+}
