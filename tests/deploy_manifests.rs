@@ -133,6 +133,8 @@ fn every_ferry_command_and_variable_in_deploy_docs_and_scripts_exists_in_the_bin
     let mut counts = Vec::new();
     let mut files = files_under(&deploy());
     files.push(support::root().join("README.md"));
+    // The benchmark commands are copied by readers too.
+    files.push(support::root().join("BENCHMARKS.md"));
     files.extend(
         std::fs::read_dir(support::root().join("scripts"))
             .unwrap()
