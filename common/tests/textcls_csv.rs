@@ -1,41 +1,19 @@
-//! The labelled-CSV reader on the real airline file and on malformed files written here. The
-//! real-data tests are skipped, with a message, where the data folder is absent.
+//! The labelled-CSV reader on the real airline file and on malformed files written here.
+
+mod support;
+use support::*;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferry_common::sampler::splitmix64;
-use ferry_common::textcls::{read_labelled_csv, LabelledSet};
+use ferry_common::textcls::read_labelled_csv;
 use ferry_common::DataError;
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("FERRY_DATA_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data")),
-        PathBuf::from,
-    )
-}
-
-fn tweets() -> Option<PathBuf> {
-    let path = data_dir().join("airline/Tweets.csv");
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!("skipped: no {} (set FERRY_DATA_DIR)", path.display());
-        None
-    }
-}
-
-fn read_tweets(path: &Path) -> LabelledSet {
-    read_labelled_csv(path, "text", Some("airline_sentiment"), None).unwrap()
-}
-fn strings(names: &[&str]) -> Vec<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
 
 #[test]
 fn reads_the_airline_file() {
-    let Some(path) = tweets() else { return };
+    let path = tweets();
     let set = read_tweets(&path);
     assert_eq!(set.len(), 14_640);
     let counts: Vec<(&str, usize)> = set.counts().collect();
@@ -90,7 +68,7 @@ fn reads_the_airline_file() {
 /// label with `bench/tfidf_baseline.py`'s reader (standard library only).
 #[test]
 fn python_reader_sees_the_same_records() {
-    let Some(path) = tweets() else { return };
+    let path = tweets();
     let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench");
     let script = format!(
         "import json, sys; sys.path.insert(0, {bench:?}); import tfidf_baseline as t; \
@@ -160,12 +138,6 @@ fn tolerates_bom_crlf_and_blank_lines_like_python() {
     // The blank line is skipped, not a record (as in csv.DictReader).
     assert_eq!((set.examples[1].record, set.examples[1].line), (1, 5));
     assert_eq!(set.labels, strings(&["x", "y"]));
-}
-
-fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-    let path = dir.join(name);
-    fs::write(&path, contents).unwrap();
-    path
 }
 
 /// Reads `contents` as a labelled CSV that must fail; checks that the one-line message starts

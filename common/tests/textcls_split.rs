@@ -1,41 +1,14 @@
 //! The stratified split on the real airline file and on small files written here, and the
-//! checks on loading a `split.json`. The real-data test is skipped where the data folder is absent.
+//! checks on loading a `split.json`.
+
+mod support;
+use support::*;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferry_common::textcls::{read_labelled_csv, LabelledSet, Part, Split, SplitFractions};
 use ferry_common::DataError;
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("FERRY_DATA_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data")),
-        PathBuf::from,
-    )
-}
-
-fn tweets() -> Option<PathBuf> {
-    let path = data_dir().join("airline/Tweets.csv");
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!("skipped: no {} (set FERRY_DATA_DIR)", path.display());
-        None
-    }
-}
-
-fn read_tweets(path: &Path) -> LabelledSet {
-    read_labelled_csv(path, "text", Some("airline_sentiment"), None).unwrap()
-}
-fn strings(names: &[&str]) -> Vec<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
-
-fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-    let path = dir.join(name);
-    fs::write(&path, contents).unwrap();
-    path
-}
 
 fn ideal_within_one(set: &LabelledSet, split: &Split) {
     let fractions = [
@@ -61,7 +34,7 @@ fn ideal_within_one(set: &LabelledSet, split: &Split) {
 
 #[test]
 fn split_of_the_airline_file_is_stratified_complete_and_seeded() {
-    let Some(path) = tweets() else { return };
+    let path = tweets();
     let set = read_tweets(&path);
     let split = Split::stratified(&set, SplitFractions::default(), 0).unwrap();
     assert_eq!(
