@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ferry_common::corpus::CsvTexts;
 use ferry_common::prepare::{prepare, PrepareOptions};
+use ferry_common::textcls::Part;
 use ferry_common::tokenizer::TokenizerKind;
 use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
 use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
@@ -36,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tokenize corpora (WikiText files, plain-text books) into token shards.
+    /// Tokenize corpora (WikiText files, plain-text books, a labelled CSV's texts) into token shards.
     Prepare(PrepareArgs),
     /// Pretrain a model in this process.
     Train(TrainArgs),
@@ -72,7 +74,8 @@ enum Command {
 
 #[derive(Args)]
 struct PrepareArgs {
-    /// Corpus files, directories or glob patterns (WikiText `.tokens`/`.raw`, plain-text books).
+    /// Corpus files, directories or glob patterns (WikiText `.tokens`/`.raw`, plain-text books,
+    /// and `.csv` files whose texts become one document per record).
     #[arg(long = "input", short, required = true, num_args = 1..)]
     inputs: Vec<String>,
     /// Output directory for shards, index, manifest and tokenizer.
@@ -97,6 +100,16 @@ struct PrepareArgs {
     /// Maximum tokens per shard file.
     #[arg(long, default_value_t = 16 << 20)]
     shard_tokens: u64,
+    /// The column of `.csv` inputs that holds the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Keep only the `.csv` records of one part of this split.json (from `ferry finetune`), so
+    /// that pretraining on a task's texts never sees its dev and test texts.
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// The part of --split to keep.
+    #[arg(long, default_value = "train", value_parser = ["train", "dev", "test"], requires = "split")]
+    split_part: String,
     /// Hide progress bars.
     #[arg(long)]
     no_progress: bool,
@@ -126,6 +139,11 @@ struct TrainArgs {
     /// Tokens per sequence [default: the model's context].
     #[arg(long)]
     seq_len: Option<i64>,
+    /// Start from this checkpoint's (or run directory's newest) weights instead of a fresh
+    /// initialisation, e.g. to go on pretraining on a task's texts; same architecture and
+    /// tokenizer. The optimizer and step count start anew.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Sequences per optimizer step [default: 16].
     #[arg(long)]
     global_batch: Option<u64>,
@@ -218,6 +236,12 @@ impl TrainArgs {
         set!(seed, "--seed", false);
         set!(threads, "--threads", true);
         set!(device, "--device", true);
+        if self.init_from.is_some() {
+            if self.resume && c.init_from != self.init_from {
+                fixed.push("--init-from");
+            }
+            c.init_from = self.init_from.clone();
+        }
         if self.seq_len.is_some() {
             if self.resume && c.seq_len != self.seq_len {
                 fixed.push("--seq-len");
@@ -397,6 +421,16 @@ fn run(cli: Cli) -> Result<()> {
                 val_fraction: a.val_fraction,
                 seed: a.seed,
                 shard_tokens: a.shard_tokens,
+                csv: CsvTexts {
+                    text_column: a.text_column,
+                    split: a.split.map(|file| {
+                        let part = Part::ALL
+                            .into_iter()
+                            .find(|p| p.name() == a.split_part)
+                            .unwrap_or(Part::Train);
+                        (file, part)
+                    }),
+                },
                 show_progress: !a.no_progress && std::io::stderr().is_terminal(),
                 ..PrepareOptions::default()
             };

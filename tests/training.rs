@@ -315,3 +315,58 @@ fn resume_changing_the_math_is_refused() {
     ));
     assert!(err.contains("already holds checkpoints"), "{err}");
 }
+
+/// `--init-from` starts a new run (step 0, fresh optimizer) from another run's weights: its
+/// first held-out loss is the source's last one, not a fresh model's. Data prepared with
+/// another tokenizer is refused, since the same ids would mean other tokens.
+#[test]
+fn init_from_starts_a_new_run_from_a_checkpoint_of_the_same_tokenizer() {
+    let data = prepared_shared_corpus();
+    let source = scratch("init-source");
+    run_ok(&mut train_cmd(data, &source, TWO_STEP_RUN));
+    let source_evals = series(
+        &read_jsonl(&source.join("metrics.jsonl")),
+        "eval",
+        "val_loss",
+    );
+    let (first, last) = (source_evals[0], *source_evals.last().unwrap());
+    assert_eq!((first.0, last.0), (0, 2));
+    assert!(
+        (first.1 - last.1).abs() > 1e-4,
+        "two steps did not move the held-out loss; the test could not tell the runs apart"
+    );
+
+    let warm = scratch("init-warm");
+    let mut args = TWO_STEP_RUN.to_vec();
+    let source_arg = source.display().to_string();
+    args.extend(["--init-from", source_arg.as_str()]);
+    let out = run_ok(&mut train_cmd(data, &warm, &args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("initialised from"), "{stderr}");
+    let warm_log = read_jsonl(&warm.join("metrics.jsonl"));
+    let warm_first = series(&warm_log, "eval", "val_loss")[0];
+    assert_eq!(warm_first.0, 0, "a new run starts at step 0");
+    assert!(
+        (warm_first.1 - last.1).abs() < 1e-5,
+        "started at held-out loss {}, the source ended at {}",
+        warm_first.1,
+        last.1
+    );
+    assert_eq!(series(&warm_log, "step", "loss").len(), 2);
+
+    // The same corpus with a tokenizer of another vocabulary size.
+    let other = scratch("init-other-tokenizer");
+    run_ok(
+        ferry()
+            .args(["prepare", "--no-progress", "--vocab-size", "600", "--input"])
+            .arg(data_dir().join("books/austen-emma.txt"))
+            .arg("--output")
+            .arg(&other),
+    );
+    let refused = scratch("init-refused");
+    let err = run_err(&mut train_cmd(&other, &refused, &args));
+    assert!(
+        err.contains("tokenizer.json") && err.contains("--tokenizer"),
+        "{err}"
+    );
+}

@@ -4,6 +4,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::textcls::{read_labelled_csv, Example, Part, Split};
 use crate::DataError;
 
 /// Books are cut into pieces of at most this many lines, so that a long book spreads over many
@@ -112,6 +113,70 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>, DataError> {
     } else {
         parse_book(&source, text)
     };
+    if docs.is_empty() {
+        return Err(DataError::EmptyCorpus {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(docs)
+}
+
+/// How `.csv` inputs are read: a labelled set's texts as unlabelled documents, for
+/// pretraining on the fine-tuning task's own text (ULMFiT's target-task language-model stage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvTexts {
+    /// The column holding the text (found by header name, as `ferry finetune` finds it).
+    pub text_column: String,
+    /// Keep only the records of one part of this `split.json`, so that a model pretrained on
+    /// the training texts has never seen the dev and test texts it is scored on.
+    pub split: Option<(PathBuf, Part)>,
+}
+
+impl Default for CsvTexts {
+    fn default() -> Self {
+        CsvTexts {
+            text_column: "text".to_owned(),
+            split: None,
+        }
+    }
+}
+
+/// True for the files [`read_csv_documents`] reads: names ending in `.csv`.
+pub fn is_csv(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+/// Reads a labelled CSV (the reader of `ferry finetune`: quoted newlines, HTML entities) into
+/// one document per record, in record order: its text's non-blank lines, trimmed. With a split,
+/// only the records of its chosen part are kept, and a split made for another file (another
+/// record count) is refused.
+pub fn read_csv_documents(path: &Path, csv: &CsvTexts) -> Result<Vec<Document>, DataError> {
+    let set = read_labelled_csv(path, &csv.text_column, None, None)?;
+    let split = match &csv.split {
+        Some((split_path, part)) => Some((Split::load(split_path, &set)?, *part)),
+        None => None,
+    };
+    let source = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    let document = |example: &Example| Document {
+        source: source.clone(),
+        title: None,
+        lines: example
+            .text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    let docs: Vec<Document> = match &split {
+        Some((split, part)) => split.examples(*part, &set).map(document).collect(),
+        None => set.examples.iter().map(document).collect(),
+    };
+    let docs: Vec<Document> = docs.into_iter().filter(|d| !d.lines.is_empty()).collect();
     if docs.is_empty() {
         return Err(DataError::EmptyCorpus {
             path: path.to_path_buf(),

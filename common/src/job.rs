@@ -128,6 +128,11 @@ pub struct ModelSection {
     /// Per-field overrides of the model's `config.json`, e.g. `n_layer = 2`.
     #[serde(default)]
     pub overrides: BTreeMap<String, toml::Value>,
+    /// Start from these weights instead of a fresh initialisation: a checkpoint or a run
+    /// directory (its newest checkpoint) of the same architecture and tokenizer, e.g. to go on
+    /// pretraining a model on a task's own text. The optimizer and the step count start anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -628,5 +633,17 @@ micro = 4
         let e = error_of(&MINIMAL.replace("[batch]\nglobal = 16\nmicro = 4\n", ""));
         assert!(e.contains("batch"), "{e}");
         assert!(!e.contains('\n'));
+    }
+    #[test]
+    fn init_from_is_optional_and_left_out_of_specs_without_it() {
+        let spec = JobSpec::from_toml(MINIMAL, "job.toml").unwrap();
+        assert_eq!(spec.model.init_from, None);
+        // Specs written before the field existed serialize as they did.
+        assert!(!spec.to_toml().contains("init_from"));
+        let with = MINIMAL.replace("[data]", "init_from = \"runs/base\"\n\n[data]");
+        let spec = JobSpec::from_toml(&with, "job.toml").unwrap();
+        assert_eq!(spec.model.init_from, Some(PathBuf::from("runs/base")));
+        let again = JobSpec::from_toml(&spec.to_toml(), "again.toml").unwrap();
+        assert_eq!(spec, again);
     }
 }

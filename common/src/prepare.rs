@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
-use crate::corpus::{expand_inputs, read_documents, Document};
+use crate::corpus::{
+    expand_inputs, is_csv, read_csv_documents, read_documents, CsvTexts, Document,
+};
 use crate::shards::{
     sha256_hex, token_bytes_for, Manifest, SourceInfo, SplitInfo, SplitWriter, FORMAT,
     MANIFEST_FILE, TOKENIZER_FILE, VERSION,
@@ -39,6 +41,8 @@ pub struct PrepareOptions {
     /// Seeds the train/val assignment.
     pub seed: u64,
     pub shard_tokens: u64,
+    /// How `.csv` inputs are read.
+    pub csv: CsvTexts,
     /// Progress bars on stderr.
     pub show_progress: bool,
 }
@@ -54,6 +58,7 @@ impl Default for PrepareOptions {
             val_fraction: 0.02,
             seed: 0,
             shard_tokens: 16 << 20,
+            csv: CsvTexts::default(),
             show_progress: false,
         }
     }
@@ -67,7 +72,13 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
     check_options(opts)?;
     check_output(&opts.output)?;
     let paths = expand_inputs(&opts.inputs)?;
-    let files = read_all(&paths, opts.show_progress)?;
+    if opts.csv.split.is_some() && !paths.iter().any(|p| is_csv(p)) {
+        return Err(DataError::InvalidOption {
+            option: "split",
+            message: "a split only selects records of `.csv` inputs, and there is none".to_owned(),
+        });
+    }
+    let files = read_all(&paths, &opts.csv, opts.show_progress)?;
     let sources: Vec<SourceInfo> = files
         .iter()
         .map(|file| SourceInfo {
@@ -191,13 +202,22 @@ struct InputFile {
 /// Reads every file in parallel, in input order. An empty file is kept with no documents (it
 /// shows in the manifest's sources); any other bad file stops everything, and the error
 /// reported is that of the first bad file in input order.
-fn read_all(paths: &[PathBuf], show_progress: bool) -> Result<Vec<InputFile>, DataError> {
+fn read_all(
+    paths: &[PathBuf],
+    csv: &CsvTexts,
+    show_progress: bool,
+) -> Result<Vec<InputFile>, DataError> {
     let bar = progress_bar(show_progress, paths.len(), "reading");
     let results: Vec<Result<InputFile, DataError>> = paths
         .par_iter()
         .map(|path| {
             let bytes = fs::metadata(path).map_err(DataError::io(path))?.len();
-            let docs = match read_documents(path) {
+            let read = if is_csv(path) {
+                read_csv_documents(path, csv)
+            } else {
+                read_documents(path)
+            };
+            let docs = match read {
                 Err(DataError::EmptyCorpus { .. }) => Vec::new(),
                 other => other?,
             };

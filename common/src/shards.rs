@@ -81,7 +81,8 @@ pub(crate) fn token_bytes_for(vocab_size: usize) -> u8 {
     }
 }
 
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+/// Lowercase hex SHA-256, as the manifest records files.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 

@@ -181,3 +181,103 @@ fn tampered_split_files_are_refused() {
         Err(DataError::Split { .. })
     ));
 }
+
+/// The texts `ferry prepare` takes from a labelled CSV for pretraining on the task (ULMFiT's
+/// second stage) are exactly those of the split's training part, in record order: dev and test
+/// tweets never reach the language model that is later scored on them.
+#[test]
+fn pretraining_texts_of_a_split_are_its_training_part_only() {
+    use ferry_common::corpus::{read_csv_documents, CsvTexts};
+    use ferry_common::prepare::{prepare, PrepareOptions};
+
+    let path = tweets();
+    let set = read_tweets(&path);
+    let split = Split::stratified(&set, SplitFractions::default(), 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let split_path = dir.path().join("split.json");
+    split.save(&split_path).unwrap();
+
+    let csv = CsvTexts {
+        text_column: "text".into(),
+        split: Some((split_path.clone(), Part::Train)),
+    };
+    let docs = read_csv_documents(&path, &csv).unwrap();
+    assert_eq!(docs.len(), split.train.len());
+    for (doc, &record) in docs.iter().zip(&split.train) {
+        let lines: Vec<&str> = set.examples[record]
+            .text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(doc.text(), lines.join("\n"), "record {record}");
+    }
+    // A record of dev was in the file, and is not among the documents.
+    let dev_record = split.dev[0];
+    assert!(
+        !split.train.contains(&dev_record) && docs.len() < set.len(),
+        "the split keeps records out"
+    );
+
+    let all = read_csv_documents(&path, &CsvTexts::default()).unwrap();
+    assert_eq!(all.len(), set.len(), "without a split, every record");
+
+    // Through `prepare`: every training tweet lands in the train or val split of the shards.
+    let out = dir.path().join("prepared");
+    let manifest = prepare(&PrepareOptions {
+        inputs: vec![path.display().to_string()],
+        output: out.clone(),
+        vocab_size: 512,
+        val_fraction: 0.05,
+        csv,
+        ..PrepareOptions::default()
+    })
+    .unwrap();
+    let documents: u64 = manifest.splits.values().map(|s| s.documents).sum();
+    assert_eq!(documents, split.train.len() as u64);
+    assert!(manifest.splits["val"].documents > 0);
+}
+
+#[test]
+fn pretraining_texts_refuse_a_split_of_another_file_and_a_split_without_a_csv() {
+    use ferry_common::corpus::{read_csv_documents, CsvTexts};
+    use ferry_common::prepare::{prepare, PrepareOptions};
+
+    let set = read_tweets(&tweets());
+    let split = Split::stratified(&set, SplitFractions::default(), 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let split_path = dir.path().join("split.json");
+    split.save(&split_path).unwrap();
+    let other = write(
+        dir.path(),
+        "other.csv",
+        "text,airline_sentiment\nhello,positive\nawful,negative\n",
+    );
+    let csv = CsvTexts {
+        text_column: "text".into(),
+        split: Some((split_path.clone(), Part::Train)),
+    };
+    let err = read_csv_documents(&other, &csv).unwrap_err();
+    assert!(matches!(err, DataError::Split { .. }), "{err}");
+    assert!(err.to_string().contains("14640 records"), "{err}");
+
+    let err = read_csv_documents(
+        &other,
+        &CsvTexts {
+            text_column: "tweet".into(),
+            split: None,
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tweet"), "{err}");
+
+    let book = write(dir.path(), "book.txt", "One sentence here.\nAnother one.\n");
+    let err = prepare(&PrepareOptions {
+        inputs: vec![book.display().to_string()],
+        output: dir.path().join("prepared"),
+        csv,
+        ..PrepareOptions::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains(".csv"), "{err}");
+}

@@ -38,6 +38,10 @@ pub struct TrainConfig {
     pub data: PathBuf,
     /// Tokens per training sequence; defaults to the model's context length.
     pub seq_len: Option<i64>,
+    /// Start from this checkpoint's (or run directory's newest checkpoint's) weights instead
+    /// of a fresh initialisation; the optimizer and step count start anew.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     /// Sequences per optimizer step, whatever the number of processes.
     pub global_batch: u64,
     /// Sequences per forward/backward pass.
@@ -153,6 +157,7 @@ impl TrainConfig {
             overrides: spec.override_strings(),
             data: spec.data.shards.clone(),
             seq_len: Some(spec.data.seq_len as i64),
+            init_from: spec.model.init_from.clone(),
             global_batch: spec.batch.global,
             micro_batch: spec.batch.micro,
             steps: spec.job.steps,
@@ -175,6 +180,7 @@ impl TrainConfig {
             overrides: Vec::new(),
             data: PathBuf::from("data-prepared"),
             seq_len: None,
+            init_from: None,
             global_batch: 16,
             micro_batch: 8,
             steps: 300,
@@ -216,6 +222,54 @@ pub(crate) struct Data {
     train: TokenSplit,
     val: TokenSplit,
     tokenizer_path: PathBuf,
+}
+
+/// Loads a pretrained model's weights into a fresh `ps` for a new run: the model must be of
+/// the run's family with the same tensor shapes, and its tokenizer must be the one the data
+/// was prepared with, or its token ids would mean other tokens. Returns the checkpoint read.
+fn load_initial_weights(
+    source: &Path,
+    ps: &ParamStore,
+    mc: &ModelConfig,
+    data_dir: &Path,
+    manifest: &ferry_common::shards::Manifest,
+) -> Result<PathBuf> {
+    let dir = crate::pretrained::resolve_model_dir(source)?;
+    checkpoint::verify(&dir)?;
+    let config_path = dir.join(checkpoint::CONFIG_FILE);
+    let theirs = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
+    if theirs.family() != mc.family() {
+        return Err(EngineError::file(
+            &config_path,
+            format!(
+                "is a {} model, and this run trains {}",
+                theirs.family().name(),
+                mc.family().name()
+            ),
+        ));
+    }
+    let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
+    let tokenizer =
+        std::fs::read(&tokenizer_path).map_err(|e| EngineError::io(&tokenizer_path, e))?;
+    if ferry_common::shards::sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
+        return Err(EngineError::file(
+            &tokenizer_path,
+            format!(
+                "is not the tokenizer {} was prepared with; prepare it again with \
+                 `ferry prepare --tokenizer {}`",
+                data_dir.display(),
+                tokenizer_path.display()
+            ),
+        ));
+    }
+    let model_path = dir.join(checkpoint::MODEL_FILE);
+    weights::load_into(
+        ps,
+        &weights::load_safetensors(&model_path)?,
+        mc.family().base_prefix(),
+        &model_path,
+    )?;
+    Ok(dir)
 }
 
 /// Training state that lives across steps.
@@ -414,6 +468,10 @@ impl Engine {
         tch::manual_seed(mix_seed(&[cfg.seed, 0x1417]) as i64 & i64::MAX);
         let mut ps = ParamStore::new(device);
         let model = Model::new(&mut ps, &mc)?;
+        if let Some(source) = &cfg.init_from {
+            let from = load_initial_weights(source, &ps, &mc, &cfg.data, &manifest)?;
+            eprintln!("initialised from {}", from.display());
+        }
         let flops_per_token = mc.flops_per_token(seq_len, model.non_embedding_params(&ps));
         let opt = AdamW::new(
             &ps,
