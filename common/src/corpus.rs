@@ -104,10 +104,7 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, DataError> {
     let bytes = fs::read(path).map_err(DataError::io(path))?;
     let text = decode_text(path, &bytes)?;
-    let source = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
+    let source = source_name(path);
     let docs = if is_wikitext(path, text) {
         parse_wikitext(&source, text)
     } else {
@@ -157,10 +154,7 @@ pub fn read_csv_documents(path: &Path, csv: &CsvTexts) -> Result<Vec<Document>, 
         Some((split_path, part)) => Some((Split::load(split_path, &set)?, *part)),
         None => None,
     };
-    let source = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
+    let source = source_name(path);
     let document = |example: &Example| Document {
         source: source.clone(),
         title: None,
@@ -183,6 +177,14 @@ pub fn read_csv_documents(path: &Path, csv: &CsvTexts) -> Result<Vec<Document>, 
         });
     }
     Ok(docs)
+}
+
+/// The name a document records as its source: the file's name without its directories.
+fn source_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
 }
 
 /// Checks that `bytes` are UTF-8 text and returns them without a byte-order mark.
