@@ -21,6 +21,16 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
         .ok_or_else(|| EngineError::file(dir, "holds neither config.json nor checkpoints/step-*"))
 }
 
+/// Resolves `dir` ([`resolve_model_dir`]), checks its `checksums.json` when there is one and
+/// reads its `config.json`: what every reader of a model directory starts with.
+pub fn open_model_dir(dir: &Path) -> Result<(PathBuf, ModelConfig)> {
+    let dir = resolve_model_dir(dir)?;
+    checkpoint::verify(&dir)?;
+    let config_path = dir.join(checkpoint::CONFIG_FILE);
+    let config = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
+    Ok((dir, config))
+}
+
 pub struct LoadedModel {
     pub dir: PathBuf,
     pub params: ParamStore,
@@ -31,10 +41,7 @@ pub struct LoadedModel {
 /// Reads `config.json` (its `model_type` picks the family), builds the model and loads
 /// `model.safetensors` into it, after checking `checksums.json` when there is one.
 pub fn load_model(dir: &Path, device: Device) -> Result<LoadedModel> {
-    let dir = resolve_model_dir(dir)?;
-    checkpoint::verify(&dir)?;
-    let config_path = dir.join(checkpoint::CONFIG_FILE);
-    let config = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
+    let (dir, config) = open_model_dir(dir)?;
     let mut params = ParamStore::new(device);
     let model = Model::new(&mut params, &config)?;
     let weights_path = dir.join(checkpoint::MODEL_FILE);

@@ -234,13 +234,10 @@ fn load_initial_weights(
     data_dir: &Path,
     manifest: &ferry_common::shards::Manifest,
 ) -> Result<PathBuf> {
-    let dir = crate::pretrained::resolve_model_dir(source)?;
-    checkpoint::verify(&dir)?;
-    let config_path = dir.join(checkpoint::CONFIG_FILE);
-    let theirs = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
+    let (dir, theirs) = crate::pretrained::open_model_dir(source)?;
     if theirs.family() != mc.family() {
         return Err(EngineError::file(
-            &config_path,
+            dir.join(checkpoint::CONFIG_FILE),
             format!(
                 "is a {} model, and this run trains {}",
                 theirs.family().name(),
