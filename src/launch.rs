@@ -172,6 +172,15 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         bail!("--workers must be at least 1");
     }
     let spec = JobSpec::from_file(&a.job)?;
+    // A new job that starts from other weights: check them once here, or every worker would
+    // fail on them in turn and be restarted before the job gives up.
+    if spec.model.init_from.is_some()
+        && ferry_worker::checkpoint::latest(&spec.job.run_dir)?.is_none()
+    {
+        ferry_worker::train::TrainConfig::from_job(&spec, 1, "cpu")
+            .check_init_from()
+            .with_context(|| format!("{}: [model] init_from", a.job.display()))?;
+    }
     let state = a
         .state
         .clone()

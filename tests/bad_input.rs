@@ -259,3 +259,58 @@ fn generate_from_a_bert_checkpoint() {
         "{err}"
     );
 }
+
+/// A `launch`ed job whose `init_from` cannot start it is refused before any process starts:
+/// one error naming the job file and what is wrong, not every worker failing in turn.
+#[test]
+fn launch_refuses_an_init_from_that_cannot_start_the_job() {
+    let data = small_prepared("launch-init-gpt2");
+    let bert_data = small_prepared_for("launch-init-bert", "bert");
+    let bert_run = scratch("launch-init-bert-run");
+    run_ok(&mut tiny_train(&bert_data, &bert_run, &["--model", "bert"]));
+    let dir = scratch("launch-init-job");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, init_from, expected) in [
+        (
+            "missing",
+            dir.join("no-such-run"),
+            "no such model directory",
+        ),
+        (
+            "bert",
+            bert_run.clone(),
+            "is a bert model, and this run trains gpt2",
+        ),
+    ] {
+        let run = dir.join(format!("run-{name}"));
+        let job = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &job,
+            format!(
+                "[job]\nname = \"init-{name}\"\nsteps = 2\nrun_dir = \"{}\"\n\n\
+                 [model]\nfamily = \"gpt2\"\nsize = \"tiny\"\ninit_from = \"{}\"\n\n\
+                 [data]\nshards = \"{}\"\nseq_len = 32\n\n[batch]\nglobal = 4\nmicro = 2\n",
+                run.display(),
+                init_from.display(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        let err = run_err(
+            ferry()
+                .args(["launch", "--local", "--workers", "2", "--no-progress"])
+                .arg(&job),
+        );
+        assert!(
+            err.contains(&job.display().to_string())
+                && err.contains("init_from")
+                && err.contains(expected),
+            "{err}"
+        );
+        assert!(
+            !run.exists(),
+            "{}: created for a refused job",
+            run.display()
+        );
+    }
+}

@@ -224,24 +224,24 @@ pub(crate) struct Data {
     tokenizer_path: PathBuf,
 }
 
-/// Loads a pretrained model's weights into a fresh `ps` for a new run: the model must be of
-/// the run's family with the same tensor shapes, and its tokenizer must be the one the data
-/// was prepared with, or its token ids would mean other tokens. Returns the checkpoint read.
-fn load_initial_weights(
+/// Checks that `source` can start a new run of `family` on the data in `data_dir`: a model
+/// of that family whose tokenizer is the one the data was prepared with, or its token ids
+/// would mean other tokens. Returns the checkpoint it resolves to. Shapes are checked when
+/// the weights are loaded ([`load_initial_weights`]).
+pub fn check_initial_weights(
     source: &Path,
-    ps: &ParamStore,
-    mc: &ModelConfig,
+    family: Family,
     data_dir: &Path,
     manifest: &ferry_common::shards::Manifest,
 ) -> Result<PathBuf> {
     let (dir, theirs) = crate::pretrained::open_model_dir(source)?;
-    if theirs.family() != mc.family() {
+    if theirs.family() != family {
         return Err(EngineError::file(
             dir.join(checkpoint::CONFIG_FILE),
             format!(
                 "is a {} model, and this run trains {}",
                 theirs.family().name(),
-                mc.family().name()
+                family.name()
             ),
         ));
     }
@@ -259,6 +259,33 @@ fn load_initial_weights(
             ),
         ));
     }
+    Ok(dir)
+}
+
+impl TrainConfig {
+    /// [`check_initial_weights`] for this config's `init_from`, when it has one: what
+    /// `ferry launch` runs before it starts any worker, so that a wrong path or tokenizer is
+    /// one error up front rather than every worker failing and being restarted.
+    pub fn check_init_from(&self) -> Result<Option<PathBuf>> {
+        let Some(source) = &self.init_from else {
+            return Ok(None);
+        };
+        let manifest = ferry_common::shards::Manifest::load(&self.data)?;
+        let family = Family::parse(&self.model)?;
+        check_initial_weights(source, family, &self.data, &manifest).map(Some)
+    }
+}
+
+/// Loads a pretrained model's weights into a fresh `ps` for a new run, after
+/// [`check_initial_weights`]; tensor shapes must match. Returns the checkpoint read.
+fn load_initial_weights(
+    source: &Path,
+    ps: &ParamStore,
+    mc: &ModelConfig,
+    data_dir: &Path,
+    manifest: &ferry_common::shards::Manifest,
+) -> Result<PathBuf> {
+    let dir = check_initial_weights(source, mc.family(), data_dir, manifest)?;
     let model_path = dir.join(checkpoint::MODEL_FILE);
     weights::load_into(
         ps,

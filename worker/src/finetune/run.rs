@@ -5,13 +5,13 @@
 use super::classifier::{Classifier, Pooling, TextBatch};
 use super::encode::TextEncoder;
 use super::saved::{self, FinetuneInfo};
-use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{MODEL_FILE, TOKENIZER_FILE};
 use crate::error::{EngineError, Result};
-use crate::fsutil::{read_json, write_atomic, write_json};
+use crate::fsutil::{write_atomic, write_json};
 use crate::models::{ModelConfig, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::pretrained::resolve_model_dir;
-use crate::{checkpoint, runtime, weights};
+use crate::pretrained::open_model_dir;
+use crate::{runtime, weights};
 use ferry_common::sampler::{mix_seed, shuffle};
 use ferry_common::textcls::recipe::{
     discriminative_lrs, lowest_trainable_group, warmup_linear_decay,
@@ -135,20 +135,15 @@ struct Start {
     config: ModelConfig,
     tokenizer: PathBuf,
     weights: Option<PathBuf>,
-    eos: Option<i64>,
     name: String,
 }
 
 fn open_source(source: &Source) -> Result<Start> {
     let (dir, pretrained) = match source {
-        Source::Pretrained(d) => (resolve_model_dir(d)?, true),
-        Source::ScratchLike(d) => (resolve_model_dir(d)?, false),
+        Source::Pretrained(d) => (d, true),
+        Source::ScratchLike(d) => (d, false),
     };
-    checkpoint::verify(&dir)?;
-    let config_path = dir.join(CONFIG_FILE);
-    let raw: serde_json::Value = read_json(&config_path)?;
-    let eos = raw.get("eos_token_id").and_then(|v| v.as_i64());
-    let config = ModelConfig::from_hf_json(raw, &config_path)?;
+    let (dir, config) = open_model_dir(dir)?;
     let tokenizer = dir.join(TOKENIZER_FILE);
     if !tokenizer.is_file() {
         return Err(EngineError::file(
@@ -160,7 +155,6 @@ fn open_source(source: &Source) -> Result<Start> {
         config,
         tokenizer,
         weights: pretrained.then(|| dir.join(MODEL_FILE)),
-        eos,
         name: if pretrained {
             dir.display().to_string()
         } else {
@@ -247,7 +241,13 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
         eprintln!("loaded {}; new: {}", path.display(), fresh.join(", "));
     }
     let tokenizer = ferry_common::tokenizer::load_tokenizer(&start.tokenizer)?;
-    let enc = TextEncoder::new(tokenizer, &start.tokenizer, family, cfg.max_len, start.eos)?;
+    let enc = TextEncoder::new(
+        tokenizer,
+        &start.tokenizer,
+        family,
+        cfg.max_len,
+        start.config.eos_token_id(),
+    )?;
     let mut train = encode_part(&set, &split, Part::Train, &enc)?;
     if let Some(n) = cfg.train_examples {
         train = stratified_subset(train, n, set.labels.len(), cfg.seed);

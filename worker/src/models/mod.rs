@@ -153,6 +153,16 @@ impl ModelConfig {
         }
     }
 
+    /// The document-end token of the causal families (what `transformers` pads GPT-2 with);
+    /// BERT has none.
+    pub fn eos_token_id(&self) -> Option<i64> {
+        match self {
+            ModelConfig::Gpt2(c) => c.eos_token_id,
+            ModelConfig::Gpt(c) => c.eos_token_id,
+            ModelConfig::Bert(_) => None,
+        }
+    }
+
     /// Records the tokenizer's special ids: the document-end token of the causal families
     /// (also what generation starts from), BERT's [PAD].
     pub fn set_special_tokens(&mut self, document_end: i64, pad: Option<i64>) {
