@@ -105,11 +105,25 @@ fn single_worker_training() -> PathBuf {
 
 /// A whole `ferry launch --local` run of the test job with `workers` processes.
 fn launched_run(name: &str, family: &str, workers: u32) -> PathBuf {
+    launched_run_from(name, family, workers, None)
+}
+
+/// [`launched_run`], starting from `init_from`'s weights when given.
+fn launched_run_from(name: &str, family: &str, workers: u32, init_from: Option<&Path>) -> PathBuf {
     let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
     let cluster = format!("min_workers = {workers}\nsettle_s = 0.0");
-    std::fs::write(dir.join("job.toml"), job_for(family, &run, &cluster)).unwrap();
+    let mut spec = job_for(family, &run, &cluster);
+    if let Some(source) = init_from {
+        let size = "size = \"tiny\"\n";
+        assert!(spec.contains(size));
+        spec = spec.replace(
+            size,
+            &format!("{size}init_from = \"{}\"\n", source.display()),
+        );
+    }
+    std::fs::write(dir.join("job.toml"), spec).unwrap();
     support::run_ok(
         support::ferry()
             .args(["launch", "--local", "--threads", "1", "--no-progress"])
@@ -145,6 +159,31 @@ fn two_workers_train_the_same_model_as_one() {
         .map(|r| r["world_size"].as_u64().unwrap())
         .collect();
     assert!(worlds.iter().all(|&w| w == 2), "{worlds:?}");
+}
+
+/// `init_from` in a launched job: every worker loads the same weights, so two workers going on
+/// from a trained model reach the same weights as one, and they start where that model ended,
+/// not from a fresh initialisation.
+#[test]
+fn two_workers_started_from_a_checkpoint_train_the_same_model_as_one() {
+    let source = single_worker_run();
+    let one = launched_run_from("dp-init-one", "gpt2", 1, Some(&source.0));
+    let reference = (one.clone(), final_weights(&one), step_losses(&one));
+    let two = launched_run_from("dp-init-two", "gpt2", 2, Some(&source.0));
+    assert_same_training(&reference, &two);
+    // The same job seed gives the same first batch as the source's first step: a fresh model's
+    // loss on it is the source's first loss; the loaded model has trained on it.
+    let fresh_first = source.2[0].1;
+    let source_last = source.2.last().unwrap().1;
+    let first = reference.2[0].1;
+    assert!(
+        fresh_first - source_last > 0.5,
+        "the source run learned too little to tell: {fresh_first} -> {source_last}"
+    );
+    assert!(
+        first < source_last + 0.25 * (fresh_first - source_last),
+        "first loss {first}: not started from the source (fresh {fresh_first}, source's last {source_last})"
+    );
 }
 
 /// BERT's losses are divided by the step's global counts of predicted tokens and pairs, and
