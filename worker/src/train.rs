@@ -228,7 +228,7 @@ pub(crate) struct Data {
 /// of that family whose tokenizer is the one the data was prepared with, or its token ids
 /// would mean other tokens. Returns the checkpoint it resolves to. Shapes are checked when
 /// the weights are loaded ([`load_initial_weights`]).
-pub fn check_initial_weights(
+fn check_initial_weights(
     source: &Path,
     family: Family,
     data_dir: &Path,
