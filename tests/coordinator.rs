@@ -127,6 +127,67 @@ async fn world_size_changes_mid_epoch_keep_exactly_once() {
     assert_eq!(status.workers.len(), 4, "the leaver is gone from the table");
 }
 
+/// The race CI caught: rank 1 commits step s and asks for s + 1, which is a step boundary, so a
+/// pending join proposes the next generation; rank 0's commit of s arrives after that. The step
+/// is in the ledger with rank 0's slice, so the coordinator confirms it rather than answering
+/// "not the running group" (which sent rank 0 to rendezvous with the step left out of its
+/// metrics).
+#[tokio::test]
+async fn a_commit_arriving_after_a_join_dissolved_the_group_is_confirmed() {
+    let c = CoordinatorProc::start(
+        "late-confirm",
+        &job("late-confirm", "min_workers = 2\nsettle_s = 0.0"),
+        &[],
+    );
+    let mut workers = join_n(&c, 2, "l").await;
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 3).await;
+    let g1 = workers[0].generation;
+    let (fast, slow) = if workers[0].rank == 1 { (0, 1) } else { (1, 0) };
+    for w in workers.iter_mut() {
+        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
+    }
+    assert_eq!(workers[fast].commit().await.unwrap(), 4);
+    workers.extend(join_n(&c, 1, "late").await);
+    assert_eq!(workers[fast].next_step().await.unwrap(), Next::Regroup);
+    assert_eq!(c.status().await.generation, g1 + 1, "the join proposed a generation");
+
+    // Rank 0's commit of step 3 is confirmed, in the dissolved generation's name.
+    assert_eq!(workers[slow].commit().await.expect("late confirmation"), 4);
+    // A forged one is not: the digest must be the slice the ledger gave that rank.
+    let applied = workers[slow].trained.last().cloned().unwrap();
+    let err = workers[slow]
+        .c
+        .coordinator
+        .clone()
+        .commit_step(proto::CommitStepRequest {
+            worker_id: workers[slow].id.clone(),
+            generation: g1,
+            step: 3,
+            loss: 1.0,
+            tokens: 1,
+            step_time_s: 0.01,
+            allreduce_s: 0.0,
+            sequences_digest: ferry_common::sampler::sequences_digest(&applied.ids) ^ 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // The step after it, in the old generation, still sends the rank to rendezvous.
+    assert_eq!(workers[slow].next_step().await.unwrap(), Next::Regroup);
+
+    rendezvous_all(&mut workers).await;
+    assert!(workers
+        .iter()
+        .all(|w| w.world == 3 && w.generation == g1 + 1 && w.state_step == Some(4)));
+    run_steps(&mut workers, 5).await;
+    let ledger = c.ledger().await;
+    let sizes: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
+    assert_eq!(sizes, [2, 2, 2, 2, 3, 3, 3, 3, 3]);
+    let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
+    verify_exactly_once(&ledger, &trained);
+}
+
 #[tokio::test]
 async fn silent_worker_is_declared_dead_and_survivor_regroups() {
     let c = CoordinatorProc::start(

@@ -887,6 +887,9 @@ impl JobState {
         now: Instant,
     ) -> Result<proto::CommitStepReply, Status> {
         self.worker_mut(&req.worker_id, now)?;
+        if let Some(reply) = self.late_confirmation(req)? {
+            return Ok(reply);
+        }
         let Some(rank) = self.member_rank(&req.worker_id, req.generation)? else {
             return Err(Status::failed_precondition(format!(
                 "generation {} is not the running group (newest is {}): regroup",
@@ -933,6 +936,52 @@ impl JobState {
         Ok(proto::CommitStepReply {
             committed_steps: self.job.committed,
         })
+    }
+
+    /// A rank's commit of the step just recorded, arriving after its group was dissolved: a
+    /// join or a loss proposed the next generation between the first rank's commit and this
+    /// one's. The step is in the ledger with this rank's slice, so the answer is yes; a
+    /// refusal would make the rank treat a step it applied, and that counts, as unconfirmed
+    /// (and, on rank 0, leave it out of the run's metrics).
+    fn late_confirmation(
+        &mut self,
+        req: &proto::CommitStepRequest,
+    ) -> Result<Option<proto::CommitStepReply>, Status> {
+        let in_running_group = matches!(self.phase, Phase::Formed)
+            && self
+                .job
+                .formed
+                .as_ref()
+                .is_some_and(|f| f.generation == req.generation);
+        let Some(tail) = self.ledger_tail.as_ref() else {
+            return Ok(None);
+        };
+        if in_running_group
+            || tail.generation != req.generation
+            || tail.step != req.step
+            || req.step + 1 != self.job.committed
+        {
+            return Ok(None);
+        }
+        let Some(slice) = tail.slices.iter().find(|s| s.worker_id == req.worker_id) else {
+            return Ok(None);
+        };
+        let ids: Vec<u64> = (slice.stream_start..slice.stream_start + slice.count)
+            .map(|p| self.order.at(p).1)
+            .collect();
+        let expected = sequences_digest(&ids);
+        if req.sequences_digest != expected {
+            return Err(Status::invalid_argument(format!(
+                "sequences digest {:#x} does not match the slice of rank {} at step {} ({expected:#x})",
+                req.sequences_digest, slice.rank, req.step
+            )));
+        }
+        if let Some(w) = self.workers.get_mut(&req.worker_id) {
+            w.step = w.step.max(req.step + 1);
+        }
+        Ok(Some(proto::CommitStepReply {
+            committed_steps: self.job.committed,
+        }))
     }
 
     /// Commits step `job.committed`, as trained by the group `by`.

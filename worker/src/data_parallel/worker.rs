@@ -62,6 +62,20 @@ enum Regroup {
     Failed(String),
 }
 
+/// What rank 0 logs of a step once it counts: `step` is the number of steps committed with it.
+#[derive(Clone, Debug)]
+struct StepRecord {
+    step: u64,
+    generation: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    secs: f64,
+    tokens_per_s: f64,
+    allreduce_s: f64,
+    world: u32,
+}
+
 enum Outcome {
     Exit(WorkerExit),
     Regroup(Regroup),
@@ -85,6 +99,10 @@ struct Worker {
     progress: Arc<Mutex<Progress>>,
     patience: Duration,
     metrics: Option<MetricsLog>,
+    /// A step this worker applied whose commit the coordinator refused because the group was
+    /// changing. It counts if the next group starts right after it (the coordinator then
+    /// records it from the held state); that group's rank 0 logs it.
+    unconfirmed: Option<StepRecord>,
 }
 
 fn rpc(what: &str, s: Status) -> anyhow::Error {
@@ -174,6 +192,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         progress,
         patience: opts.patience,
         metrics: None,
+        unconfirmed: None,
     };
     let exit = loop {
         let reply = w.rendezvous()?;
@@ -423,6 +442,11 @@ impl Worker {
         } else {
             self.metrics = None;
         }
+        if let Some(record) = self.unconfirmed.take() {
+            if rank == 0 && record.step == reply.start_step {
+                self.after_step(&record)?;
+            }
+        }
         let tokens_per_step = self.spec.batch.global * self.spec.data.seq_len;
         loop {
             let step = self.state_step.expect("holds the group state");
@@ -491,6 +515,17 @@ impl Worker {
                 allreduce_s,
                 sequences_digest: sequences_digest(&plan.sequence_ids),
             };
+            let record = StepRecord {
+                step: step + 1,
+                generation: self.generation,
+                loss,
+                lr,
+                grad_norm,
+                secs,
+                tokens_per_s: tps,
+                allreduce_s,
+                world: plan.world_size,
+            };
             let committed = self.rt.block_on(with_backoff(self.patience, || {
                 let mut c = self.clients.coordinator.clone();
                 let req = commit.clone();
@@ -501,7 +536,8 @@ impl Worker {
                 // The group changed while this step ran; the step is ours (applied) and the
                 // coordinator learns so at rendezvous.
                 Err(s) if s.code() == Code::FailedPrecondition => {
-                    return Ok(Outcome::Regroup(Regroup::Asked))
+                    self.unconfirmed = Some(record);
+                    return Ok(Outcome::Regroup(Regroup::Asked));
                 }
                 Err(s) => return Err(rpc("commit_step", s)),
             }
@@ -525,16 +561,7 @@ impl Worker {
                 world_size: plan.world_size,
             });
             if rank == 0 {
-                self.after_step(
-                    step + 1,
-                    loss,
-                    lr,
-                    grad_norm,
-                    secs,
-                    tps,
-                    allreduce_s,
-                    plan.world_size,
-                )?;
+                self.after_step(&record)?;
             }
         }
     }
@@ -573,18 +600,16 @@ impl Worker {
         Ok(None)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn after_step(
-        &mut self,
-        step: u64,
-        loss: f64,
-        lr: f64,
-        grad_norm: f64,
-        secs: f64,
-        tps: f64,
-        allreduce_s: f64,
-        world: u32,
-    ) -> Result<()> {
+    /// Rank 0, once a step counts: its metrics line, and the evaluation and checkpoint due.
+    fn after_step(&mut self, r: &StepRecord) -> Result<()> {
+        let StepRecord {
+            step,
+            loss,
+            lr,
+            world,
+            ..
+        } = *r;
+        let tps = r.tokens_per_s;
         let mfu = telemetry::model_flops_utilization(
             self.engine.flops_per_token,
             tps,
@@ -593,10 +618,10 @@ impl Worker {
         );
         if let Some(log) = &mut self.metrics {
             log.write(&json!({
-                "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": r.grad_norm,
                 "tokens": step * self.spec.batch.global * self.spec.data.seq_len,
-                "step_ms": secs * 1e3, "allreduce_ms": allreduce_s * 1e3, "tokens_per_s": tps,
-                "mfu": mfu, "world_size": world, "generation": self.generation,
+                "step_ms": r.secs * 1e3, "allreduce_ms": r.allreduce_s * 1e3, "tokens_per_s": tps,
+                "mfu": mfu, "world_size": world, "generation": r.generation,
             }))?;
         }
         if step % 10 == 0 || step == self.spec.job.steps {
