@@ -150,7 +150,11 @@ async fn a_commit_arriving_after_a_join_dissolved_the_group_is_confirmed() {
     assert_eq!(workers[fast].commit().await.unwrap(), 4);
     workers.extend(join_n(&c, 1, "late").await);
     assert_eq!(workers[fast].next_step().await.unwrap(), Next::Regroup);
-    assert_eq!(c.status().await.generation, g1 + 1, "the join proposed a generation");
+    assert_eq!(
+        c.status().await.generation,
+        g1 + 1,
+        "the join proposed a generation"
+    );
 
     // Rank 0's commit of step 3 is confirmed, in the dissolved generation's name.
     assert_eq!(workers[slow].commit().await.expect("late confirmation"), 4);
