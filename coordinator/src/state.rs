@@ -887,8 +887,17 @@ impl JobState {
         now: Instant,
     ) -> Result<proto::CommitStepReply, Status> {
         self.worker_mut(&req.worker_id, now)?;
-        if let Some(reply) = self.late_confirmation(req)? {
-            return Ok(reply);
+        if let Some((rank, expected)) = self.recorded_slice_digest(req) {
+            // A confirmation of the step just recorded: checked against the ledger's slice, so
+            // it is answered the same whether the group still runs or a join or a loss has
+            // dissolved it since the first rank's commit (a refusal would make the rank treat a
+            // step it applied, and that counts, as unconfirmed, and on rank 0 leave it out of
+            // the run's metrics).
+            self.check_digest(req, rank, expected)?;
+            self.note_worker_step(req);
+            return Ok(proto::CommitStepReply {
+                committed_steps: self.job.committed,
+            });
         }
         let Some(rank) = self.member_rank(&req.worker_id, req.generation)? else {
             return Err(Status::failed_precondition(format!(
@@ -897,12 +906,7 @@ impl JobState {
             )));
         };
         let committed = self.job.committed;
-        let confirming = req.step + 1 == committed
-            && self
-                .ledger_tail
-                .as_ref()
-                .is_some_and(|e| e.step == req.step && e.generation == req.generation);
-        if req.step != committed && !confirming {
+        if req.step != committed {
             return Err(Status::out_of_range(format!(
                 "step {} is out of range: the next step to commit is {committed}",
                 req.step
@@ -910,78 +914,60 @@ impl JobState {
         }
         let world = self.job.formed.as_ref().map_or(1, |f| f.ranks.len()) as u64;
         let expected = self.expected_digest(req.step, rank as u64, world);
-        if req.sequences_digest != expected {
-            return Err(Status::invalid_argument(format!(
-                "sequences digest {:#x} does not match the plan of rank {rank} at step {} ({expected:#x})",
-                req.sequences_digest, req.step
-            )));
+        self.check_digest(req, rank as u32, expected)?;
+        self.note_worker_step(req);
+        // Once per step: the record names every rank's slice.
+        let formed = self.job.formed.clone().expect("member of a formed group");
+        self.record_commit(&formed, req.loss, req.tokens, req.step_time_s)?;
+        if req.step_time_s > 0.0 {
+            metrics::gauge!("ferry_tokens_per_second").set(req.tokens as f64 / req.step_time_s);
         }
-        if let Some(w) = self.workers.get_mut(&req.worker_id) {
-            w.step = req.step + 1;
-            if req.loss.is_finite() {
-                w.loss = req.loss;
-            }
-        }
-        if !confirming {
-            // Once per step: the record names every rank's slice.
-            let formed = self.job.formed.clone().expect("member of a formed group");
-            self.record_commit(&formed, req.loss, req.tokens, req.step_time_s)?;
-            if req.step_time_s > 0.0 {
-                metrics::gauge!("ferry_tokens_per_second").set(req.tokens as f64 / req.step_time_s);
-            }
-            if req.allreduce_s > 0.0 {
-                metrics::histogram!("ferry_allreduce_seconds").record(req.allreduce_s);
-            }
+        if req.allreduce_s > 0.0 {
+            metrics::histogram!("ferry_allreduce_seconds").record(req.allreduce_s);
         }
         Ok(proto::CommitStepReply {
             committed_steps: self.job.committed,
         })
     }
 
-    /// A rank's commit of the step just recorded, arriving after its group was dissolved: a
-    /// join or a loss proposed the next generation between the first rank's commit and this
-    /// one's. The step is in the ledger with this rank's slice, so the answer is yes; a
-    /// refusal would make the rank treat a step it applied, and that counts, as unconfirmed
-    /// (and, on rank 0, leave it out of the run's metrics).
-    fn late_confirmation(
-        &mut self,
-        req: &proto::CommitStepRequest,
-    ) -> Result<Option<proto::CommitStepReply>, Status> {
-        let in_running_group = matches!(self.phase, Phase::Formed)
-            && self
-                .job
-                .formed
-                .as_ref()
-                .is_some_and(|f| f.generation == req.generation);
-        let Some(tail) = self.ledger_tail.as_ref() else {
-            return Ok(None);
-        };
-        if in_running_group
-            || tail.generation != req.generation
+    /// For a commit of the step just recorded, by a worker with a slice in it, in the
+    /// generation that trained it: that slice's rank and sequences digest.
+    fn recorded_slice_digest(&mut self, req: &proto::CommitStepRequest) -> Option<(u32, u64)> {
+        let tail = self.ledger_tail.as_ref()?;
+        if tail.generation != req.generation
             || tail.step != req.step
             || req.step + 1 != self.job.committed
         {
-            return Ok(None);
+            return None;
         }
-        let Some(slice) = tail.slices.iter().find(|s| s.worker_id == req.worker_id) else {
-            return Ok(None);
-        };
-        let ids: Vec<u64> = (slice.stream_start..slice.stream_start + slice.count)
-            .map(|p| self.order.at(p).1)
-            .collect();
-        let expected = sequences_digest(&ids);
+        let slice = tail.slices.iter().find(|s| s.worker_id == req.worker_id)?;
+        let (rank, start, count) = (slice.rank, slice.stream_start, slice.count);
+        let ids: Vec<u64> = (start..start + count).map(|p| self.order.at(p).1).collect();
+        Some((rank, sequences_digest(&ids)))
+    }
+
+    fn check_digest(
+        &self,
+        req: &proto::CommitStepRequest,
+        rank: u32,
+        expected: u64,
+    ) -> Result<(), Status> {
         if req.sequences_digest != expected {
             return Err(Status::invalid_argument(format!(
-                "sequences digest {:#x} does not match the slice of rank {} at step {} ({expected:#x})",
-                req.sequences_digest, slice.rank, req.step
+                "sequences digest {:#x} does not match the plan of rank {rank} at step {} ({expected:#x})",
+                req.sequences_digest, req.step
             )));
         }
+        Ok(())
+    }
+
+    fn note_worker_step(&mut self, req: &proto::CommitStepRequest) {
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
             w.step = w.step.max(req.step + 1);
+            if req.loss.is_finite() {
+                w.loss = req.loss;
+            }
         }
-        Ok(Some(proto::CommitStepReply {
-            committed_steps: self.job.committed,
-        }))
     }
 
     /// Commits step `job.committed`, as trained by the group `by`.
