@@ -99,10 +99,11 @@ struct Worker {
     progress: Arc<Mutex<Progress>>,
     patience: Duration,
     metrics: Option<MetricsLog>,
-    /// A step this worker applied whose commit the coordinator refused because the group was
-    /// changing. It counts if the next group starts right after it (the coordinator then
-    /// records it from the held state); that group's rank 0 logs it.
-    unconfirmed: Option<StepRecord>,
+    /// The last step this worker applied. If the next group starts right after it and this
+    /// worker is that group's rank 0, the step may still lack its metrics line: its commit was
+    /// refused while the group changed (the coordinator then records it from the held state),
+    /// or the old rank 0 died between the step's commit and its line.
+    last_applied: Option<StepRecord>,
 }
 
 fn rpc(what: &str, s: Status) -> anyhow::Error {
@@ -192,7 +193,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         progress,
         patience: opts.patience,
         metrics: None,
-        unconfirmed: None,
+        last_applied: None,
     };
     let exit = loop {
         let reply = w.rendezvous()?;
@@ -442,8 +443,17 @@ impl Worker {
         } else {
             self.metrics = None;
         }
-        if let Some(record) = self.unconfirmed.take() {
-            if rank == 0 && record.step == reply.start_step {
+        if let Some(record) = self.last_applied.take() {
+            let logged = self
+                .metrics
+                .as_ref()
+                .is_some_and(|log| log.has_step_record(record.step));
+            if rank == 0 && record.step == reply.start_step && !logged {
+                eprintln!(
+                    "generation {}: logging step {}, which this worker applied in generation {} \
+                     and which has no metrics line yet",
+                    reply.generation, record.step, record.generation
+                );
                 self.after_step(&record)?;
             }
         }
@@ -526,6 +536,7 @@ impl Worker {
                 allreduce_s,
                 world: plan.world_size,
             };
+            self.last_applied = Some(record.clone());
             let committed = self.rt.block_on(with_backoff(self.patience, || {
                 let mut c = self.clients.coordinator.clone();
                 let req = commit.clone();
@@ -536,7 +547,6 @@ impl Worker {
                 // The group changed while this step ran; the step is ours (applied) and the
                 // coordinator learns so at rendezvous.
                 Err(s) if s.code() == Code::FailedPrecondition => {
-                    self.unconfirmed = Some(record);
                     return Ok(Outcome::Regroup(Regroup::Asked));
                 }
                 Err(s) => return Err(rpc("commit_step", s)),
