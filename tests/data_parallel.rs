@@ -203,8 +203,13 @@ struct WorkerProc {
 
 impl WorkerProc {
     fn start(c: &CoordinatorProc, name: &str) -> WorkerProc {
+        Self::start_with_env(c, name, &[])
+    }
+
+    fn start_with_env(c: &CoordinatorProc, name: &str, env: &[(&str, &str)]) -> WorkerProc {
         let log = c.dir.join(format!("{name}.log"));
         let child = support::ferry()
+            .envs(env.iter().copied())
             .args([
                 "worker",
                 "--threads",
@@ -373,6 +378,86 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
         a.log_text().contains("back to rendezvous"),
         "{}",
         a.log_text()
+    );
+}
+
+/// The second race CI caught in the test above: rank 0 killed after step s was committed (the
+/// other rank's commit got in) but before rank 0 wrote step s's metrics line. The survivor, rank
+/// 1 then, holds step s and becomes rank 0; it must write the line. Rank 0 is made to wait in
+/// that window (a fault-injection variable), so the kill lands there every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_0_killed_between_a_commit_and_its_metrics_line_loses_no_line() {
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
+    let dir = support::scratch("dp-line");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let c = CoordinatorProc::start(
+        "dp-line-coord",
+        &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
+        &[],
+    );
+    const AT: u64 = 5;
+    // Ranks follow the order of joining: the paused worker joins first and is rank 0.
+    let paused = WorkerProc::start_with_env(
+        &c,
+        "paused",
+        &[("FERRY_FAULT_PAUSE_BEFORE_STEP_LINE", &format!("{AT}:20000"))],
+    );
+    let start = Instant::now();
+    while c.status().await.workers.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            paused.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let survivor = WorkerProc::start(&c, "survivor");
+    let _ = wait_for_step(&c, AT, Duration::from_secs(120)).await;
+    let start = Instant::now();
+    while !paused.log_text().contains("pausing") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            paused.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        paused.log_text().contains("rank 0 of 2"),
+        "{}",
+        paused.log_text()
+    );
+    paused.signal(libc::SIGKILL);
+    let start = Instant::now();
+    while c.status().await.phase != "finished" {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{}",
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_same_training(&reference, &run);
+    assert!(
+        survivor.log_text().contains(&format!(
+            "logging step {AT}, which this worker applied in generation 1"
+        )),
+        "{}",
+        survivor.log_text()
     );
 }
 

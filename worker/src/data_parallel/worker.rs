@@ -104,6 +104,25 @@ struct Worker {
     /// refused while the group changed (the coordinator then records it from the held state),
     /// or the old rank 0 died between the step's commit and its line.
     last_applied: Option<StepRecord>,
+    /// Fault injection for tests (see [`PAUSE_BEFORE_STEP_LINE`]).
+    pause_before_step_line: Option<(u64, Duration)>,
+}
+
+/// `STEP:MS`: as rank 0, wait MS milliseconds between step STEP's commit and its metrics line,
+/// so a test can kill rank 0 in that window and check the next rank 0 writes the line.
+const PAUSE_BEFORE_STEP_LINE: &str = "FERRY_FAULT_PAUSE_BEFORE_STEP_LINE";
+
+fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
+    let Ok(value) = std::env::var(PAUSE_BEFORE_STEP_LINE) else {
+        return Ok(None);
+    };
+    let parsed = value
+        .split_once(':')
+        .and_then(|(step, ms)| Some((step.parse().ok()?, ms.parse().ok()?)));
+    match parsed {
+        Some((step, ms)) => Ok(Some((step, Duration::from_millis(ms)))),
+        None => bail!("{PAUSE_BEFORE_STEP_LINE}={value:?}: expected STEP:MS, e.g. 5:2000"),
+    }
 }
 
 fn rpc(what: &str, s: Status) -> anyhow::Error {
@@ -194,6 +213,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         patience: opts.patience,
         metrics: None,
         last_applied: None,
+        pause_before_step_line: pause_before_step_line()?,
     };
     let exit = loop {
         let reply = w.rendezvous()?;
@@ -571,6 +591,14 @@ impl Worker {
                 world_size: plan.world_size,
             });
             if rank == 0 {
+                if let Some((at, pause)) = self.pause_before_step_line {
+                    if at == record.step {
+                        eprintln!(
+                            "{PAUSE_BEFORE_STEP_LINE}: pausing {pause:?} before step {at}'s line"
+                        );
+                        std::thread::sleep(pause);
+                    }
+                }
                 self.after_step(&record)?;
             }
         }
