@@ -15,6 +15,8 @@ pub fn direct_env_vars() -> Vec<&'static str> {
         crate::cluster::LOG_ENV,
         ferry_worker::collective::Transport::ENV,
         ferry_worker::collective::nccl::NCCL_LIB_ENV,
+        // Test-only fault injection; listed so the manifest check sees every name.
+        ferry_worker::data_parallel::worker::PAUSE_BEFORE_STEP_LINE,
     ]
 }
 

@@ -110,7 +110,7 @@ struct Worker {
 
 /// `STEP:MS`: as rank 0, wait MS milliseconds between step STEP's commit and its metrics line,
 /// so a test can kill rank 0 in that window and check the next rank 0 writes the line.
-const PAUSE_BEFORE_STEP_LINE: &str = "FERRY_FAULT_PAUSE_BEFORE_STEP_LINE";
+pub const PAUSE_BEFORE_STEP_LINE: &str = "FERRY_FAULT_PAUSE_BEFORE_STEP_LINE";
 
 fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
     let Ok(value) = std::env::var(PAUSE_BEFORE_STEP_LINE) else {
