@@ -364,6 +364,86 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
     assert!(c.log_text().contains("resuming job"));
 }
 
+/// A late commit: both ranks applied step 3 (their all-reduce completed), one died before
+/// committing it, and the survivor's commit came after the group was dissolved. The survivor
+/// proves the step at rendezvous, so the coordinator records it without a loss (nobody
+/// reported one). That record must read back: through the ledger RPC, and from the state
+/// directory after `kill -9`. (A NaN loss stored as JSON `null` once made the ledger
+/// unreadable and the restarted coordinator unable to load its own state.)
+#[tokio::test]
+async fn a_step_committed_late_reads_back_after_a_restart() {
+    let mut c = CoordinatorProc::start(
+        "late-restart",
+        &job(
+            "late-restart",
+            "min_workers = 1\nsettle_s = 0.5\nheartbeat_timeout_s = 1.0",
+        ),
+        &[],
+    );
+    let mut workers = join_n(&c, 2, "lr").await;
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 3).await;
+    for w in workers.iter_mut() {
+        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
+    }
+    // Both apply step 3; neither commit reaches the coordinator in time.
+    let applied = |w: &mut SimWorker| {
+        let plan = w.plan.take().unwrap();
+        w.state_step = Some(plan.step + 1);
+        w.trained.push(Trained {
+            step: plan.step,
+            generation: plan.generation,
+            rank: plan.rank,
+            stream_start: plan.stream_start,
+            ids: plan.sequence_ids,
+        });
+    };
+    let mut survivor = workers.remove(0);
+    let mut silent = workers.remove(0);
+    let committed_plan = survivor.plan.clone().unwrap();
+    applied(&mut silent);
+    let since = Instant::now();
+    while c.status().await.workers.len() == 2 {
+        survivor.heartbeat().await.unwrap();
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "never declared dead"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = survivor.commit().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    survivor.plan = Some(committed_plan);
+    applied(&mut survivor);
+
+    assert_eq!(
+        survivor.rendezvous(Duration::from_secs(10)).await,
+        Rdzv::Ready
+    );
+    assert_eq!(survivor.state_step, Some(4), "step 3 was recorded late");
+    assert!(c.log_text().contains("late commit"));
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 4);
+    assert_eq!(ledger.entries[3].world_size, 2);
+    assert!(ledger.entries[3].loss.is_nan(), "no loss was reported");
+
+    c.kill9();
+    c.restart();
+    assert_eq!(c.status().await.committed_steps, 4);
+    let mut alone = vec![survivor];
+    run_steps(&mut alone, 2).await;
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 6);
+    assert!(ledger.entries[3].loss.is_nan());
+    assert!(ledger.entries[5].loss.is_finite());
+    let trained: Vec<Trained> = alone
+        .iter()
+        .chain([&silent])
+        .flat_map(|w| w.trained.clone())
+        .collect();
+    verify_exactly_once(&ledger, &trained);
+}
+
 #[tokio::test]
 async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     let c = CoordinatorProc::start(

@@ -88,9 +88,31 @@ pub struct LedgerRecord {
     pub generation: u64,
     pub world_size: u32,
     pub slices: Vec<SliceRecord>,
+    /// NaN when no rank reported one (a step recorded late, at rendezvous).
+    #[serde(with = "nan_as_null")]
     pub loss: f64,
     pub tokens: u64,
+    #[serde(with = "nan_as_null")]
     pub step_time_s: f64,
+}
+
+/// JSON has no NaN or infinity: serde_json writes them as `null` and then refuses `null` for an `f64`,
+/// which made a ledger holding a late-recorded step unreadable, and the coordinator unable to
+/// load its state after a restart. `null` reads back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -281,5 +303,61 @@ impl Store {
             txn.open_table(WORKERS)?.remove(id)?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_record_without_a_loss_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut job = JobRecord {
+            job_id: "j".into(),
+            committed: 0,
+            generation: 1,
+            formed: None,
+            target_workers: 1,
+            stopped: false,
+            checkpoint: None,
+            rollbacks: 0,
+            next_join_seq: 0,
+        };
+        store.init("spec", &job).unwrap();
+        let record = |step: u64, loss: f64, step_time_s: f64| LedgerRecord {
+            step,
+            generation: 1,
+            world_size: 1,
+            slices: vec![SliceRecord {
+                rank: 0,
+                worker_id: "w".into(),
+                stream_start: step * 4,
+                count: 4,
+            }],
+            loss,
+            tokens: 0,
+            step_time_s,
+        };
+        for (step, loss, time) in [(0, 2.5, 0.1), (1, f64::NAN, 0.0), (2, 1.5, f64::INFINITY)] {
+            job.committed = step + 1;
+            store.commit_step(&record(step, loss, time), &job).unwrap();
+        }
+        drop(store);
+        let loaded = Store::open(dir.path()).unwrap().load().unwrap().unwrap();
+        let got: Vec<(u64, f64, f64)> = loaded
+            .ledger
+            .iter()
+            .map(|e| (e.step, e.loss, e.step_time_s))
+            .collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[0].0, got[0].1, got[0].2), (0, 2.5, 0.1));
+        assert!(got[1].1.is_nan() && got[1].2 == 0.0);
+        assert!(
+            got[2].1 == 1.5 && got[2].2.is_nan(),
+            "not finite reads back as NaN"
+        );
+        assert_eq!(loaded.job.committed, 3);
     }
 }
