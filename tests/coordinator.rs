@@ -387,21 +387,9 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
         assert_eq!(w.next_step().await.unwrap(), Next::Plan);
     }
     // Both apply step 3; neither commit reaches the coordinator in time.
-    let applied = |w: &mut SimWorker| {
-        let plan = w.plan.take().unwrap();
-        w.state_step = Some(plan.step + 1);
-        w.trained.push(Trained {
-            step: plan.step,
-            generation: plan.generation,
-            rank: plan.rank,
-            stream_start: plan.stream_start,
-            ids: plan.sequence_ids,
-        });
-    };
     let mut survivor = workers.remove(0);
     let mut silent = workers.remove(0);
-    let committed_plan = survivor.plan.clone().unwrap();
-    applied(&mut silent);
+    silent.apply();
     let since = Instant::now();
     while c.status().await.workers.len() == 2 {
         survivor.heartbeat().await.unwrap();
@@ -413,8 +401,8 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
     }
     let err = survivor.commit().await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    survivor.plan = Some(committed_plan);
-    applied(&mut survivor);
+    // It applied the step all the same (a refused commit leaves the plan in hand).
+    survivor.apply();
 
     assert_eq!(
         survivor.rendezvous(Duration::from_secs(10)).await,

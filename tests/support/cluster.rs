@@ -340,6 +340,14 @@ impl SimWorker {
             })
             .await?
             .into_inner();
+        self.apply();
+        Ok(reply.committed_steps)
+    }
+
+    /// Applies the current plan to the "weights" without telling the coordinator: what a rank
+    /// holds when its all-reduce completed and its commit never arrived.
+    pub fn apply(&mut self) {
+        let plan = self.plan.take().expect("a plan to apply");
         self.state_step = Some(plan.step + 1);
         self.trained.push(Trained {
             step: plan.step,
@@ -348,8 +356,6 @@ impl SimWorker {
             stream_start: plan.stream_start,
             ids: plan.sequence_ids,
         });
-        self.plan = None;
-        Ok(reply.committed_steps)
     }
 }
 
