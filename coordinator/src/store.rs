@@ -96,9 +96,9 @@ pub struct LedgerRecord {
     pub step_time_s: f64,
 }
 
-/// JSON has no NaN or infinity: serde_json writes them as `null` and then refuses `null` for an `f64`,
-/// which made a ledger holding a late-recorded step unreadable, and the coordinator unable to
-/// load its state after a restart. `null` reads back as NaN.
+/// JSON has no NaN or infinity: serde_json writes them as `null` and then refuses `null` for
+/// an `f64`, which made a ledger holding a late-recorded step unreadable, and the coordinator
+/// unable to load its state after a restart. `null` reads back as NaN.
 mod nan_as_null {
     use serde::{Deserialize, Deserializer, Serializer};
 
