@@ -7,7 +7,7 @@ use ferry_common::client::{ClientConfig, Clients};
 use ferry_common::proto::{self, next_step_reply, rendezvous_reply};
 use ferry_common::sampler::sequences_digest;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Status;
 
@@ -51,11 +51,24 @@ pub struct CoordinatorProc {
     pub log: PathBuf,
     pub token_file: PathBuf,
     pub extra_args: Vec<String>,
+    /// Makes the `ferry` command to run: on this machine, or on a simulated host.
+    ferry: Box<dyn Fn() -> Command + Send + Sync>,
 }
 
 impl CoordinatorProc {
     /// Starts a coordinator for `job` in a fresh scratch directory named `name`.
     pub fn start(name: &str, job: &str, extra_args: &[&str]) -> CoordinatorProc {
+        Self::start_with(name, job, extra_args, Box::new(ferry), "127.0.0.1:0")
+    }
+
+    /// [`start`](Self::start), run by the commands `ferry` makes and listening on `listen`.
+    pub fn start_with(
+        name: &str,
+        job: &str,
+        extra_args: &[&str],
+        ferry: Box<dyn Fn() -> Command + Send + Sync>,
+        listen: &str,
+    ) -> CoordinatorProc {
         let dir = scratch(name);
         std::fs::create_dir_all(&dir).unwrap();
         let job_path = dir.join("job.toml");
@@ -71,8 +84,9 @@ impl CoordinatorProc {
             http: String::new(),
             token_file,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            ferry,
         };
-        c.spawn(Some(&job_path), "127.0.0.1:0");
+        c.spawn(Some(&job_path), listen);
         c
     }
 
@@ -82,7 +96,7 @@ impl CoordinatorProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = ferry();
+        let mut cmd = (self.ferry)();
         cmd.arg("coordinator");
         if let Some(job) = job {
             cmd.arg("--job").arg(job);
@@ -413,6 +427,27 @@ pub async fn run_steps(workers: &mut Vec<SimWorker>, steps: u64) -> Vec<SimWorke
 /// Checks the coordinator's ledger and what the workers trained against each other and against
 /// the promise: stream positions `0 .. steps*G` each trained exactly once, by the ranks the
 /// ledger names; every complete epoch a permutation of all sequences. Returns epochs completed.
+/// What the ledger says each rank trained: its slices, mapped to sequence ids through the
+/// job's sample order.
+pub fn trained_by_ledger(ledger: &proto::LedgerReply) -> Vec<Trained> {
+    let mut order = ferry_common::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences);
+    let mut trained = Vec::new();
+    for e in &ledger.entries {
+        for s in &e.slices {
+            trained.push(Trained {
+                step: e.step,
+                generation: e.generation,
+                rank: s.rank,
+                stream_start: s.stream_start,
+                ids: (s.stream_start..s.stream_start + s.count)
+                    .map(|p| order.at(p).1)
+                    .collect(),
+            });
+        }
+    }
+    trained
+}
+
 pub fn verify_exactly_once(ledger: &proto::LedgerReply, trained: &[Trained]) -> u64 {
     let g = ledger.global_batch;
     let n = ledger.num_sequences;

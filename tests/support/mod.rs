@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod dp;
+pub mod netns;
 pub mod observe;
 
 use std::path::{Path, PathBuf};
