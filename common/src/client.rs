@@ -157,8 +157,15 @@ pub fn is_transient(status: &Status) -> bool {
     ) && !status.message().contains("message length too large")
 }
 
+/// The longest one attempt of [`with_backoff`] waits for an answer. A partition drops packets
+/// silently, so a call on a connection it broke would otherwise wait for TCP or HTTP/2
+/// keep-alive to give up; this is well above the longest the coordinator holds a call (a
+/// `Rendezvous` waits 5 s for the group).
+pub const ATTEMPT_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Runs `call` until it succeeds, fails for a non-transient reason, or `patience` has passed
-/// since the first failure. Backoff doubles from 100 ms to 2 s.
+/// since the first failure. Backoff doubles from 100 ms to 2 s. An attempt unanswered within
+/// [`ATTEMPT_DEADLINE`] counts as the coordinator being unreachable.
 pub async fn with_backoff<T, F, Fut>(patience: Duration, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
@@ -167,10 +174,21 @@ where
     let mut delay = Duration::from_millis(100);
     let mut first_failure: Option<Instant> = None;
     loop {
-        match call().await {
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(ATTEMPT_DEADLINE, call())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::unavailable(format!(
+                    "no answer within {}s",
+                    ATTEMPT_DEADLINE.as_secs()
+                )))
+            });
+        match attempt {
             Ok(v) => return Ok(v),
             Err(status) if is_transient(&status) => {
-                let since = *first_failure.get_or_insert_with(Instant::now);
+                // Patience counts from the start of the first failed attempt: one that hung
+                // until its deadline was failing all along.
+                let since = *first_failure.get_or_insert(started);
                 if since.elapsed() >= patience {
                     return Err(status);
                 }

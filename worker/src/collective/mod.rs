@@ -45,6 +45,8 @@ pub struct GroupSpec {
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// What carries the data: "local" (a world of one), "tcp", "shm" or "nccl".
+    fn transport(&self) -> &'static str;
     /// In-place sum over all ranks of a contiguous float32 tensor (CPU for ring).
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError>;
     /// Copy root's tensor into every rank's tensor (same shape/dtype everywhere; any dtype).
@@ -288,6 +290,10 @@ impl Drop for RingAllReduce {
 impl Collective for RingAllReduce {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    fn transport(&self) -> &'static str {
+        RingAllReduce::transport(self)
     }
 
     fn world_size(&self) -> usize {

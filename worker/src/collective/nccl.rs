@@ -524,6 +524,10 @@ impl Collective for NcclCollective {
         self.rank
     }
 
+    fn transport(&self) -> &'static str {
+        "nccl"
+    }
+
     fn world_size(&self) -> usize {
         self.world_size
     }

@@ -5,6 +5,7 @@
 //! gets RELEASED and the process exits 0. A second SIGTERM (or SIGKILL after the grace period)
 //! still ends it at once.
 
+use super::worker::SharedId;
 use ferry_common::client::Clients;
 use ferry_common::proto;
 use std::time::Duration;
@@ -12,9 +13,8 @@ use std::time::Duration;
 /// How long to wait for the coordinator to acknowledge the leave before exiting anyway.
 const LEAVE_PATIENCE: Duration = Duration::from_secs(5);
 
-pub fn leave_on_sigterm(rt: &tokio::runtime::Runtime, clients: &Clients, worker_id: &str) {
+pub fn leave_on_sigterm(rt: &tokio::runtime::Runtime, clients: &Clients, id: SharedId) {
     let mut coordinator = clients.coordinator.clone();
-    let worker_id = worker_id.to_string();
     rt.spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -24,6 +24,7 @@ pub fn leave_on_sigterm(rt: &tokio::runtime::Runtime, clients: &Clients, worker_
             };
         term.recv().await;
         eprintln!("SIGTERM: leaving the job at the next step boundary (again to exit now)");
+        let worker_id = id.lock().map(|id| id.clone()).unwrap_or_default();
         let reply = tokio::time::timeout(
             LEAVE_PATIENCE,
             coordinator.leave(proto::LeaveRequest { worker_id }),

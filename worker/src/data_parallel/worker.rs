@@ -73,6 +73,8 @@ struct StepRecord {
     secs: f64,
     tokens_per_s: f64,
     allreduce_s: f64,
+    /// Waiting for the coordinator: the plan and the commit.
+    coordinator_s: f64,
     world: u32,
 }
 
@@ -81,10 +83,19 @@ enum Outcome {
     Regroup(Regroup),
 }
 
+/// This worker's id at the coordinator. It changes when the worker joins again after the
+/// coordinator forgot it; heartbeats and the SIGTERM handler read the current one.
+pub(super) type SharedId = Arc<Mutex<String>>;
+
 struct Worker {
     rt: tokio::runtime::Runtime,
     clients: Clients,
-    id: String,
+    /// The coordinator's address, for errors.
+    coordinator: String,
+    id: SharedId,
+    /// What this worker says when it joins, kept to join again (see [`Worker::rejoin`]).
+    join_request: proto::JoinRequest,
+    job_id: String,
     spec: JobSpec,
     cfg: TrainConfig,
     token: String,
@@ -125,8 +136,14 @@ fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
     }
 }
 
-fn rpc(what: &str, s: Status) -> anyhow::Error {
-    anyhow::anyhow!("coordinator {what}: {} ({:?})", s.message(), s.code())
+/// A failed coordinator call, naming the coordinator: after `--patience-s` of an unreachable
+/// coordinator this is the line the worker exits with.
+fn rpc(coordinator: &str, what: &str, s: Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "coordinator {coordinator} {what}: {} ({:?})",
+        s.message(),
+        s.code()
+    )
 }
 
 pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
@@ -144,27 +161,29 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         .unwrap_or_default();
     let clients = Clients::connect_lazy(&opts.coordinator)?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| opts.advertise_host.clone());
+    let join_request = proto::JoinRequest {
+        host,
+        data_addr: data_addr.clone(),
+        devices: vec![opts.device.clone()],
+        pid: std::process::id(),
+        metrics_addr,
+    };
     let joined = rt
         .block_on(with_backoff(opts.patience, || {
             let mut c = clients.coordinator.clone();
-            let req = proto::JoinRequest {
-                host: host.clone(),
-                data_addr: data_addr.clone(),
-                devices: vec![opts.device.clone()],
-                pid: std::process::id(),
-                metrics_addr: metrics_addr.clone(),
-            };
+            let req = join_request.clone();
             async move { c.join(req).await.map(|r| r.into_inner()) }
         }))
-        .map_err(|s| rpc("join", s))?;
+        .map_err(|s| rpc(&opts.coordinator.address, "join", s))?;
     telemetry::joined(&joined.worker_id, &joined.job_id);
-    super::shutdown::leave_on_sigterm(&rt, &clients, &joined.worker_id);
+    let id: SharedId = Arc::new(Mutex::new(joined.worker_id.clone()));
+    super::shutdown::leave_on_sigterm(&rt, &clients, id.clone());
     // Heartbeats start at once: loading and checking the data can take longer than the timeout.
     let progress = Arc::new(Mutex::new(Progress::default()));
     spawn_heartbeats(
         &rt,
         &clients,
-        &joined.worker_id,
+        id.clone(),
         joined.heartbeat_interval_s,
         progress.clone(),
     );
@@ -199,7 +218,10 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let mut w = Worker {
         rt,
         clients,
-        id: joined.worker_id,
+        coordinator: opts.coordinator.address.clone(),
+        id,
+        join_request,
+        job_id: joined.job_id,
         token: opts.coordinator.token.clone(),
         spec,
         cfg,
@@ -230,7 +252,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
             Outcome::Regroup(Regroup::Failed(why)) => {
                 eprintln!("generation {}: {why}; back to rendezvous", reply.generation);
                 let req = proto::FailureReport {
-                    worker_id: w.id.clone(),
+                    worker_id: w.id(),
                     generation: reply.generation,
                     message: why,
                 };
@@ -243,7 +265,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     };
     // Say goodbye so the coordinator need not wait out a heartbeat timeout (best effort).
     let mut c = w.clients.coordinator.clone();
-    let id = w.id.clone();
+    let id = w.id();
     let _ = w.rt.block_on(async move {
         tokio::time::timeout(
             Duration::from_secs(5),
@@ -254,38 +276,50 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     Ok(exit)
 }
 
+/// Heartbeats, at the interval the coordinator asked for, on the async runtime. A worker the
+/// coordinator no longer knows (declared lost while unreachable, or forgotten in a restart)
+/// keeps its process and its weights: the training loop finds out at its next call and joins
+/// again ([`Worker::rejoin`]); heartbeats follow the new id.
 fn spawn_heartbeats(
     rt: &tokio::runtime::Runtime,
     clients: &Clients,
-    id: &str,
+    id: SharedId,
     interval_s: f64,
     progress: Arc<Mutex<Progress>>,
 ) {
     let mut c = clients.coordinator.clone();
-    let id = id.to_string();
-    let every = Duration::from_secs_f64(interval_s.clamp(0.05, 60.0));
+    let every = Duration::from_secs_f64(if interval_s.is_finite() {
+        interval_s.clamp(0.05, 60.0)
+    } else {
+        1.0
+    });
     rt.spawn(async move {
         let mut tick = tokio::time::interval(every);
+        let mut reported = String::new();
         loop {
             tick.tick().await;
             let p = progress.lock().map(|p| p.clone()).unwrap_or_default();
-            let r = c
-                .heartbeat(proto::HeartbeatRequest {
-                    worker_id: id.clone(),
+            let worker_id = id.lock().map(|id| id.clone()).unwrap_or_default();
+            // A heartbeat that gets no answer within its interval is skipped, not queued.
+            let r = tokio::time::timeout(
+                every.max(Duration::from_secs(1)),
+                c.heartbeat(proto::HeartbeatRequest {
+                    worker_id: worker_id.clone(),
                     generation: p.generation,
                     step: p.step,
                     loss: p.loss,
                     tokens_per_s: p.tokens_per_s,
-                })
-                .await;
-            if let Err(s) = r {
-                if s.code() == Code::NotFound {
-                    // Declared dead (silent too long): this process's state is no longer wanted.
+                }),
+            )
+            .await;
+            if let Ok(Err(s)) = r {
+                if s.code() == Code::NotFound && reported != worker_id {
                     eprintln!(
-                        "error: the coordinator no longer knows this worker ({}); exiting",
+                        "heartbeat: the coordinator no longer knows worker {worker_id} ({}); \
+                         it joins again at its next call",
                         s.message()
                     );
-                    std::process::exit(1);
+                    reported = worker_id;
                 }
             }
         }
@@ -293,19 +327,66 @@ fn spawn_heartbeats(
 }
 
 impl Worker {
+    fn id(&self) -> String {
+        self.id.lock().map(|id| id.clone()).unwrap_or_default()
+    }
+
     /// A unary call with retries while the coordinator is unreachable.
     fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
         F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_status(f)
+            .map_err(|s| rpc(&self.coordinator, what, s))
+    }
+
+    /// [`call`](Self::call), keeping the coordinator's answer for callers that act on its code.
+    fn call_status<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let c = self.clients.coordinator.clone();
-        self.rt
-            .block_on(with_backoff(self.patience, || {
-                let fut = f(c.clone());
-                async move { fut.await.map(|r| r.into_inner()) }
-            }))
-            .map_err(|s| rpc(what, s))
+        self.rt.block_on(with_backoff(self.patience, || {
+            let fut = f(c.clone());
+            async move { fut.await.map(|r| r.into_inner()) }
+        }))
+    }
+
+    /// The coordinator answered that it does not know this worker: it declared it lost while
+    /// its link was down (or forgot it in a restart). The process and its weights are still
+    /// here, so it joins again as a new member and offers the step it holds at rendezvous: the
+    /// new group takes it if nobody holds a newer one, and otherwise broadcasts the group's
+    /// state over it. Nothing it did under its old id is committed after it was declared lost:
+    /// the coordinator refuses every call of a forgotten id.
+    fn rejoin(&mut self, why: &str) -> Result<()> {
+        let old = self.id();
+        let joined = self.call("join", |mut c| {
+            let req = self.join_request.clone();
+            async move { c.join(req).await }
+        })?;
+        if joined.job_id != self.job_id {
+            bail!(
+                "the coordinator now runs job {} instead of {}: this worker's state belongs to \
+                 another job; start a new worker",
+                joined.job_id,
+                self.job_id
+            );
+        }
+        let holds = match self.state_step {
+            Some(step) => format!("offering the state of step {step}"),
+            None => "holding no state yet".to_string(),
+        };
+        eprintln!(
+            "the coordinator no longer knows worker {old} ({why}); joined again as {}, {holds}",
+            joined.worker_id
+        );
+        telemetry::joined(&joined.worker_id, &joined.job_id);
+        if let Ok(mut id) = self.id.lock() {
+            *id = joined.worker_id;
+        }
+        Ok(())
     }
 
     fn rendezvous(&mut self) -> Result<proto::RendezvousReply> {
@@ -317,16 +398,23 @@ impl Worker {
                 None => Vec::new(),
             };
             let req = proto::RendezvousRequest {
-                worker_id: self.id.clone(),
+                worker_id: self.id(),
                 known_generation: self.generation,
                 has_state: self.state_step.is_some(),
                 state_step: self.state_step.unwrap_or(0),
                 blob,
             };
-            let reply = self.call("rendezvous", |mut c| {
+            let reply = match self.call_status(|mut c| {
                 let req = req.clone();
                 async move { c.rendezvous(req).await }
-            })?;
+            }) {
+                Ok(reply) => reply,
+                Err(s) if s.code() == Code::NotFound => {
+                    self.rejoin(s.message())?;
+                    continue;
+                }
+                Err(s) => return Err(rpc(&self.coordinator, "rendezvous", s)),
+            };
             telemetry::beat();
             if reply.status() != rendezvous_reply::Status::Wait {
                 return Ok(reply);
@@ -376,7 +464,7 @@ impl Worker {
     /// communicator, so the rank goes back to rendezvous instead of waiting out the timeout.
     fn watch_for_regroup(&self, generation: u64, abort: nccl::NcclAbortHandle) {
         let mut c = self.clients.coordinator.clone();
-        let id = self.id.clone();
+        let id = self.id();
         let task = self.rt.spawn(async move {
             let Ok(stream) = c.watch(proto::WatchRequest { worker_id: id }).await else {
                 return;
@@ -449,8 +537,11 @@ impl Worker {
             return Ok(Outcome::Regroup(Regroup::Failed(why)));
         }
         eprintln!(
-            "generation {}: rank {rank} of {}, starting at step {}",
-            reply.generation, reply.world_size, reply.start_step
+            "generation {}: rank {rank} of {}, starting at step {}, gradients over {}",
+            reply.generation,
+            reply.world_size,
+            reply.start_step,
+            coll.transport()
         );
         telemetry::enter_generation(reply.generation, rank, reply.world_size);
         if rank == 0 {
@@ -481,15 +572,24 @@ impl Worker {
         loop {
             let step = self.state_step.expect("holds the group state");
             telemetry::beat();
+            // A step as the user waits for it: from asking for the plan to the commit's answer.
+            let t_step = Instant::now();
             let req = proto::NextStepRequest {
-                worker_id: self.id.clone(),
+                worker_id: self.id(),
                 generation: self.generation,
                 step,
             };
-            let next = self.call("next_step", |mut c| {
+            let next = match self.call_status(|mut c| {
                 let req = req.clone();
                 async move { c.next_step(req).await }
-            })?;
+            }) {
+                Ok(next) => next,
+                // Declared lost while it could not be reached: join again at rendezvous.
+                Err(s) if s.code() == Code::NotFound => {
+                    return Ok(Outcome::Regroup(Regroup::Asked))
+                }
+                Err(s) => return Err(rpc(&self.coordinator, "next_step", s)),
+            };
             let plan = match next.status() {
                 next_step_reply::Status::Plan => {
                     next.plan.context("coordinator sent PLAN without a plan")?
@@ -508,7 +608,7 @@ impl Worker {
                 }
                 other => bail!("coordinator next_step: unexpected answer {other:?}"),
             };
-            let t0 = Instant::now();
+            let planned_s = t_step.elapsed().as_secs_f64();
             let partial =
                 self.engine
                     .forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
@@ -533,10 +633,10 @@ impl Worker {
                     return Ok(Outcome::Regroup(Regroup::Failed(why)));
                 }
             }
-            let secs = t0.elapsed().as_secs_f64();
+            let secs = t_step.elapsed().as_secs_f64();
             let tps = tokens_per_step as f64 / secs;
             let commit = proto::CommitStepRequest {
-                worker_id: self.id.clone(),
+                worker_id: self.id(),
                 generation: self.generation,
                 step,
                 loss,
@@ -545,7 +645,7 @@ impl Worker {
                 allreduce_s,
                 sequences_digest: sequences_digest(&plan.sequence_ids),
             };
-            let record = StepRecord {
+            let mut record = StepRecord {
                 step: step + 1,
                 generation: self.generation,
                 loss,
@@ -554,23 +654,31 @@ impl Worker {
                 secs,
                 tokens_per_s: tps,
                 allreduce_s,
+                coordinator_s: planned_s,
                 world: plan.world_size,
             };
             self.last_applied = Some(record.clone());
-            let committed = self.rt.block_on(with_backoff(self.patience, || {
-                let mut c = self.clients.coordinator.clone();
+            let t_commit = Instant::now();
+            let committed = self.call_status(|mut c| {
                 let req = commit.clone();
                 async move { c.commit_step(req).await }
-            }));
+            });
             match committed {
                 Ok(_) => {}
                 // The group changed while this step ran; the step is ours (applied) and the
-                // coordinator learns so at rendezvous.
-                Err(s) if s.code() == Code::FailedPrecondition => {
+                // coordinator learns so at rendezvous. NotFound: this worker was declared lost
+                // meanwhile; it joins again there and offers the step.
+                Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                     return Ok(Outcome::Regroup(Regroup::Asked));
                 }
-                Err(s) => return Err(rpc("commit_step", s)),
+                Err(s) => return Err(rpc(&self.coordinator, "commit_step", s)),
             }
+            // The step's wall time now includes the commit's round trip.
+            record.coordinator_s += t_commit.elapsed().as_secs_f64();
+            record.secs = t_step.elapsed().as_secs_f64();
+            record.tokens_per_s = tokens_per_step as f64 / record.secs;
+            self.last_applied = Some(record.clone());
+            let (secs, tps) = (record.secs, record.tokens_per_s);
             if let Ok(mut p) = self.progress.lock() {
                 *p = Progress {
                     generation: self.generation,
@@ -658,7 +766,8 @@ impl Worker {
             log.write(&json!({
                 "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": r.grad_norm,
                 "tokens": step * self.spec.batch.global * self.spec.data.seq_len,
-                "step_ms": r.secs * 1e3, "allreduce_ms": r.allreduce_s * 1e3, "tokens_per_s": tps,
+                "step_ms": r.secs * 1e3, "allreduce_ms": r.allreduce_s * 1e3,
+                "coordinator_ms": r.coordinator_s * 1e3, "tokens_per_s": tps,
                 "mfu": mfu, "world_size": world, "generation": r.generation,
             }))?;
         }
@@ -708,7 +817,7 @@ impl Worker {
             log.write(&json!({"event": "checkpoint", "step": step, "path": dir}))?;
         }
         let req = proto::CheckpointReport {
-            worker_id: self.id.clone(),
+            worker_id: self.id(),
             generation: self.generation,
             step,
             path: dir.display().to_string(),
