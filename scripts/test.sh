@@ -10,5 +10,12 @@ if [ ! -x /usr/bin/chromium ]; then
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# tests/multihost.rs makes simulated hosts with iproute2's `ip` and `tc`.
+if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
+    echo "test: installing Debian's iproute2 package for the multi-host tests"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
 export FERRY_DATA_DIR=${FERRY_DATA_DIR:-$(cd .. && pwd)/shared/data}
 cargo test --release --workspace "$@"
