@@ -509,3 +509,92 @@ fn a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_re
     assert_eq!(ledger.entries.len() as u64, STEPS);
     verify_exactly_once(&ledger, &trained_by_ledger(&ledger));
 }
+
+/// Partition (c): only the link between hosts 2 and 3 is cut; both still reach the coordinator,
+/// so heartbeats see nothing wrong. Every group holding both fails its collective; the ranks
+/// report the peer they lost, and once the pair has failed in two generations the coordinator
+/// sets one of them aside (the one blamed more, else the later joiner; coordinator/src/links.rs)
+/// for a cool-off that outlasts this job. The other two finish the job: no hang, a handful of
+/// generations rather than endless regrouping, one worker's weights, an exactly-once ledger.
+#[test]
+fn a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes() {
+    let _serial = serial();
+    let Some(hosts) = hosts_or_skip(
+        4,
+        "a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes",
+    ) else {
+        return;
+    };
+    let reference = single_worker_run();
+    let dir = support::scratch("mh-pair");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let spec =
+        partition_job(&run, 0).replace("min_workers = 3", "min_workers = 2\nmax_workers = 3");
+    let c = start_coordinator(&hosts, "mh-pair-coord", &spec);
+    let workers = start_workers(&hosts, &c, "w", &[]);
+    let st = wait_until(
+        &hosts,
+        &c,
+        &workers,
+        "three training",
+        Duration::from_secs(120),
+        |s| s.world_size == 3 && s.committed_steps >= 2,
+    );
+    hosts.cut_between(2, 3);
+    let cut = Instant::now();
+    let st = wait_until(
+        &hosts,
+        &c,
+        &workers,
+        "a group of two training",
+        Duration::from_secs(90),
+        |s| s.world_size == 2 && s.committed_steps > st.committed_steps + 1,
+    );
+    eprintln!(
+        "a group of two went on {:?} after the cut, generation {}",
+        cut.elapsed(),
+        st.generation
+    );
+    // Both workers are still known (heartbeats fine); one of hosts 2 and 3 stands aside.
+    assert_eq!(st.workers.len(), 3, "{st:?}");
+    let end = wait_finished(&hosts, &c, &workers, &run);
+    assert!(
+        end.generation <= 6,
+        "{} generations: the coordinator kept regrouping\n{}",
+        end.generation,
+        c.log_text()
+    );
+    assert_same_training(&reference, &run);
+    let ledger = admin(&hosts, || c.ledger());
+    assert_eq!(ledger.entries.len() as u64, STEPS);
+    verify_exactly_once(&ledger, &trained_by_ledger(&ledger));
+    let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
+    assert_eq!(worlds[0], 3, "{worlds:?}");
+    assert_eq!(*worlds.last().unwrap(), 2, "{worlds:?}");
+    let aside: Vec<usize> = (2..=3)
+        .filter(|&h| {
+            workers[h - 1]
+                .log_text()
+                .contains("rendezvous: set aside for")
+        })
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "exactly one of hosts 2 and 3 stands aside\n{}",
+        logs(&workers)
+    );
+    assert!(
+        !workers[0].log_text().contains("set aside"),
+        "host 1 reaches everyone\n{}",
+        logs(&workers)
+    );
+    for w in &workers {
+        assert!(
+            w.log_text().contains("worker done: Finished"),
+            "{}",
+            logs(&workers)
+        );
+    }
+}

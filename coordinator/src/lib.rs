@@ -1,12 +1,14 @@
 //! ferry-coordinator: the control plane of a pretraining job.
 //!
 //! * [`state`]: membership, generations, the sample schedule and the ledger (pure logic);
+//! * [`links`]: broken links between workers, and who is set aside for them;
 //! * [`store`]: durable job state in redb;
 //! * [`service`]: the gRPC services and the job-token check;
 //! * [`http`]: `/metrics` and the status page;
 //! * [`server`]: `ferry coordinator`, wiring it all together.
 
 pub mod http;
+pub mod links;
 pub mod server;
 pub mod service;
 pub mod state;

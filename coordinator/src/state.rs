@@ -18,6 +18,7 @@
 //!   of it ([`rank_micro_batches`]). A step commits on the first rank's report: a finished
 //!   all-reduce on any rank proves every rank contributed. Later reports confirm it.
 
+use crate::links::LinkHealth;
 use crate::store::{
     CheckpointRecord, FormedRecord, JobRecord, LedgerRecord, SliceRecord, StateSourceRecord, Store,
     StoreError, WorkerRecord,
@@ -130,6 +131,8 @@ pub struct JobState {
     order: SampleOrder,
     ledger_tail: Option<LedgerRecord>,
     loss_history: Vec<(u64, f64)>,
+    /// Broken links between workers and who is set aside for them (see [`crate::links`]).
+    links: LinkHealth,
     store: Store,
     events: tokio::sync::broadcast::Sender<proto::WatchEvent>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -179,6 +182,7 @@ impl JobState {
             last_join: now,
             ledger_tail: None,
             loss_history: Vec::new(),
+            links: LinkHealth::default(),
             store,
             events,
             changed,
@@ -381,6 +385,7 @@ impl JobState {
     }
 
     fn remove_worker(&mut self, id: &str, why: &str) {
+        self.links.forget(id);
         if self.workers.remove(id).is_some() {
             if let Err(e) = self.store.remove_worker(id) {
                 tracing::error!("state store: {e}");
@@ -426,6 +431,10 @@ impl JobState {
                 lost_member |= !missing.is_empty();
             }
         }
+        for id in self.links.readmit_due(now) {
+            tracing::info!(worker = %id, "set-aside worker offered to the next group again");
+            self.membership_pending = true;
+        }
         if lost_member {
             self.propose(now, true)?;
         } else if matches!(self.phase, Phase::Idle) {
@@ -435,11 +444,12 @@ impl JobState {
     }
 
     /// Workers that should train next, in join order, and those beyond the target.
-    fn candidates(&self) -> (Vec<String>, Vec<String>) {
+    fn candidates(&self, now: Instant) -> (Vec<String>, Vec<String>) {
         let mut live: Vec<&Worker> = self
             .workers
             .values()
             .filter(|w| !w.released && !w.leaving && !w.needs_rendezvous)
+            .filter(|w| self.links.set_aside_for(&w.rec.id, now).is_none())
             .collect();
         live.sort_by_key(|w| w.rec.join_seq);
         let cap = self.job.target_workers.min(self.spec.max_workers()) as usize;
@@ -457,7 +467,7 @@ impl JobState {
         if self.job.stopped || self.finished() {
             return Ok(());
         }
-        let (members, extras) = self.candidates();
+        let (members, extras) = self.candidates(now);
         let min = self.spec.cluster.min_workers as usize;
         if members.len() < min {
             if force || !matches!(self.phase, Phase::Formed) {
@@ -729,6 +739,14 @@ impl JobState {
             let id = req.worker_id.clone();
             self.remove_worker(&id, "released");
             return Ok(RendezvousOutcome::Released);
+        }
+        if let Some((left, partner)) = self.links.set_aside_for(&req.worker_id, now) {
+            return Ok(RendezvousOutcome::Wait(format!(
+                "set aside for {}s: the link to worker {partner} failed in {} generations in a \
+                 row; offered to a group again after that",
+                left.as_secs().max(1),
+                crate::links::STRIKES
+            )));
         }
         let why = match &self.phase {
             Phase::Idle => format!(
@@ -1013,6 +1031,7 @@ impl JobState {
             metrics::gauge!("ferry_loss").set(loss);
         }
         self.ledger_tail = Some(entry);
+        self.links.trained_together(&by.ranks);
         self.emit(Kind::Committed, "", format!("step {step} committed"));
         if self.finished() {
             tracing::info!(
@@ -1056,6 +1075,9 @@ impl JobState {
         now: Instant,
     ) -> Result<u64, Status> {
         self.worker_mut(&req.worker_id, now)?;
+        if let Some(suspect) = req.suspect_rank {
+            self.note_broken_link(&req.worker_id, req.generation, suspect as usize, now)?;
+        }
         if self.member_rank(&req.worker_id, req.generation)?.is_some() {
             tracing::warn!(worker = %req.worker_id, generation = req.generation,
                 "data-plane failure reported: {}", req.message.chars().take(500).collect::<String>());
@@ -1067,6 +1089,52 @@ impl JobState {
             self.propose(now, true)?;
         }
         Ok(self.job.generation)
+    }
+
+    /// `reporter`'s collective in `generation` lost the peer at `suspect_rank`: scored by
+    /// [`LinkHealth`]; when it sets a worker aside, a group or proposal holding it re-forms.
+    fn note_broken_link(
+        &mut self,
+        reporter: &str,
+        generation: u64,
+        suspect_rank: usize,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let group = [self.job.formed.as_ref(), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|f| f.generation == generation);
+        let Some(suspect) = group.and_then(|g| g.ranks.get(suspect_rank)).cloned() else {
+            return Ok(());
+        };
+        let workers = &self.workers;
+        let join_seq = |id: &str| workers.get(id).map_or(u64::MAX, |w| w.rec.join_seq);
+        let Some(d) = self
+            .links
+            .report(reporter, &suspect, generation, now, join_seq)
+        else {
+            return Ok(());
+        };
+        tracing::warn!(
+            worker = %d.worker, partner = %d.partner,
+            "the link between {} and {} failed in {} generations: setting {} aside for {:?}",
+            d.worker, d.partner, crate::links::STRIKES, d.worker, d.cool_off
+        );
+        self.emit(
+            Kind::WorkerLost,
+            &d.worker,
+            format!(
+                "set aside for {}s: cannot reach worker {}",
+                d.cool_off.as_secs(),
+                d.partner
+            ),
+        );
+        let in_group = self.rank_of(&d.worker).is_some()
+            || matches!(&self.phase, Phase::Forming(f) if f.members.contains(&d.worker));
+        if in_group {
+            self.propose(now, true)?;
+        }
+        Ok(())
     }
 
     // ----- admin -----

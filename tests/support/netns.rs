@@ -13,7 +13,8 @@
 //! segments by address (each host has its own address; shared memory is offered only between
 //! ranks that advertise the same host). A link's rate is shaped with `tc ... tbf` on both ends
 //! ([`SimulatedHosts::shape`]); a partition is the bridge end of a host's link set down
-//! ([`SimulatedHosts::cut`]), which drops its packets silently, as a pulled cable does.
+//! ([`SimulatedHosts::cut`]), which drops its packets silently, as a pulled cable does, or
+//! blackhole routes between two hosts only ([`SimulatedHosts::cut_between`]).
 //! The addresses are from 198.18.0.0/15, the range set aside for network benchmarks (RFC
 //! 2544), and exist only inside these namespaces.
 //!
@@ -264,6 +265,39 @@ impl SimulatedHosts {
     pub fn restore(&self, i: usize) {
         ip(&["-n", &self.bridge, "link", "set", &format!("p{i}"), "up"])
             .unwrap_or_else(|e| panic!("restore host {i}: {e}"));
+    }
+
+    /// Cuts only the link between hosts `a` and `b`: each drops what it sends the other
+    /// (a blackhole route), so their open connections stall silently and new ones are refused,
+    /// while both still reach every other host.
+    pub fn cut_between(&self, a: usize, b: usize) {
+        for (from, to) in [(a, b), (b, a)] {
+            let target = format!("{}/32", self.hosts[to].addr);
+            ip(&[
+                "-n",
+                &self.hosts[from].netns,
+                "route",
+                "add",
+                "blackhole",
+                &target,
+            ])
+            .unwrap_or_else(|e| panic!("cut hosts {a} and {b}: {e}"));
+        }
+    }
+
+    pub fn restore_between(&self, a: usize, b: usize) {
+        for (from, to) in [(a, b), (b, a)] {
+            let target = format!("{}/32", self.hosts[to].addr);
+            ip(&[
+                "-n",
+                &self.hosts[from].netns,
+                "route",
+                "del",
+                "blackhole",
+                &target,
+            ])
+            .unwrap_or_else(|e| panic!("restore hosts {a} and {b}: {e}"));
+        }
     }
 
     fn names(&self) -> Vec<String> {

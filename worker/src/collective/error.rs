@@ -59,6 +59,18 @@ impl CollectiveError {
         }
     }
 
+    /// The peer whose link this failure points at: one that made no progress within the
+    /// timeout, or whose handshake never completed. A peer that closed its connection only
+    /// followed a failure elsewhere, so it names none.
+    pub fn suspect(&self) -> Option<usize> {
+        match self {
+            CollectiveError::Timeout { peer, .. } | CollectiveError::Handshake { peer, .. } => {
+                Some(*peer)
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         CollectiveError::Io {
             context: context.into(),

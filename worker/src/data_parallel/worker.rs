@@ -9,7 +9,7 @@
 use super::flat::{all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum};
 use super::telemetry::{self, TelemetryOptions};
 use crate::checkpoint::{self, TrainerState};
-use crate::collective::{nccl, Collective, GroupSpec, RingAllReduce};
+use crate::collective::{nccl, Collective, CollectiveError, GroupSpec, RingAllReduce};
 use crate::metrics::MetricsLog;
 use crate::train::{Engine, TrainConfig, METRICS_FILE};
 use anyhow::{bail, Context, Result};
@@ -58,8 +58,24 @@ struct Progress {
 enum Regroup {
     /// The coordinator moved on to a new generation.
     Asked,
-    /// The collective failed (dead or wedged peer); reported to the coordinator.
-    Failed(String),
+    /// The collective failed (dead or wedged peer, cut link); reported to the coordinator.
+    Failed(Failure),
+}
+
+/// A failed collective as the coordinator hears of it.
+struct Failure {
+    why: String,
+    /// The rank whose link failed, when the error names one (see `CollectiveError::suspect`).
+    suspect: Option<usize>,
+}
+
+impl Failure {
+    fn of(what: &str, e: &CollectiveError) -> Failure {
+        Failure {
+            why: format!("{what}: {e}"),
+            suspect: e.suspect(),
+        }
+    }
 }
 
 /// What rank 0 logs of a step once it counts: `step` is the number of steps committed with it.
@@ -249,12 +265,13 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         match w.run_generation(&reply)? {
             Outcome::Exit(exit) => break exit,
             Outcome::Regroup(Regroup::Asked) => {}
-            Outcome::Regroup(Regroup::Failed(why)) => {
+            Outcome::Regroup(Regroup::Failed(Failure { why, suspect })) => {
                 eprintln!("generation {}: {why}; back to rendezvous", reply.generation);
                 let req = proto::FailureReport {
                     worker_id: w.id(),
                     generation: reply.generation,
                     message: why,
+                    suspect_rank: suspect.map(|r| r as u32),
                 };
                 let _ = w.call("report_failure", |mut c| {
                     let req = req.clone();
@@ -426,7 +443,7 @@ impl Worker {
         }
     }
 
-    fn connect(&self, reply: &proto::RendezvousReply) -> Result<Box<dyn Collective>, String> {
+    fn connect(&self, reply: &proto::RendezvousReply) -> Result<Box<dyn Collective>, Failure> {
         // Large groups list only the ring neighbours; the rest stay empty.
         let peers = if reply.peer_ranks.is_empty() {
             reply.peers.clone()
@@ -450,10 +467,10 @@ impl Worker {
         match self.nccl_device {
             None => RingAllReduce::connect(&self.listener, &spec)
                 .map(|r| Box::new(r) as Box<dyn Collective>)
-                .map_err(|e| format!("cannot connect the ring: {e}")),
+                .map_err(|e| Failure::of("cannot connect the ring", &e)),
             Some(device) => {
                 let comm = nccl::NcclCollective::new(&spec, &reply.blob, device)
-                    .map_err(|e| format!("cannot create the NCCL communicator: {e}"))?;
+                    .map_err(|e| Failure::of("cannot create the NCCL communicator", &e))?;
                 self.watch_for_regroup(reply.generation, comm.abort_handle());
                 Ok(Box::new(comm))
             }
@@ -490,7 +507,7 @@ impl Worker {
         &mut self,
         reply: &proto::RendezvousReply,
         coll: &mut dyn Collective,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<Failure>> {
         let start = reply.start_step;
         if reply.rank == 0 {
             match reply.state_source() {
@@ -519,7 +536,7 @@ impl Worker {
             }
         }
         if let Err(e) = broadcast_state(&self.engine.ps, &self.engine.opt, 0, coll) {
-            return Ok(Some(format!("state broadcast failed: {e}")));
+            return Ok(Some(Failure::of("state broadcast failed", &e)));
         }
         self.engine.opt.set_steps(start as i64);
         self.state_step = Some(start);
@@ -617,8 +634,9 @@ impl Worker {
                 Ok(r) => r,
                 Err(e) => {
                     self.engine.ps.zero_grad();
-                    return Ok(Outcome::Regroup(Regroup::Failed(format!(
-                        "all-reduce of step {step} failed: {e}"
+                    return Ok(Outcome::Regroup(Regroup::Failed(Failure::of(
+                        &format!("all-reduce of step {step} failed"),
+                        &e,
                     ))));
                 }
             };
@@ -718,11 +736,11 @@ impl Worker {
         &mut self,
         step: u64,
         coll: &mut dyn Collective,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<Failure>> {
         let mine = parameter_checksum(&self.engine.ps);
         let all = match coll.all_gather(&mine.to_le_bytes()) {
             Ok(all) => all,
-            Err(e) => return Ok(Some(format!("checksum exchange failed: {e}"))),
+            Err(e) => return Ok(Some(Failure::of("checksum exchange failed", &e))),
         };
         if all.iter().any(|b| b.as_slice() != mine.to_le_bytes()) {
             let sums: Vec<String> = all
