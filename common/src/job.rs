@@ -92,6 +92,23 @@ pub enum Backend {
     Nccl,
 }
 
+/// How gradients travel between workers. `bf16` halves the bytes: each partial sum is rounded to
+/// bfloat16 on the wire and added in float32, and the final sums are bfloat16 values on every
+/// rank. Weights, optimizer state and the loss stay float32.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GradientDtype {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl GradientDtype {
+    pub fn is_fp32(&self) -> bool {
+        *self == GradientDtype::Fp32
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -243,6 +260,10 @@ pub struct ClusterSection {
     pub settle_s: f64,
     /// Every this many steps, ranks compare a parameter checksum.
     pub checksum_every: u64,
+    /// `fp32` or `bf16` gradients between workers. Left out of serialized specs when fp32,
+    /// so the ids of jobs written before it existed do not change.
+    #[serde(skip_serializing_if = "GradientDtype::is_fp32")]
+    pub gradient_dtype: GradientDtype,
 }
 
 impl Default for ClusterSection {
@@ -255,6 +276,7 @@ impl Default for ClusterSection {
             collective_timeout_s: 60.0,
             settle_s: 2.0,
             checksum_every: 50,
+            gradient_dtype: GradientDtype::Fp32,
         }
     }
 }
@@ -634,6 +656,19 @@ micro = 4
         assert!(e.contains("batch"), "{e}");
         assert!(!e.contains('\n'));
     }
+    #[test]
+    fn gradient_dtype_is_fp32_by_default_and_left_out_of_specs_that_keep_it() {
+        let spec = JobSpec::from_toml(MINIMAL, "job.toml").unwrap();
+        assert_eq!(spec.cluster.gradient_dtype, GradientDtype::Fp32);
+        assert!(!spec.to_toml().contains("gradient_dtype"));
+        let bf16 = format!("{MINIMAL}\n[cluster]\ngradient_dtype = \"bf16\"\n");
+        let spec = JobSpec::from_toml(&bf16, "job.toml").unwrap();
+        assert_eq!(spec.cluster.gradient_dtype, GradientDtype::Bf16);
+        assert!(spec.to_toml().contains("gradient_dtype = \"bf16\""));
+        let e = error_of(&format!("{MINIMAL}\n[cluster]\ngradient_dtype = \"fp8\"\n"));
+        assert!(e.contains("gradient_dtype") && e.contains("bf16"), "{e}");
+    }
+
     #[test]
     fn init_from_is_optional_and_left_out_of_specs_without_it() {
         let spec = JobSpec::from_toml(MINIMAL, "job.toml").unwrap();

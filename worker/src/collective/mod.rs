@@ -19,6 +19,7 @@ mod wire;
 mod write_mode;
 
 pub use error::CollectiveError;
+pub use wire::Wire;
 
 use ring::TcpRing;
 use shm::ShmRing;
@@ -49,6 +50,10 @@ pub trait Collective: Send {
     fn transport(&self) -> &'static str;
     /// In-place sum over all ranks of a contiguous float32 tensor (CPU for ring).
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError>;
+    /// [`all_reduce_sum`](Self::all_reduce_sum) with the data carried as bfloat16, half the
+    /// bytes: partial sums are added in float32, and every rank ends with the same sums,
+    /// rounded to bfloat16. Alone, a rank's tensor is left as it is.
+    fn all_reduce_sum_bf16(&mut self, t: &mut Tensor) -> Result<(), CollectiveError>;
     /// Copy root's tensor into every rank's tensor (same shape/dtype everywhere; any dtype).
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
     fn barrier(&mut self) -> Result<(), CollectiveError>;
@@ -241,9 +246,27 @@ impl RingAllReduce {
     }
 
     pub fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum_wire(buf, Wire::F32)
+    }
+
+    /// `wire` chooses what crosses the TCP ring. Shared memory moves no bytes over a link, so
+    /// it sums in float32 and, for bfloat16, rounds the result as the ring would leave it.
+    pub fn all_reduce_sum_wire(
+        &mut self,
+        buf: &mut [f32],
+        wire: Wire,
+    ) -> Result<(), CollectiveError> {
         self.on_links((), |l| match &mut l.shm {
-            Some(shm) => shm.all_reduce(buf, &l.tcp),
-            None => l.tcp.all_reduce_f32(buf),
+            Some(shm) => {
+                shm.all_reduce(buf, &l.tcp)?;
+                if wire == Wire::Bf16 {
+                    for x in buf.iter_mut() {
+                        *x = wire::from_bf16(wire::to_bf16(*x));
+                    }
+                }
+                Ok(())
+            }
+            None => l.tcp.all_reduce_f32(buf, wire),
         })
     }
 
@@ -301,15 +324,11 @@ impl Collective for RingAllReduce {
     }
 
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        let bytes = cpu_tensor_bytes(t, Some(Kind::Float), "all_reduce_sum")?;
-        let len = bytes.len() / 4;
-        let floats = if len == 0 {
-            &mut []
-        } else {
-            // SAFETY: a contiguous float32 tensor's data, 4-byte aligned, borrowed mutably.
-            unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), len) }
-        };
-        self.all_reduce_sum_f32(floats)
+        self.all_reduce_sum_wire(cpu_floats(t, "all_reduce_sum")?, Wire::F32)
+    }
+
+    fn all_reduce_sum_bf16(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.all_reduce_sum_wire(cpu_floats(t, "all_reduce_sum_bf16")?, Wire::Bf16)
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
@@ -349,6 +368,17 @@ fn validate(spec: &GroupSpec) -> Result<(), CollectiveError> {
         return bad("timeout must be positive".into());
     }
     Ok(())
+}
+
+/// A contiguous float32 CPU tensor's elements.
+fn cpu_floats<'a>(t: &'a mut Tensor, op: &str) -> Result<&'a mut [f32], CollectiveError> {
+    let bytes = cpu_tensor_bytes(t, Some(Kind::Float), op)?;
+    let len = bytes.len() / 4;
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: a contiguous float32 tensor's data, 4-byte aligned, borrowed mutably.
+    Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), len) })
 }
 
 /// The tensor's bytes, if it is a contiguous CPU tensor (of `kind`, when given).

@@ -532,6 +532,18 @@ impl Collective for NcclCollective {
         self.world_size
     }
 
+    /// A float32 tensor summed as bfloat16: NCCL adds bfloat16 inputs in float32 and rounds
+    /// each partial sum back, as the TCP ring does.
+    fn all_reduce_sum_bf16(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let mut half = t.to_kind(Kind::BFloat16);
+        self.all_reduce_sum(&mut half)?;
+        t.copy_(&half);
+        Ok(())
+    }
+
     /// In-place sum of a contiguous CUDA tensor of float32, bfloat16, float16, float64,
     /// int8, uint8, int32 or int64 (float8 with NCCL >= 2.24 on GPUs that support it).
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {

@@ -3,7 +3,10 @@
 //! dead or wedged neighbour into an error.
 
 use super::segments::{ring_sub, Segments};
-use super::wire::{f32_bytes, f32_bytes_mut, hung_up, OpHeader, OpKind};
+use super::wire::{
+    f32_bytes, f32_bytes_mut, from_bf16, hung_up, to_bf16, u16_bytes, u16_bytes_mut, OpHeader,
+    OpKind, Wire,
+};
 use super::CollectiveError;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -89,8 +92,17 @@ impl TcpRing {
     /// piece i of step k as soon as this thread has received (and summed) piece i of step
     /// k-1. Segment c's sum is formed in ring order starting at rank c and copied
     /// everywhere, so all ranks end bit-identical.
-    pub(crate) fn all_reduce_f32(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let header = self.header(OpKind::AllReduce, 0, std::mem::size_of_val(buf));
+    ///
+    /// With `wire` = [`Wire::Bf16`] every piece travels as bfloat16 (half the bytes): partial
+    /// sums are rounded to bfloat16 when sent and added in float32 when received, and each
+    /// segment's owner rounds its final sum to bfloat16 before sending it around, so every rank
+    /// ends with the same bfloat16-valued sums.
+    pub(crate) fn all_reduce_f32(
+        &mut self,
+        buf: &mut [f32],
+        wire: Wire,
+    ) -> Result<(), CollectiveError> {
+        let header = self.header(OpKind::AllReduce, wire as u32, std::mem::size_of_val(buf));
         let (n, r) = (self.world, self.rank);
         let seg = Segments::new(buf.len(), n, self.piece_floats);
         let per_step = seg.pieces_per_segment;
@@ -114,6 +126,16 @@ impl TcpRing {
         let data = SharedSlice::new(buf);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.resize(self.piece_floats, 0.0);
+        // bfloat16 pieces: encoded by the sender, decoded by the receiver.
+        let mut outgoing = vec![
+            0u16;
+            if wire == Wire::Bf16 {
+                self.piece_floats
+            } else {
+                0
+            }
+        ];
+        let mut incoming16 = outgoing.clone();
         let (left_rank, right_rank) = (self.left_rank(), self.right_rank());
         let op = OpKind::AllReduce.name();
 
@@ -132,8 +154,18 @@ impl TcpRing {
                         // SAFETY: the receiver finished writing this range (waited above)
                         // and does not write it again before we report it sent.
                         let piece = unsafe { data.get(range) };
+                        let bytes = match wire {
+                            Wire::F32 => f32_bytes(piece),
+                            Wire::Bf16 => {
+                                let out = &mut outgoing[..piece.len()];
+                                for (o, &x) in out.iter_mut().zip(piece) {
+                                    *o = to_bf16(x);
+                                }
+                                u16_bytes(out)
+                            }
+                        };
                         (&self.right)
-                            .write_all(f32_bytes(piece))
+                            .write_all(bytes)
                             .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
                         p.advance(|s| s.sent += 1);
                     }
@@ -145,16 +177,33 @@ impl TcpRing {
                 for k in 0..steps {
                     for i in 0..per_step {
                         let range = seg.piece(received_at(k), i);
+                        let incoming = &mut scratch[..range.len()];
+                        let read = |into: &mut [f32], halves: &mut [u16]| match wire {
+                            Wire::F32 => (&self.left).read_exact(f32_bytes_mut(into)),
+                            Wire::Bf16 => {
+                                let halves = &mut halves[..into.len()];
+                                (&self.left).read_exact(u16_bytes_mut(halves))?;
+                                for (x, &h) in into.iter_mut().zip(halves.iter()) {
+                                    *x = from_bf16(h);
+                                }
+                                Ok(())
+                            }
+                        };
                         if k < reduce_steps {
-                            let incoming = &mut scratch[..range.len()];
-                            (&self.left)
-                                .read_exact(f32_bytes_mut(incoming))
+                            read(incoming, &mut incoming16)
                                 .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
                             // SAFETY: the sender reads this range only at a later step,
                             // after we report it received.
                             let acc = unsafe { data.get_mut(range) };
                             for (a, b) in acc.iter_mut().zip(incoming.iter()) {
                                 *a += *b;
+                            }
+                            if wire == Wire::Bf16 && k + 1 == reduce_steps {
+                                // This rank owns the segment's final sum: round it as the
+                                // others will receive it.
+                                for a in acc.iter_mut() {
+                                    *a = from_bf16(to_bf16(*a));
+                                }
                             }
                         } else {
                             // The segment arriving at all-gather step s is the one we sent
@@ -163,8 +212,7 @@ impl TcpRing {
                             p.wait(|s| s.sent >= needed, right_rank, op)?;
                             // SAFETY: the sender is done with this range (waited above).
                             let dst = unsafe { data.get_mut(range) };
-                            (&self.left)
-                                .read_exact(f32_bytes_mut(dst))
+                            read(dst, &mut incoming16)
                                 .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
                         }
                         p.advance(|s| s.received += 1);

@@ -545,3 +545,69 @@ fn sigkilled_peer_fails_the_survivor_promptly() {
         );
     }
 }
+
+/// bfloat16 on the wire: every rank ends with the same sums, each a bfloat16 value, within
+/// bfloat16's rounding of the exact sum (a partial sum is rounded once per hop); a world of
+/// one leaves the buffer alone; a rank asking for float32 while its peers send bfloat16 fails.
+#[test]
+fn bf16_wire_all_reduce_is_identical_on_every_rank_and_within_bf16_rounding() {
+    for transport in TRANSPORTS {
+        for world in [1, 2, 3] {
+            let len = 100_003;
+            let results = with_group(
+                world,
+                transport,
+                SMALL,
+                Duration::from_secs(10),
+                |rank, mut ring| {
+                    let mut buf = input(rank, len);
+                    ring.all_reduce_sum_wire(&mut buf, Wire::Bf16)
+                        .expect("all_reduce");
+                    buf
+                },
+            );
+            if world == 1 {
+                assert_eq!(results[0], input(0, len));
+                continue;
+            }
+            let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
+            for i in 0..len {
+                let got = results[0][i];
+                assert_eq!(
+                    got.to_bits() & 0xffff,
+                    0,
+                    "[{i}] {got} is not a bfloat16 value"
+                );
+                let want: f64 = inputs.iter().map(|x| x[i] as f64).sum();
+                // bfloat16 keeps 8 significant bits: one rounding is at most 2^-8 relative;
+                // world - 1 hops and the final rounding of partial sums of at most 5·world.
+                let bound = world as f64 * 5.0 * world as f64 * 2f64.powi(-8);
+                assert!(
+                    (got as f64 - want).abs() <= bound,
+                    "{transport:?} world {world} [{i}]: {got} vs {want}"
+                );
+            }
+            for r in &results {
+                assert!(
+                    r.iter()
+                        .zip(&results[0])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{transport:?} world {world}: ranks differ"
+                );
+            }
+        }
+    }
+    // Two ranks that disagree on the wire format fail at once instead of misreading bytes.
+    let results = with_group(
+        2,
+        Transport::Tcp,
+        SMALL,
+        Duration::from_secs(5),
+        |rank, mut ring| {
+            let mut buf = input(rank, 1000);
+            let wire = if rank == 0 { Wire::Bf16 } else { Wire::F32 };
+            ring.all_reduce_sum_wire(&mut buf, wire).map(|_| ())
+        },
+    );
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+}

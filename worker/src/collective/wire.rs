@@ -52,6 +52,37 @@ pub(crate) fn hung_up(s: &TcpStream) -> bool {
     rc > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// How all-reduce data travels on the TCP ring (the header's detail, so ranks that disagree
+/// fail at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    F32 = 0,
+    Bf16 = 1,
+}
+
+/// float32 to bfloat16, rounding to nearest even; NaN stays NaN.
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+pub(crate) fn u16_bytes(v: &[u16]) -> &[u8] {
+    // SAFETY: u16 has no padding; the byte view covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+pub(crate) fn u16_bytes_mut(v: &mut [u16]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid u16.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
 pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding; u8 has alignment 1; same length in bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }

@@ -4,16 +4,20 @@
 use crate::collective::{Collective, CollectiveError};
 use crate::models::ParamStore;
 use crate::optim::AdamW;
+use ferry_common::job::GradientDtype;
 use tch::{Device, Kind, Tensor};
 
 /// Gradients are reduced in buckets of about this many bytes (DDP's default).
 pub const BUCKET_BYTES: i64 = 25 * 1024 * 1024;
 
 /// Sums every parameter's gradient over all ranks, bucket by bucket, together with `scalars`
-/// (appended to the last bucket, e.g. the step's partial loss). Returns the summed scalars.
+/// (e.g. the step's partial loss). Returns the summed scalars. In float32 the scalars ride in
+/// the last bucket; with bfloat16 gradients ([`GradientDtype::Bf16`]) they are summed on
+/// their own in float32, so the loss keeps its precision.
 pub fn all_reduce_grads(
     ps: &ParamStore,
     scalars: &[f64],
+    dtype: GradientDtype,
     coll: &mut dyn Collective,
 ) -> Result<Vec<f64>, CollectiveError> {
     if coll.world_size() == 1 {
@@ -35,17 +39,19 @@ pub fn all_reduce_grads(
             end += 1;
         }
         let last = end == params.len();
+        let scalars_here = last && dtype == GradientDtype::Fp32;
         let mut pieces: Vec<Tensor> = params[start..end]
             .iter()
             .map(|(_, p)| p.grad().to_kind(Kind::Float).reshape([-1]))
             .collect();
-        if last {
-            let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
-            let s: Vec<f32> = scalars.iter().map(|&v| v as f32).collect();
-            pieces.push(Tensor::from_slice(&s).to_device(device));
+        if scalars_here {
+            pieces.push(scalar_tensor(ps, scalars));
         }
         let mut flat = Tensor::cat(&pieces, 0);
-        coll.all_reduce_sum(&mut flat)?;
+        match dtype {
+            GradientDtype::Fp32 => coll.all_reduce_sum(&mut flat)?,
+            GradientDtype::Bf16 => coll.all_reduce_sum_bf16(&mut flat)?,
+        }
         let mut offset = 0;
         tch::no_grad(|| {
             for (_, p) in &params[start..end] {
@@ -55,11 +61,15 @@ pub fn all_reduce_grads(
                 offset += n;
             }
         });
-        if last {
+        if scalars_here {
             let tail = flat
                 .narrow(0, offset, scalars.len() as i64)
                 .to_kind(Kind::Double);
             out = Vec::<f64>::try_from(&tail).unwrap_or_default();
+        } else if last {
+            let mut own = scalar_tensor(ps, scalars);
+            coll.all_reduce_sum(&mut own)?;
+            out = Vec::<f64>::try_from(&own.to_kind(Kind::Double)).unwrap_or_default();
         }
         start = end;
         if last {
@@ -69,14 +79,30 @@ pub fn all_reduce_grads(
     Ok(out)
 }
 
-/// Bytes that [`all_reduce_grads`] sums on a group of `world_size`: every gradient and the
-/// scalars, as f32; nothing when the rank is alone.
-pub fn all_reduce_bytes(ps: &ParamStore, scalars: usize, world_size: usize) -> u64 {
+/// The scalars as one float32 tensor on the parameters' device.
+fn scalar_tensor(ps: &ParamStore, scalars: &[f64]) -> Tensor {
+    let device = ps.named().first().map_or(Device::Cpu, |(_, p)| p.device());
+    let s: Vec<f32> = scalars.iter().map(|&v| v as f32).collect();
+    Tensor::from_slice(&s).to_device(device)
+}
+
+/// Bytes that [`all_reduce_grads`] sums on a group of `world_size`: every gradient (4 bytes
+/// each, 2 in bfloat16) and the scalars (4 bytes); nothing when the rank is alone.
+pub fn all_reduce_bytes(
+    ps: &ParamStore,
+    scalars: usize,
+    dtype: GradientDtype,
+    world_size: usize,
+) -> u64 {
     if world_size <= 1 {
         return 0;
     }
     let elements: i64 = ps.named().iter().map(|(_, p)| p.numel() as i64).sum();
-    4 * (elements as u64 + scalars as u64)
+    let per = match dtype {
+        GradientDtype::Fp32 => 4,
+        GradientDtype::Bf16 => 2,
+    };
+    per * elements as u64 + 4 * scalars as u64
 }
 
 /// Gives every parameter a gradient tensor (zeros where backward left none), so that the

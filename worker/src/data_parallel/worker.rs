@@ -14,7 +14,7 @@ use crate::metrics::MetricsLog;
 use crate::train::{Engine, TrainConfig, METRICS_FILE};
 use anyhow::{bail, Context, Result};
 use ferry_common::client::{with_backoff, ClientConfig, Clients};
-use ferry_common::job::{Backend, JobSpec};
+use ferry_common::job::{Backend, GradientDtype, JobSpec};
 use ferry_common::proto::{self, next_step_reply, rendezvous_reply, StateSource};
 use ferry_common::sampler::sequences_digest;
 use serde_json::json;
@@ -554,11 +554,15 @@ impl Worker {
             return Ok(Outcome::Regroup(Regroup::Failed(why)));
         }
         eprintln!(
-            "generation {}: rank {rank} of {}, starting at step {}, gradients over {}",
+            "generation {}: rank {rank} of {}, starting at step {}, gradients over {}{}",
             reply.generation,
             reply.world_size,
             reply.start_step,
-            coll.transport()
+            coll.transport(),
+            match self.spec.cluster.gradient_dtype {
+                GradientDtype::Fp32 => "",
+                GradientDtype::Bf16 => " as bf16",
+            }
         );
         telemetry::enter_generation(reply.generation, rank, reply.world_size);
         if rank == 0 {
@@ -630,7 +634,9 @@ impl Worker {
                 self.engine
                     .forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
             let t_reduce = Instant::now();
-            let reduced = match all_reduce_grads(&self.engine.ps, &[partial], coll.as_mut()) {
+            let dtype = self.spec.cluster.gradient_dtype;
+            let reduced = match all_reduce_grads(&self.engine.ps, &[partial], dtype, coll.as_mut())
+            {
                 Ok(r) => r,
                 Err(e) => {
                     self.engine.ps.zero_grad();
@@ -711,7 +717,12 @@ impl Worker {
                 tokens: tokens_per_step,
                 step_s: secs,
                 allreduce_s,
-                allreduce_bytes: all_reduce_bytes(&self.engine.ps, 1, coll.world_size()),
+                allreduce_bytes: all_reduce_bytes(
+                    &self.engine.ps,
+                    1,
+                    self.spec.cluster.gradient_dtype,
+                    coll.world_size(),
+                ),
                 flops_per_token: self.engine.flops_per_token,
                 peak_gflops: self.engine.peak_gflops,
                 world_size: plan.world_size,
