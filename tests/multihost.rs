@@ -18,7 +18,7 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use support::cluster::{trained_by_ledger, verify_exactly_once, CoordinatorProc};
-use support::dp::{assert_same_training, job, single_worker_run, STEPS};
+use support::dp::{assert_same_training, final_weights, job, single_worker_run, STEPS};
 use support::netns::{hosts_or_skip, SimulatedHosts};
 
 /// One multi-host test at a time: each runs a coordinator and three workers on two cores, and
@@ -169,31 +169,24 @@ fn wait_finished(
     st
 }
 
-#[test]
-fn three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker",
-    ) else {
-        return;
-    };
-    let reference = single_worker_run();
-    let dir = support::scratch("mh-equal");
+/// A job on the coordinator's host and three worker hosts, to the end; returns the run
+/// directory. `cluster` is the job's cluster section.
+fn three_host_run(hosts: &SimulatedHosts, name: &str, port: u16, cluster: &str) -> PathBuf {
+    let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
-    let c = start_coordinator(
-        &hosts,
-        "mh-equal-coord",
-        &job(&run, "min_workers = 3\nsettle_s = 0.0"),
+    let c = CoordinatorProc::start_with(
+        &format!("{name}-coord"),
+        &job(&run, cluster),
+        &[],
+        hosts.ferry_maker(COORDINATOR_HOST),
+        &format!("{}:{port}", hosts.addr(COORDINATOR_HOST)),
     );
     let workers: Vec<HostWorker> = (1..=3)
         .map(|h| HostWorker::start(&hosts, h, &c, &format!("w{h}")))
         .collect();
-    wait_finished(&hosts, &c, &workers, &run);
-    assert_same_training(&reference, &run);
-
-    let ledger = admin(&hosts, || c.ledger());
+    wait_finished(hosts, &c, &workers, &run);
+    let ledger = admin(hosts, || c.ledger());
     assert_eq!(ledger.entries.len() as u64, STEPS);
     let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
     assert!(worlds.iter().all(|&w| w == 3), "{worlds:?}");
@@ -206,6 +199,40 @@ fn three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker() {
             "{log}"
         );
     }
+    run
+}
+
+/// Must-show 1 of issue 17: the coordinator on host 0, three workers on hosts 1-3 over the TCP
+/// ring reach one worker's losses and weights with an exactly-once ledger, and reducing the
+/// gradients while backward runs (the default) gives the very bits of reducing after it.
+#[test]
+fn three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker() {
+    let _serial = serial();
+    let Some(hosts) = hosts_or_skip(
+        4,
+        "three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker",
+    ) else {
+        return;
+    };
+    let reference = single_worker_run();
+    let overlapped = three_host_run(&hosts, "mh-equal", 29400, "min_workers = 3\nsettle_s = 0.0");
+    assert_same_training(&reference, &overlapped);
+    let after = three_host_run(
+        &hosts,
+        "mh-equal-no-overlap",
+        29402,
+        "min_workers = 3\nsettle_s = 0.0\noverlap_backward = false",
+    );
+    assert_same_training(&reference, &after);
+    let (a, b) = (final_weights(&overlapped), final_weights(&after));
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{name}: overlapped and plain all-reduce differ");
+    }
+    assert_eq!(
+        support::dp::step_losses(&overlapped),
+        support::dp::step_losses(&after),
+        "losses differ between overlapped and plain all-reduce"
+    );
 }
 
 /// Partition (a): host 3's cable is pulled while the group of three is mid-step. The other two

@@ -2,12 +2,14 @@ include!("../build-support/libtorch_rpath.rs");
 
 fn main() {
     emit_libtorch_link_args();
-    compile_autocast_shim();
+    compile_shims();
 }
 
-/// Builds csrc/autocast_bf16.cpp against the same libtorch headers tch uses.
-fn compile_autocast_shim() {
+/// Builds csrc/*.cpp (bf16 autocast, gradient-ready hooks) against the libtorch headers tch
+/// uses.
+fn compile_shims() {
     println!("cargo:rerun-if-changed=csrc/autocast_bf16.cpp");
+    println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
@@ -24,5 +26,6 @@ fn compile_autocast_shim() {
             std::env::var("LIBTORCH_CXX11_ABI").unwrap_or("1".into())
         ))
         .file("csrc/autocast_bf16.cpp")
-        .compile("ferry_autocast");
+        .file("csrc/grad_hooks.cpp")
+        .compile("ferry_shims");
 }

@@ -264,6 +264,14 @@ pub struct ClusterSection {
     /// so the ids of jobs written before it existed do not change.
     #[serde(skip_serializing_if = "GradientDtype::is_fp32")]
     pub gradient_dtype: GradientDtype,
+    /// Reduce gradient buckets while backward still runs (DDP's overlap); `false` reduces
+    /// after backward. Both give bit-identical weights. Left out of serialized specs when true.
+    #[serde(skip_serializing_if = "is_true")]
+    pub overlap_backward: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for ClusterSection {
@@ -277,6 +285,7 @@ impl Default for ClusterSection {
             settle_s: 2.0,
             checksum_every: 50,
             gradient_dtype: GradientDtype::Fp32,
+            overlap_backward: true,
         }
     }
 }
@@ -661,6 +670,8 @@ micro = 4
         let spec = JobSpec::from_toml(MINIMAL, "job.toml").unwrap();
         assert_eq!(spec.cluster.gradient_dtype, GradientDtype::Fp32);
         assert!(!spec.to_toml().contains("gradient_dtype"));
+        assert!(spec.cluster.overlap_backward);
+        assert!(!spec.to_toml().contains("overlap_backward"));
         let bf16 = format!("{MINIMAL}\n[cluster]\ngradient_dtype = \"bf16\"\n");
         let spec = JobSpec::from_toml(&bf16, "job.toml").unwrap();
         assert_eq!(spec.cluster.gradient_dtype, GradientDtype::Bf16);

@@ -553,6 +553,19 @@ impl Engine {
         first_micro: u64,
         sequences: &[u64],
     ) -> Result<f64> {
+        self.forward_backward_hooked(step, first_micro, sequences, &mut || {})
+    }
+
+    /// [`forward_backward`](Self::forward_backward), calling `before_last_backward` just
+    /// before the last micro-batch's backward, after which every gradient is final: data
+    /// parallelism arms its gradient hooks there (`data_parallel::overlap`).
+    pub(crate) fn forward_backward_hooked(
+        &mut self,
+        step: u64,
+        first_micro: u64,
+        sequences: &[u64],
+        before_last_backward: &mut dyn FnMut(),
+    ) -> Result<f64> {
         let (micro, global) = (self.cfg.micro_batch as usize, self.cfg.global_batch);
         let seq_len = self.seq_len as usize;
         let step_ids = self.order.step_sequences(step, global);
@@ -572,6 +585,7 @@ impl Engine {
             .objective
             .step_counts(&self.data.train, &step_ids, seq_len)?;
         let mut loss_sum = 0.0;
+        let last = sequences.len().div_ceil(micro).saturating_sub(1);
         for (k, chunk) in sequences.chunks(micro).enumerate() {
             // Dropout masks depend on the micro-batch's place in the global step, not on
             // which process runs it.
@@ -586,8 +600,11 @@ impl Engine {
                 self.precision,
                 self.device,
             )?;
-            loss.backward();
             loss_sum += loss.double_value(&[]);
+            if k == last {
+                before_last_backward();
+            }
+            loss.backward();
         }
         Ok(loss_sum)
     }

@@ -10,12 +10,80 @@ use tch::{Device, Kind, Tensor};
 /// Gradients are reduced in buckets of about this many bytes (DDP's default).
 pub const BUCKET_BYTES: i64 = 25 * 1024 * 1024;
 
-/// Sums every parameter's gradient over all ranks, bucket by bucket, together with `scalars`
-/// (e.g. the step's partial loss). Returns the summed scalars. In float32 the scalars ride in
-/// the last bucket; with bfloat16 gradients ([`GradientDtype::Bf16`]) they are summed on
-/// their own in float32, so the loss keeps its precision.
+/// Parameters grouped for reduction, DDP's way: in reverse order of registration, which is
+/// about the order backward finishes their gradients, at most [`BUCKET_BYTES`] of float32
+/// each (always at least one parameter). Both the overlapped and the plain all-reduce use
+/// these buckets in this order, so they sum every element in the same ring position and give
+/// bit-identical results.
+pub struct Buckets {
+    /// Parameter indices (into `ParamStore::named`) of each bucket, in reduction order.
+    pub members: Vec<Vec<usize>>,
+}
+
+impl Buckets {
+    pub fn new(ps: &ParamStore) -> Buckets {
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        let mut bytes = 0;
+        for (i, (_, p)) in ps.named().iter().enumerate().rev() {
+            let size = 4 * p.numel() as i64;
+            match members.last_mut() {
+                Some(b) if bytes + size <= BUCKET_BYTES => {
+                    b.push(i);
+                    bytes += size;
+                }
+                _ => {
+                    members.push(vec![i]);
+                    bytes = size;
+                }
+            }
+        }
+        Buckets { members }
+    }
+
+    /// Bucket `b`'s gradients as one float32 vector.
+    pub fn flatten(&self, ps: &ParamStore, b: usize) -> Tensor {
+        let params = ps.named();
+        let pieces: Vec<Tensor> = self.members[b]
+            .iter()
+            .map(|&i| params[i].1.grad().to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        Tensor::cat(&pieces, 0)
+    }
+
+    /// Writes bucket `b`'s reduced vector back into its parameters' gradients.
+    pub fn unflatten(&self, ps: &ParamStore, b: usize, flat: &Tensor) {
+        let params = ps.named();
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for &i in &self.members[b] {
+                let p = &params[i].1;
+                let n = p.numel() as i64;
+                let mut g = p.grad();
+                g.copy_(&flat.narrow(0, offset, n).view_as(p));
+                offset += n;
+            }
+        });
+    }
+}
+
+/// Sums one bucket in place, carried as `dtype`.
+pub(super) fn reduce_bucket(
+    flat: &mut Tensor,
+    dtype: GradientDtype,
+    coll: &mut dyn Collective,
+) -> Result<(), CollectiveError> {
+    match dtype {
+        GradientDtype::Fp32 => coll.all_reduce_sum(flat),
+        GradientDtype::Bf16 => coll.all_reduce_sum_bf16(flat),
+    }
+}
+
+/// Sums every parameter's gradient over all ranks, bucket by bucket ([`Buckets`]), then
+/// `scalars` (e.g. the step's partial loss) on their own in float32. Returns the summed
+/// scalars. [`super::overlap`] does the same work while backward runs.
 pub fn all_reduce_grads(
     ps: &ParamStore,
+    buckets: &Buckets,
     scalars: &[f64],
     dtype: GradientDtype,
     coll: &mut dyn Collective,
@@ -25,58 +93,23 @@ pub fn all_reduce_grads(
         return Ok(scalars.to_vec());
     }
     ensure_grads(ps);
-    let params = ps.named();
-    let mut start = 0;
-    let mut out = Vec::new();
-    while start < params.len() || (start == params.len() && out.is_empty()) {
-        // Take parameters until the bucket is full (always at least one).
-        let mut end = start;
-        let mut bytes = 0;
-        while end < params.len()
-            && (end == start || bytes + 4 * params[end].1.numel() as i64 <= BUCKET_BYTES)
-        {
-            bytes += 4 * params[end].1.numel() as i64;
-            end += 1;
-        }
-        let last = end == params.len();
-        let scalars_here = last && dtype == GradientDtype::Fp32;
-        let mut pieces: Vec<Tensor> = params[start..end]
-            .iter()
-            .map(|(_, p)| p.grad().to_kind(Kind::Float).reshape([-1]))
-            .collect();
-        if scalars_here {
-            pieces.push(scalar_tensor(ps, scalars));
-        }
-        let mut flat = Tensor::cat(&pieces, 0);
-        match dtype {
-            GradientDtype::Fp32 => coll.all_reduce_sum(&mut flat)?,
-            GradientDtype::Bf16 => coll.all_reduce_sum_bf16(&mut flat)?,
-        }
-        let mut offset = 0;
-        tch::no_grad(|| {
-            for (_, p) in &params[start..end] {
-                let n = p.numel() as i64;
-                let mut g = p.grad();
-                g.copy_(&flat.narrow(0, offset, n).view_as(p));
-                offset += n;
-            }
-        });
-        if scalars_here {
-            let tail = flat
-                .narrow(0, offset, scalars.len() as i64)
-                .to_kind(Kind::Double);
-            out = Vec::<f64>::try_from(&tail).unwrap_or_default();
-        } else if last {
-            let mut own = scalar_tensor(ps, scalars);
-            coll.all_reduce_sum(&mut own)?;
-            out = Vec::<f64>::try_from(&own.to_kind(Kind::Double)).unwrap_or_default();
-        }
-        start = end;
-        if last {
-            break;
-        }
+    for b in 0..buckets.members.len() {
+        let mut flat = buckets.flatten(ps, b);
+        reduce_bucket(&mut flat, dtype, coll)?;
+        buckets.unflatten(ps, b, &flat);
     }
-    Ok(out)
+    all_reduce_scalars(ps, scalars, coll)
+}
+
+/// Sums a few values over all ranks in float32.
+pub(super) fn all_reduce_scalars(
+    ps: &ParamStore,
+    scalars: &[f64],
+    coll: &mut dyn Collective,
+) -> Result<Vec<f64>, CollectiveError> {
+    let mut own = scalar_tensor(ps, scalars);
+    coll.all_reduce_sum(&mut own)?;
+    Ok(Vec::<f64>::try_from(&own.to_kind(Kind::Double)).unwrap_or_default())
 }
 
 /// The scalars as one float32 tensor on the parameters' device.
@@ -107,7 +140,7 @@ pub fn all_reduce_bytes(
 
 /// Gives every parameter a gradient tensor (zeros where backward left none), so that the
 /// reduced gradient has somewhere to go.
-fn ensure_grads(ps: &ParamStore) {
+pub(super) fn ensure_grads(ps: &ParamStore) {
     for (_, p) in ps.named() {
         if !p.grad().defined() {
             (p.sum(Kind::Float) * 0.0).backward();

@@ -1,9 +1,11 @@
 //! Data parallelism around the single-process engine, torchtitan-style: the model and the
 //! train step know nothing of it. [`flat`] reduces gradients in buckets and broadcasts state;
+//! `overlap` reduces the buckets while backward still runs;
 //! [`worker`] is the elastic rank that the coordinator drives; [`telemetry`] serves its
 //! Prometheus metrics and health probes.
 
 pub mod flat;
+mod overlap;
 mod shutdown;
 pub mod telemetry;
 pub mod worker;

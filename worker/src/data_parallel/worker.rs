@@ -6,7 +6,10 @@
 //! collective fail within its timeout; the worker reports it and goes back to rendezvous with
 //! its weights at the last step it applied, so nothing is lost and nothing hangs.
 
-use super::flat::{all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum};
+use super::flat::{
+    all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum, Buckets,
+};
+use super::overlap::{self, Overlapped};
 use super::telemetry::{self, TelemetryOptions};
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::{nccl, Collective, CollectiveError, GroupSpec, RingAllReduce};
@@ -133,6 +136,8 @@ struct Worker {
     last_applied: Option<StepRecord>,
     /// Fault injection for tests (see [`PAUSE_BEFORE_STEP_LINE`]).
     pause_before_step_line: Option<(u64, Duration)>,
+    /// How gradients are grouped for the all-reduce (fixed by the model's parameters).
+    buckets: Buckets,
 }
 
 /// `STEP:MS`: as rank 0, wait MS milliseconds between step STEP's commit and its metrics line,
@@ -207,6 +212,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let cfg = TrainConfig::from_job(&spec, opts.threads, &opts.device);
     cfg.validate()?;
     let engine = Engine::new(&cfg)?;
+    let buckets = Buckets::new(&engine.ps);
     // `auto` assumes a homogeneous group: GPU workers use NCCL, CPU workers the ring.
     let gpu = match engine.device {
         tch::Device::Cuda(i) => Some(i),
@@ -252,6 +258,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         metrics: None,
         last_applied: None,
         pause_before_step_line: pause_before_step_line()?,
+        buckets,
     };
     let exit = loop {
         let reply = w.rendezvous()?;
@@ -344,6 +351,12 @@ fn spawn_heartbeats(
 }
 
 impl Worker {
+    /// Whether this step reduces gradients while backward runs: asked for, with peers to
+    /// sum with, on the ring (NCCL overlaps on a side stream, not yet written).
+    fn overlaps(&self, coll: &dyn Collective) -> bool {
+        self.spec.cluster.overlap_backward && coll.world_size() > 1 && coll.transport() != "nccl"
+    }
+
     fn id(&self) -> String {
         self.id.lock().map(|id| id.clone()).unwrap_or_default()
     }
@@ -630,13 +643,38 @@ impl Worker {
                 other => bail!("coordinator next_step: unexpected answer {other:?}"),
             };
             let planned_s = t_step.elapsed().as_secs_f64();
-            let partial =
-                self.engine
-                    .forward_backward(step, plan.first_micro_batch, &plan.sequence_ids)?;
-            let t_reduce = Instant::now();
             let dtype = self.spec.cluster.gradient_dtype;
-            let reduced = match all_reduce_grads(&self.engine.ps, &[partial], dtype, coll.as_mut())
-            {
+            // allreduce_s: the communication the step waited for, after backward.
+            let (reduced, allreduce_s) = if self.overlaps(coll.as_ref()) {
+                match overlap::forward_backward_all_reduce(
+                    &mut self.engine,
+                    step,
+                    plan.first_micro_batch,
+                    &plan.sequence_ids,
+                    &self.buckets,
+                    dtype,
+                    coll.as_mut(),
+                )? {
+                    Overlapped::Reduced { scalars, exposed_s } => (Ok(scalars), exposed_s),
+                    Overlapped::Failed(e) => (Err(e), 0.0),
+                }
+            } else {
+                let partial = self.engine.forward_backward(
+                    step,
+                    plan.first_micro_batch,
+                    &plan.sequence_ids,
+                )?;
+                let t_reduce = Instant::now();
+                let r = all_reduce_grads(
+                    &self.engine.ps,
+                    &self.buckets,
+                    &[partial],
+                    dtype,
+                    coll.as_mut(),
+                );
+                (r, t_reduce.elapsed().as_secs_f64())
+            };
+            let reduced = match reduced {
                 Ok(r) => r,
                 Err(e) => {
                     self.engine.ps.zero_grad();
@@ -646,7 +684,6 @@ impl Worker {
                     ))));
                 }
             };
-            let allreduce_s = t_reduce.elapsed().as_secs_f64();
             let loss = reduced.first().copied().unwrap_or(f64::NAN);
             let lr = self.engine.schedule.at(step);
             let grad_norm = self.engine.apply_update(step, lr, loss)?;

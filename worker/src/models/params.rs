@@ -44,6 +44,19 @@ impl ParamStore {
         self.register(name, Tensor::ones(shape, (Kind::Float, self.device)))
     }
 
+    /// Another store of the same parameters: handles sharing their storage, gradients and
+    /// autograd hooks, for code that works on them while the engine holds the store.
+    pub fn clone_handles(&self) -> ParamStore {
+        ParamStore {
+            device: self.device,
+            params: self
+                .params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        }
+    }
+
     pub fn named(&self) -> &[(String, Tensor)] {
         &self.params
     }
