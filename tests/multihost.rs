@@ -13,12 +13,12 @@ mod support;
 
 use ferry_common::proto;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use support::cluster::{trained_by_ledger, verify_exactly_once, CoordinatorProc};
-use support::dp::{assert_same_training, final_weights, job, single_worker_run, STEPS};
+use support::dp::{assert_same_training, final_weights, job, single_worker_run, Reference, STEPS};
 use support::netns::{hosts_or_skip, SimulatedHosts};
 
 /// One multi-host test at a time: each runs a coordinator and three workers on two cores, and
@@ -31,6 +31,26 @@ const COORDINATOR_HOST: usize = 0;
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a multi-host test holds: its turn, its hosts, the one-worker reference run, and the
+/// run directory for its job.
+type Prologue = (
+    std::sync::MutexGuard<'static, ()>,
+    SimulatedHosts,
+    Reference,
+    PathBuf,
+);
+
+/// Every multi-host test starts here: one at a time, `n` simulated hosts (or a loud skip), the
+/// reference, and a fresh scratch directory `name` holding the run directory.
+fn prologue(n: usize, test: &str, name: &str) -> Option<Prologue> {
+    let serial = serial();
+    let hosts = hosts_or_skip(n, test)?;
+    let reference = single_worker_run();
+    let dir = support::scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    Some((serial, hosts, reference, dir.join("run")))
 }
 
 fn start_coordinator(hosts: &SimulatedHosts, name: &str, job: &str) -> CoordinatorProc {
@@ -171,13 +191,10 @@ fn wait_finished(
 
 /// A job on the coordinator's host and three worker hosts, to the end; returns the run
 /// directory. `cluster` is the job's cluster section.
-fn three_host_run(hosts: &SimulatedHosts, name: &str, port: u16, cluster: &str) -> PathBuf {
-    let dir = support::scratch(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
+fn three_host_run(hosts: &SimulatedHosts, run: &Path, name: &str, port: u16, cluster: &str) {
     let c = CoordinatorProc::start_with(
         &format!("{name}-coord"),
-        &job(&run, cluster),
+        &job(run, cluster),
         &[],
         hosts.ferry_maker(COORDINATOR_HOST),
         &format!("{}:{port}", hosts.addr(COORDINATOR_HOST)),
@@ -185,7 +202,7 @@ fn three_host_run(hosts: &SimulatedHosts, name: &str, port: u16, cluster: &str) 
     let workers: Vec<HostWorker> = (1..=3)
         .map(|h| HostWorker::start(&hosts, h, &c, &format!("w{h}")))
         .collect();
-    wait_finished(hosts, &c, &workers, &run);
+    wait_finished(hosts, &c, &workers, run);
     let ledger = admin(hosts, || c.ledger());
     assert_eq!(ledger.entries.len() as u64, STEPS);
     let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
@@ -199,7 +216,6 @@ fn three_host_run(hosts: &SimulatedHosts, name: &str, port: u16, cluster: &str) 
             "{log}"
         );
     }
-    run
 }
 
 /// Must-show 1 of issue 17: the coordinator on host 0, three workers on hosts 1-3 over the TCP
@@ -207,22 +223,16 @@ fn three_host_run(hosts: &SimulatedHosts, name: &str, port: u16, cluster: &str) 
 /// gradients while backward runs (the default) gives the very bits of reducing after it.
 #[test]
 fn three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker",
-    ) else {
+    let test = "three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker";
+    let Some((_serial, hosts, reference, overlapped)) = prologue(4, test, "mh-equal") else {
         return;
     };
-    let reference = single_worker_run();
-    let overlapped = three_host_run(&hosts, "mh-equal", 29400, "min_workers = 3\nsettle_s = 0.0");
+    let cluster = "min_workers = 3\nsettle_s = 0.0";
+    three_host_run(&hosts, &overlapped, "mh-equal", 29400, cluster);
     assert_same_training(&reference, &overlapped);
-    let after = three_host_run(
-        &hosts,
-        "mh-equal-no-overlap",
-        29402,
-        "min_workers = 3\nsettle_s = 0.0\noverlap_backward = false",
-    );
+    let after = overlapped.with_file_name("run-without-overlap");
+    let cluster = format!("{cluster}\noverlap_backward = false");
+    three_host_run(&hosts, &after, "mh-equal-plain", 29402, &cluster);
     assert_same_training(&reference, &after);
     let (a, b) = (final_weights(&overlapped), final_weights(&after));
     for ((name, x), (_, y)) in a.iter().zip(&b) {
@@ -242,22 +252,15 @@ fn three_worker_hosts_over_the_tcp_ring_train_the_same_model_as_one_worker() {
 /// Nothing is lost or trained twice, and the weights are one worker's.
 #[test]
 fn a_worker_host_cut_mid_step_is_dropped_and_rejoins_when_its_link_returns() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "a_worker_host_cut_mid_step_is_dropped_and_rejoins_when_its_link_returns",
-    ) else {
+    let test = "a_worker_host_cut_mid_step_is_dropped_and_rejoins_when_its_link_returns";
+    let Some((_serial, hosts, reference, run)) = prologue(4, test, "mh-cut") else {
         return;
     };
-    let reference = single_worker_run();
     // Links of 40 Mbit/s make a step of this tiny model take seconds, as a large model's does
     // on a fast link, so that the cut lands mid-step and the job outlasts the rejoin.
     for h in 1..=3 {
         hosts.shape(h, "40mbit").unwrap();
     }
-    let dir = support::scratch("mh-cut");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
     let (heartbeat_s, collective_s) = (3.0, 4.0);
     let c = start_coordinator(
         &hosts,
@@ -402,17 +405,10 @@ fn start_workers(
 /// rollback, nothing redone from a checkpoint, one worker's weights.
 #[test]
 fn a_coordinator_cut_off_briefly_resumes_training_where_it_stopped() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "a_coordinator_cut_off_briefly_resumes_training_where_it_stopped",
-    ) else {
+    let test = "a_coordinator_cut_off_briefly_resumes_training_where_it_stopped";
+    let Some((_serial, hosts, reference, run)) = prologue(4, test, "mh-coord-brief") else {
         return;
     };
-    let reference = single_worker_run();
-    let dir = support::scratch("mh-coord-brief");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
     let c = start_coordinator(&hosts, "mh-coord-brief-coord", &partition_job(&run, 0));
     let workers = start_workers(&hosts, &c, "w", &["--patience-s", "60"]);
     let st = wait_until(
@@ -463,17 +459,10 @@ fn a_coordinator_cut_off_briefly_resumes_training_where_it_stopped() {
 /// weights and an exactly-once ledger.
 #[test]
 fn a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_resume() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_resume",
-    ) else {
+    let test = "a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_resume";
+    let Some((_serial, hosts, reference, run)) = prologue(4, test, "mh-coord-long") else {
         return;
     };
-    let reference = single_worker_run();
-    let dir = support::scratch("mh-coord-long");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
     let c = start_coordinator(&hosts, "mh-coord-long-coord", &partition_job(&run, 4));
     let patience_s = 5;
     let mut first = start_workers(
@@ -545,17 +534,10 @@ fn a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_re
 /// generations rather than endless regrouping, one worker's weights, an exactly-once ledger.
 #[test]
 fn a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        4,
-        "a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes",
-    ) else {
+    let test = "a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes";
+    let Some((_serial, hosts, reference, run)) = prologue(4, test, "mh-pair") else {
         return;
     };
-    let reference = single_worker_run();
-    let dir = support::scratch("mh-pair");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
     let spec =
         partition_job(&run, 0).replace("min_workers = 3", "min_workers = 2\nmax_workers = 3");
     let c = start_coordinator(&hosts, "mh-pair-coord", &spec);
@@ -631,17 +613,11 @@ fn a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes() {
 /// job), and the per-step loss stays within 1% of the float32 one-worker run's.
 #[test]
 fn bf16_gradients_across_hosts_keep_the_replicas_identical_and_the_loss_within_1_percent() {
-    let _serial = serial();
-    let Some(hosts) = hosts_or_skip(
-        3,
-        "bf16_gradients_across_hosts_keep_the_replicas_identical_and_the_loss_within_1_percent",
-    ) else {
+    let test =
+        "bf16_gradients_across_hosts_keep_the_replicas_identical_and_the_loss_within_1_percent";
+    let Some((_serial, hosts, reference, run)) = prologue(3, test, "mh-bf16") else {
         return;
     };
-    let reference = single_worker_run();
-    let dir = support::scratch("mh-bf16");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
     let c = start_coordinator(
         &hosts,
         "mh-bf16-coord",

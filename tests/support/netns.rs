@@ -271,32 +271,19 @@ impl SimulatedHosts {
     /// (a blackhole route), so their open connections stall silently and new ones are refused,
     /// while both still reach every other host.
     pub fn cut_between(&self, a: usize, b: usize) {
-        for (from, to) in [(a, b), (b, a)] {
-            let target = format!("{}/32", self.hosts[to].addr);
-            ip(&[
-                "-n",
-                &self.hosts[from].netns,
-                "route",
-                "add",
-                "blackhole",
-                &target,
-            ])
-            .unwrap_or_else(|e| panic!("cut hosts {a} and {b}: {e}"));
-        }
+        self.blackholes("add", a, b);
     }
 
     pub fn restore_between(&self, a: usize, b: usize) {
+        self.blackholes("del", a, b);
+    }
+
+    fn blackholes(&self, action: &str, a: usize, b: usize) {
         for (from, to) in [(a, b), (b, a)] {
             let target = format!("{}/32", self.hosts[to].addr);
-            ip(&[
-                "-n",
-                &self.hosts[from].netns,
-                "route",
-                "del",
-                "blackhole",
-                &target,
-            ])
-            .unwrap_or_else(|e| panic!("restore hosts {a} and {b}: {e}"));
+            let netns = &self.hosts[from].netns;
+            ip(&["-n", netns, "route", action, "blackhole", &target])
+                .unwrap_or_else(|e| panic!("route {action} between hosts {a} and {b}: {e}"));
         }
     }
 
