@@ -78,6 +78,7 @@ heartbeat_timeout_s = 30
 collective_timeout_s = 120
 checksum_every = 0
 gradient_dtype = "{dtype}"
+bucket_mib = {bucket_mib}
 """
 
 
@@ -149,7 +150,8 @@ def ferry_run(a, hosts, scratch, tag, size, seq_len, micro, steps, dtype, eval_e
     with open(job, "w") as f:
         f.write(JOB.format(tag=tag, steps=steps, run=os.path.join(run, "run"), size=size,
                            data=os.path.abspath(a.data), seq_len=seq_len, global_batch=2 * micro,
-                           micro=micro, lr=lr, warmup=warmup, eval_every=eval_every, dtype=dtype))
+                           micro=micro, lr=lr, warmup=warmup, eval_every=eval_every, dtype=dtype,
+                           bucket_mib=a.bucket_mib))
     token = os.path.join(run, "token")
     with open(token, "w") as f:
         f.write(TOKEN + "\n")
@@ -247,6 +249,8 @@ def main():
     p.add_argument("--torch-bench",
                    default=os.path.join(ROOT, "../shared/bench/torch_gpt2_bench.py"))
     p.add_argument("--run-timeout", type=float, default=1800)
+    p.add_argument("--bucket-mib", type=float, default=4.0,
+                   help="ferry's cluster.bucket_mib (DDP keeps its default 25 MiB)")
     a = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/multihost.py makes network namespaces: run it as root")

@@ -7,11 +7,8 @@ use crate::optim::AdamW;
 use ferry_common::job::GradientDtype;
 use tch::{Device, Kind, Tensor};
 
-/// Gradients are reduced in buckets of about this many bytes (DDP's default).
-pub const BUCKET_BYTES: i64 = 25 * 1024 * 1024;
-
 /// Parameters grouped for reduction, DDP's way: in reverse order of registration, which is
-/// about the order backward finishes their gradients, at most [`BUCKET_BYTES`] of float32
+/// about the order backward finishes their gradients, at most `cluster.bucket_mib` of float32
 /// each (always at least one parameter). Both the overlapped and the plain all-reduce use
 /// these buckets in this order, so they sum every element in the same ring position and give
 /// bit-identical results.
@@ -21,13 +18,14 @@ pub struct Buckets {
 }
 
 impl Buckets {
-    pub fn new(ps: &ParamStore) -> Buckets {
+    pub fn new(ps: &ParamStore, bucket_mib: f64) -> Buckets {
+        let cap = (bucket_mib * 1024.0 * 1024.0) as i64;
         let mut members: Vec<Vec<usize>> = Vec::new();
         let mut bytes = 0;
         for (i, (_, p)) in ps.named().iter().enumerate().rev() {
             let size = 4 * p.numel() as i64;
             match members.last_mut() {
-                Some(b) if bytes + size <= BUCKET_BYTES => {
+                Some(b) if bytes + size <= cap => {
                     b.push(i);
                     bytes += size;
                 }

@@ -212,7 +212,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let cfg = TrainConfig::from_job(&spec, opts.threads, &opts.device);
     cfg.validate()?;
     let engine = Engine::new(&cfg)?;
-    let buckets = Buckets::new(&engine.ps);
+    let buckets = Buckets::new(&engine.ps, spec.cluster.bucket_mib);
     // `auto` assumes a homogeneous group: GPU workers use NCCL, CPU workers the ring.
     let gpu = match engine.device {
         tch::Device::Cuda(i) => Some(i),
