@@ -26,6 +26,7 @@ use shm::ShmRing;
 use std::net::{IpAddr, TcpListener};
 use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -59,6 +60,47 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// Every rank contributes bytes (lengths may differ); returns all ranks' bytes, index = rank.
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
+    /// For the all-reduce overlapped with backward (`data_parallel::overlap`): what a
+    /// gradient hook calls right after enqueueing a bucket's copy, when this collective runs
+    /// its sums on a device stream of its own and must wait for exactly that work (NCCL).
+    /// None, the default, for host collectives: a bucket is complete when the hook returns.
+    fn stream_marker(&self) -> Option<Arc<dyn StreamMarker>> {
+        None
+    }
+    /// [`all_reduce_sum`](Self::all_reduce_sum) of a tensor whose producing work ends at
+    /// `mark` (from this collective's [`stream_marker`](Self::stream_marker)). A device
+    /// collective sums on its side stream once the mark is reached, so the kernels queued
+    /// after it (the rest of backward) keep running meanwhile; any dtype that
+    /// `all_reduce_sum` takes. The default ignores the mark.
+    fn all_reduce_sum_after(
+        &mut self,
+        t: &mut Tensor,
+        _mark: &StreamMark,
+    ) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(t)
+    }
+}
+
+/// Marks points in a device's stream of work; shared with the autograd threads that run the
+/// gradient hooks.
+pub trait StreamMarker: Send + Sync {
+    /// A mark after everything the calling thread has enqueued so far.
+    fn mark(&self) -> Result<StreamMark, CollectiveError>;
+}
+
+/// A point in a device's stream of work (for NCCL, a CUDA event recorded on the stream the
+/// gradients are made on), as a [`StreamMarker`] made it; only that collective reads it.
+pub struct StreamMark(Box<dyn std::any::Any + Send>);
+
+impl StreamMark {
+    pub fn new<T: std::any::Any + Send>(point: T) -> Self {
+        StreamMark(Box::new(point))
+    }
+
+    /// The marker's own representation, when it is a `T`.
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
 }
 
 /// How ring ranks exchange all-reduce data. Broadcast, barrier and all-gather always use TCP.

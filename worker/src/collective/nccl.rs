@@ -49,8 +49,16 @@
 //! that produced the tensor and before those that read it, with no extra synchronisation.
 //! The call still returns only once the operation has completed on the device (an event
 //! recorded after it is polled), because completion is what the timeout and the error report
-//! are about and because `all_gather` returns host bytes. If ferry ever runs work on other
-//! streams, it must make them wait for the default stream (or vice versa) itself.
+//! are about and because `all_gather` returns host bytes.
+//!
+//! The one exception is the all-reduce overlapped with backward, DDP's way
+//! ([`Collective::all_reduce_sum_after`]): there a gradient hook records a CUDA event on the
+//! default stream right after enqueueing a bucket's copy ([`NcclStreamMarker`]), and the sum
+//! runs on a side stream of this communicator (non-blocking, so the legacy default stream
+//! does not serialise with it) that first waits for that event. The kernels backward queues
+//! after the event keep the default stream busy while NCCL's kernels run beside them. The
+//! bucket's memory stays alive until the call has seen the sum complete, and whoever reads it
+//! afterwards is on the host side of that completion, so no `recordStream` is needed.
 //!
 //! # Timeouts and aborts
 //!
@@ -77,6 +85,7 @@
 //! a random magic) must travel only over the coordinator's authenticated channel.
 
 use super::{validate, Collective, CollectiveError, GroupSpec};
+use super::{StreamMark, StreamMarker};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 use cudarc::nccl::sys::{
     ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId,
@@ -203,6 +212,23 @@ impl NcclAbortHandle {
     }
 }
 
+/// Marks the default stream of a communicator's device, for [`Collective::all_reduce_sum_after`]:
+/// called by the autograd thread that just enqueued a bucket's copy there.
+pub struct NcclStreamMarker {
+    stream: Arc<CudaStream>,
+}
+
+impl StreamMarker for NcclStreamMarker {
+    fn mark(&self) -> Result<StreamMark, CollectiveError> {
+        // record_event makes the device's context current on this thread first; it is the
+        // primary context libtorch's kernels run in.
+        let event = self.stream.record_event(None).map_err(|e| {
+            cuda_err("overlapped all_reduce_sum", "marking a bucket ready", e)
+        })?;
+        Ok(StreamMark::new(event))
+    }
+}
+
 /// NCCL communicator of one generation on one GPU.
 pub struct NcclCollective {
     rank: usize,
@@ -217,6 +243,8 @@ pub struct NcclCollective {
     done: CudaEvent,
     /// The legacy default stream of `ctx` (not owned: dropping it destroys nothing).
     stream: Arc<CudaStream>,
+    /// The stream overlapped all-reduces run on, made at the first one.
+    side: Option<Arc<CudaStream>>,
     /// The device's primary context, the one libtorch uses; made current before NCCL calls.
     ctx: Arc<CudaContext>,
     /// One float on the device: what `barrier` all-reduces.
@@ -325,6 +353,7 @@ impl NcclCollective {
             broken: false,
             done,
             stream,
+            side: None,
             ctx,
             barrier_buf,
             _name: name,
@@ -349,11 +378,22 @@ impl NcclCollective {
     }
 
     /// Enqueues one NCCL operation with `launch` (given the library, the communicator and the
-    /// stream) and waits until it has completed on the device, failed, been aborted, or timed
-    /// out. Any failure aborts the communicator and breaks the group.
+    /// stream) on the default stream and waits until it has completed on the device, failed,
+    /// been aborted, or timed out. Any failure aborts the communicator and breaks the group.
     fn run(
         &mut self,
         op: &'static str,
+        launch: impl FnOnce(&NcclLib, ncclComm_t, Stream) -> c_int,
+    ) -> Result<(), CollectiveError> {
+        let stream = Arc::clone(&self.stream);
+        self.run_on(op, &stream, launch)
+    }
+
+    /// [`run`](Self::run) on `stream`.
+    fn run_on(
+        &mut self,
+        op: &'static str,
+        stream: &CudaStream,
         launch: impl FnOnce(&NcclLib, ncclComm_t, Stream) -> c_int,
     ) -> Result<(), CollectiveError> {
         if self.broken {
@@ -361,7 +401,7 @@ impl NcclCollective {
         }
         let shared = Arc::clone(&self.shared);
         let mut slot = lock(&shared.slot);
-        let result = self.run_locked(&slot, op, launch);
+        let result = self.run_locked(&slot, op, stream, launch);
         // Checking the flag again before the lock is released closes the window in which a
         // handle could ask for an abort after the last poll and give up on the lock. An
         // operation that completed still returns Ok: its data is good; the next one fails.
@@ -376,6 +416,7 @@ impl NcclCollective {
         &self,
         slot: &CommSlot,
         op: &'static str,
+        stream: &CudaStream,
         launch: impl FnOnce(&NcclLib, ncclComm_t, Stream) -> c_int,
     ) -> Result<(), CollectiveError> {
         let comm = slot.comm;
@@ -389,8 +430,8 @@ impl NcclCollective {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_err(op, "making the device current", e))?;
-        // The legacy default stream: see "Streams" in the module docs.
-        let code = launch(self.lib, comm, std::ptr::null_mut());
+        // The legacy default stream (null) or the side stream: see "Streams" in the module docs.
+        let code = launch(self.lib, comm, stream.cu_stream() as Stream);
         match code {
             SUCCESS => {}
             // Non-blocking communicator still enqueueing: the kernels are on the stream only
@@ -399,7 +440,7 @@ impl NcclCollective {
             code => return Err(nccl_error(self.lib, op, code)),
         }
         self.done
-            .record(&self.stream)
+            .record(stream)
             .map_err(|e| cuda_err(op, "recording the completion event", e))?;
         let backoff = Backoff::new();
         loop {
@@ -479,6 +520,44 @@ impl NcclCollective {
             (lib.all_gather)(src, dst, count, dtype as c_int, comm, stream)
         })
     }
+
+    /// The side stream, made on first use (see "Streams" in the module docs).
+    fn side_stream(&mut self, op: &'static str) -> Result<Arc<CudaStream>, CollectiveError> {
+        if let Some(side) = &self.side {
+            return Ok(Arc::clone(side));
+        }
+        let side = self
+            .ctx
+            .new_stream()
+            .map_err(|e| cuda_err(op, "making the side stream", e))?;
+        self.side = Some(Arc::clone(&side));
+        Ok(side)
+    }
+
+    /// In-place sum of `t` (see `all_reduce_sum`) enqueued on `stream`.
+    fn all_reduce_sum_on(
+        &mut self,
+        op: &'static str,
+        t: &mut Tensor,
+        stream: &CudaStream,
+    ) -> Result<(), CollectiveError> {
+        let (ptr, count, kind) = self.device_tensor(t, op)?;
+        let dtype = reduce_dtype(kind, self.lib.version).ok_or_else(|| {
+            CollectiveError::InvalidArgument(format!(
+                "{op}: NCCL {} cannot sum {kind:?} tensors",
+                version_string(self.lib.version)
+            ))
+        })?;
+        if count == 0 {
+            return self.check_usable(op);
+        }
+        let sum = ncclRedOp_t::ncclSum as c_int;
+        self.run_on(op, stream, |lib, comm, stream| unsafe {
+            // SAFETY: `ptr` is `count` contiguous elements of `dtype` on this device, kept
+            // alive and unaliased by `&mut t` until the operation is over (see all_gather_raw).
+            (lib.all_reduce)(ptr, ptr, count, dtype as c_int, sum, comm, stream)
+        })
+    }
 }
 
 impl Drop for NcclCollective {
@@ -547,23 +626,33 @@ impl Collective for NcclCollective {
     /// In-place sum of a contiguous CUDA tensor of float32, bfloat16, float16, float64,
     /// int8, uint8, int32 or int64 (float8 with NCCL >= 2.24 on GPUs that support it).
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        const OP: &str = "all_reduce_sum";
-        let (ptr, count, kind) = self.device_tensor(t, OP)?;
-        let dtype = reduce_dtype(kind, self.lib.version).ok_or_else(|| {
-            CollectiveError::InvalidArgument(format!(
-                "{OP}: NCCL {} cannot sum {kind:?} tensors",
-                version_string(self.lib.version)
-            ))
-        })?;
-        if count == 0 {
-            return self.check_usable(OP);
-        }
-        let sum = ncclRedOp_t::ncclSum as c_int;
-        self.run(OP, |lib, comm, stream| unsafe {
-            // SAFETY: `ptr` is `count` contiguous elements of `dtype` on this device, kept
-            // alive and unaliased by `&mut t` until the operation is over (see all_gather_raw).
-            (lib.all_reduce)(ptr, ptr, count, dtype as c_int, sum, comm, stream)
-        })
+        let stream = Arc::clone(&self.stream);
+        self.all_reduce_sum_on("all_reduce_sum", t, &stream)
+    }
+
+    fn stream_marker(&self) -> Option<Arc<dyn StreamMarker>> {
+        Some(Arc::new(NcclStreamMarker {
+            stream: Arc::clone(&self.stream),
+        }))
+    }
+
+    /// The sum on the side stream, after the default stream's work up to `mark`.
+    fn all_reduce_sum_after(
+        &mut self,
+        t: &mut Tensor,
+        mark: &StreamMark,
+    ) -> Result<(), CollectiveError> {
+        const OP: &str = "overlapped all_reduce_sum";
+        let Some(ready) = mark.get::<CudaEvent>() else {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "{OP}: the mark was not made by an NCCL collective's stream marker"
+            )));
+        };
+        self.check_usable(OP)?;
+        let side = self.side_stream(OP)?;
+        side.wait(ready)
+            .map_err(|e| cuda_err(OP, "making the side stream wait for the bucket", e))?;
+        self.all_reduce_sum_on(OP, t, &side)
     }
 
     /// Copies root's tensor into every rank's tensor, as bytes: any dtype, same shape and
@@ -1354,5 +1443,42 @@ mod tests {
         handle.abort();
         assert!(clone.abort_requested());
         assert!(lock(&clone.shared.slot).comm.is_null());
+    }
+
+    /// The overlapped sum on a one-rank communicator: the side stream waits for the marked
+    /// work of the default stream (a tensor still being written by a queue of kernels when the
+    /// mark is taken), the sum completes, and a mark of another kind is refused. Needs a GPU;
+    /// `scripts/gpu-check.sh` runs it with `--ignored`.
+    #[test]
+    #[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it"]
+    fn overlapped_sum_waits_for_its_mark_on_a_gpu() {
+        assert!(nccl_available(), "this test needs a GPU with NCCL");
+        let spec = GroupSpec {
+            world_size: 1,
+            peers: vec!["127.0.0.1:1".into()],
+            ..spec()
+        };
+        let id = unique_id().expect("an NCCL id");
+        let mut nccl = NcclCollective::new(&spec, &id, 0).expect("a one-rank communicator");
+        let device = Device::Cuda(0);
+        let m = Tensor::ones([2048, 2048], (Kind::Float, device)) / 2048.0;
+        let mut t = Tensor::ones([2048, 2048], (Kind::Float, device));
+        // Enough kernels that they are still queued when the mark is taken; each matmul by
+        // the averaging matrix leaves ones as ones.
+        for _ in 0..50 {
+            t = t.matmul(&m);
+        }
+        let mut t = t.reshape([-1]);
+        let marker = nccl.stream_marker().expect("NCCL marks its stream");
+        let mark = marker.mark().expect("a mark");
+        nccl.all_reduce_sum_after(&mut t, &mark).expect("the overlapped sum");
+        let max_error = (t - 1.0).abs().max().double_value(&[]);
+        assert!(max_error < 1e-3, "{max_error}");
+        let mut other = Tensor::ones([4], (Kind::Float, device));
+        let foreign = StreamMark::new(7usize);
+        assert!(matches!(
+            nccl.all_reduce_sum_after(&mut other, &foreign),
+            Err(CollectiveError::InvalidArgument(_))
+        ));
     }
 }

@@ -11,21 +11,27 @@
 //! The buckets, their order and the arithmetic are those of [`all_reduce_grads`], so the
 //! result is bit-identical to reducing after backward.
 //!
-//! The ring collectives (TCP and shared memory) run here; NCCL steps use the plain path for
-//! now (an overlapped NCCL needs a side stream and events).
+//! On the GPU the copy a hook makes is only enqueued when it returns, and NCCL's kernels
+//! would queue behind the rest of backward on the one default stream. So with a collective
+//! that has a [`StreamMarker`] (NCCL), the hook also records a mark right after the copy
+//! (casting it to bfloat16 first when the job carries bf16 gradients, as the plain path
+//! does before its sum), and the communication thread sums with
+//! [`Collective::all_reduce_sum_after`], which waits for that mark on a side stream. The ring
+//! collectives (TCP and shared memory) need no mark: the copy is complete when the hook
+//! returns.
 //!
 //! [`all_reduce_grads`]: super::flat::all_reduce_grads
 
 use super::flat::{all_reduce_scalars, ensure_grads, reduce_bucket, Buckets};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError, StreamMark, StreamMarker};
 use crate::models::ParamStore;
 use crate::train::Engine;
 use ferry_common::job::GradientDtype;
 use std::collections::BTreeMap;
 use std::os::raw::c_void;
 use std::sync::mpsc;
-use std::sync::Mutex;
-use tch::Tensor;
+use std::sync::{Arc, Mutex};
+use tch::{Kind, Tensor};
 
 type GradReadyFn = extern "C" fn(ctx: *mut c_void, index: i64);
 
@@ -38,11 +44,21 @@ extern "C" {
     ) -> i32;
 }
 
+/// A bucket on its way to the communication thread: its index, its gradients in one vector,
+/// and where on the device that vector's copy ends (device collectives only).
+struct Handed {
+    bucket: usize,
+    flat: Tensor,
+    mark: Option<StreamMark>,
+}
+
 /// What the hooks share: which gradients are final, and where finished buckets go.
 struct Hooks<'a> {
     ps: &'a ParamStore,
     buckets: &'a Buckets,
     bucket_of: Vec<usize>,
+    /// The device collective's marker, and whether buckets go to it as bfloat16.
+    marker: Option<(Arc<dyn StreamMarker>, bool)>,
     state: Mutex<HookState>,
 }
 
@@ -50,7 +66,7 @@ struct HookState {
     /// Per bucket, parameters whose gradient is not final yet.
     waiting: Vec<usize>,
     handed_over: Vec<bool>,
-    to_comm: Option<mpsc::Sender<(usize, Tensor)>>,
+    to_comm: Option<mpsc::Sender<Handed>>,
     /// A hook that failed (a panic in tensor code); the step then fails.
     failed: Option<String>,
 }
@@ -61,10 +77,27 @@ impl Hooks<'_> {
             return;
         }
         s.handed_over[b] = true;
-        let flat = self.buckets.flatten(self.ps, b);
+        let mut flat = self.buckets.flatten(self.ps, b);
+        let mut mark = None;
+        if let Some((marker, bf16)) = &self.marker {
+            if *bf16 {
+                flat = flat.to_kind(Kind::BFloat16);
+            }
+            match marker.mark() {
+                Ok(m) => mark = Some(m),
+                Err(e) => {
+                    s.failed = Some(format!("bucket {b}: {e}"));
+                    return;
+                }
+            }
+        }
         if let Some(tx) = &s.to_comm {
             // The communication thread is gone only after a failure, which it reports.
-            let _ = tx.send((b, flat));
+            let _ = tx.send(Handed {
+                bucket: b,
+                flat,
+                mark,
+            });
         }
     }
 
@@ -132,7 +165,7 @@ pub fn forward_backward_all_reduce(
     coll: &mut dyn Collective,
 ) -> anyhow::Result<Overlapped> {
     let n = buckets.members.len();
-    let (to_comm, from_main) = mpsc::channel::<(usize, Tensor)>();
+    let (to_comm, from_main) = mpsc::channel::<Handed>();
     let (to_main, from_comm) = mpsc::channel::<Result<(usize, Tensor), CollectiveError>>();
     let ps = engine.ps.clone_handles();
     let mut bucket_of = vec![usize::MAX; ps.named().len()];
@@ -141,10 +174,14 @@ pub fn forward_backward_all_reduce(
             bucket_of[i] = b;
         }
     }
+    let marker = coll
+        .stream_marker()
+        .map(|m| (m, dtype == GradientDtype::Bf16));
     let hooks = Hooks {
         ps: &ps,
         buckets,
         bucket_of,
+        marker,
         state: Mutex::new(HookState {
             waiting: buckets.members.iter().map(Vec::len).collect(),
             handed_over: vec![false; n],
@@ -160,10 +197,13 @@ pub fn forward_backward_all_reduce(
             let mut early = BTreeMap::new();
             let mut next = 0;
             while next < n {
-                let Ok((b, t)) = from_main.recv() else { return };
-                early.insert(b, t);
-                while let Some(mut flat) = early.remove(&next) {
-                    let result = reduce_bucket(&mut flat, dtype, coll);
+                let Ok(handed) = from_main.recv() else { return };
+                early.insert(handed.bucket, handed);
+                while let Some(Handed { mut flat, mark, .. }) = early.remove(&next) {
+                    let result = match &mark {
+                        Some(mark) => coll.all_reduce_sum_after(&mut flat, mark),
+                        None => reduce_bucket(&mut flat, dtype, coll),
+                    };
                     let failed = result.is_err();
                     let _ = to_main.send(result.map(|()| (next, flat)));
                     if failed {
@@ -266,6 +306,7 @@ mod tests {
             ps: &ps,
             buckets: &buckets,
             bucket_of: vec![3, 2, 1, 0],
+            marker: None,
             state: Mutex::new(HookState {
                 waiting: vec![1; 4],
                 handed_over: vec![false; 4],
@@ -281,7 +322,13 @@ mod tests {
             + (&tied * 2.0).sum(Kind::Float);
         loss.backward();
         set_hooks(&ps, None).unwrap();
-        let got: Vec<(usize, Tensor)> = rx.try_iter().collect();
+        let got: Vec<(usize, Tensor)> = rx
+            .try_iter()
+            .map(|h: Handed| {
+                assert!(h.mark.is_none(), "a host collective gets no marks");
+                (h.bucket, h.flat)
+            })
+            .collect();
         let mut order: Vec<usize> = got.iter().map(|(b, _)| *b).collect();
         order.sort_unstable();
         assert_eq!(
@@ -298,9 +345,68 @@ mod tests {
         assert_eq!(s.waiting, vec![0, 1, 0, 0]);
         drop(s);
         // Cleared: another backward fires nothing.
-        let (tx2, rx2) = mpsc::channel::<(usize, Tensor)>();
+        let (tx2, rx2) = mpsc::channel::<Handed>();
         drop(tx2);
         (&a * 2.0).sum(Kind::Float).backward();
         assert!(rx2.try_iter().next().is_none());
+    }
+
+    /// Numbers its marks and notes the thread that made each, as a device marker would be
+    /// called: by whichever thread ran the hook.
+    struct NumberingMarker {
+        made: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl StreamMarker for NumberingMarker {
+        fn mark(&self) -> Result<StreamMark, CollectiveError> {
+            let mut made = self.made.lock().unwrap();
+            made.push(std::thread::current().id());
+            Ok(StreamMark::new(made.len() - 1))
+        }
+    }
+
+    /// With a device collective (NCCL's marker), each bucket is marked once, after its copy
+    /// and in the order buckets become ready, and carries bfloat16 when the job says so:
+    /// exactly the vector the plain path would cast before its sum.
+    #[test]
+    fn a_device_collective_gets_each_bucket_marked_after_its_copy() {
+        let mut ps = ParamStore::new(Device::Cpu);
+        let a = ps.normal("a", &[5], 1.0);
+        let b = ps.normal("b", &[3], 1.0);
+        let buckets = Buckets {
+            members: vec![vec![1], vec![0]],
+        };
+        let marker = Arc::new(NumberingMarker {
+            made: Mutex::new(Vec::new()),
+        });
+        let (tx, rx) = mpsc::channel();
+        let hooks = Hooks {
+            ps: &ps,
+            buckets: &buckets,
+            bucket_of: vec![1, 0],
+            marker: Some((marker.clone() as Arc<dyn StreamMarker>, true)),
+            state: Mutex::new(HookState {
+                waiting: vec![1; 2],
+                handed_over: vec![false; 2],
+                to_comm: Some(tx),
+                failed: None,
+            }),
+        };
+        set_hooks(&ps, Some(&hooks)).unwrap();
+        // b's gradient is final first: b feeds the last operation.
+        let h = (&a * 1.5).sum(Kind::Float);
+        (h * &b).sum(Kind::Float).backward();
+        set_hooks(&ps, None).unwrap();
+        let got: Vec<Handed> = rx.try_iter().collect();
+        assert_eq!(got.len(), 2);
+        for (i, h) in got.iter().enumerate() {
+            let number = h.mark.as_ref().and_then(|m| m.get::<usize>()).copied();
+            assert_eq!(number, Some(i), "one mark per bucket, in hand-over order");
+            assert_eq!(h.flat.kind(), Kind::BFloat16);
+            let expected = buckets.flatten(&ps, h.bucket).to_kind(Kind::BFloat16);
+            assert!(h.flat.equal(&expected), "bucket {}", h.bucket);
+        }
+        assert!(hooks.state.lock().unwrap().failed.is_none());
+        assert_eq!(marker.made.lock().unwrap().len(), 2);
     }
 }

@@ -352,9 +352,9 @@ fn spawn_heartbeats(
 
 impl Worker {
     /// Whether this step reduces gradients while backward runs: asked for, with peers to
-    /// sum with, on the ring (NCCL overlaps on a side stream, not yet written).
+    /// sum with (the ring on the host, NCCL on a side stream).
     fn overlaps(&self, coll: &dyn Collective) -> bool {
-        self.spec.cluster.overlap_backward && coll.world_size() > 1 && coll.transport() != "nccl"
+        self.spec.cluster.overlap_backward && coll.world_size() > 1
     }
 
     fn id(&self) -> String {
