@@ -581,21 +581,27 @@ fn a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes() {
     let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
     assert_eq!(worlds[0], 3, "{worlds:?}");
     assert_eq!(*worlds.last().unwrap(), 2, "{worlds:?}");
-    let aside: Vec<usize> = (2..=3)
-        .filter(|&h| {
-            workers[h - 1]
-                .log_text()
-                .contains("rendezvous: set aside for")
-        })
-        .collect();
+    // The coordinator's decisions, from its log: a worker set aside says so at its next
+    // rendezvous, but one still waiting out a ring handshake when the other two finish the
+    // job never gets there (seen on a loaded machine), so its own log cannot be the witness.
+    let coordinator_log = c.log_text();
+    let set_aside = |h: usize| {
+        let log = workers[h - 1].log_text();
+        let id = log
+            .split("worker ")
+            .find_map(|rest| rest.split_once(" joined job").map(|(id, _)| id.to_owned()))
+            .unwrap_or_else(|| panic!("host {h}'s worker never joined\n{log}"));
+        coordinator_log.contains(&format!("setting {id} aside"))
+    };
+    let aside: Vec<usize> = (2..=3).filter(|&h| set_aside(h)).collect();
     assert_eq!(
         aside.len(),
         1,
-        "exactly one of hosts 2 and 3 stands aside\n{}",
+        "exactly one of hosts 2 and 3 stands aside\n{coordinator_log}\n{}",
         logs(&workers)
     );
     assert!(
-        !workers[0].log_text().contains("set aside"),
+        !set_aside(1) && !workers[0].log_text().contains("set aside"),
         "host 1 reaches everyone\n{}",
         logs(&workers)
     );
