@@ -275,6 +275,10 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Do not end before this many new tokens: the end-of-text token is not sampled until
+    /// then (as `min_new_tokens` in transformers).
+    #[arg(long, default_value_t = 0)]
+    min_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
@@ -487,10 +491,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             let sampling = SamplingConfig {
                 max_new_tokens: a.max_new_tokens,
+                min_new_tokens: a.min_new_tokens,
                 temperature: a.temperature,
                 top_k: a.top_k,
                 top_p: a.top_p,
                 seed: a.seed,
+                // A sample made of `<unk>` reads as nothing: never produce it.
+                suppress: tokenizer
+                    .token_to_id(TokenizerKind::of(&tokenizer).unknown_token())
+                    .map(|id| vec![i64::from(id)])
+                    .unwrap_or_default(),
             };
             let new = generate(lm, &prompt, &sampling, eos);
             let ids: Vec<u32> = new
@@ -498,8 +508,9 @@ fn run(cli: Cli) -> Result<()> {
                 .filter(|&&t| Some(t) != eos)
                 .map(|&t| t as u32)
                 .collect();
+            // Special tokens are kept, so that one sampled despite `suppress` would show.
             let text = tokenizer
-                .decode(&ids, true)
+                .decode(&ids, false)
                 .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
             println!("{}{}", a.prompt, text);
         }

@@ -16,7 +16,9 @@ use crate::shards::{
     sha256_hex, token_bytes_for, Manifest, SourceInfo, SplitInfo, SplitWriter, FORMAT,
     MANIFEST_FILE, TOKENIZER_FILE, VERSION,
 };
-use crate::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerKind};
+use crate::tokenizer::{
+    load_tokenizer, save_tokenizer, train_tokenizer, TokenizerKind, GPT_UNK_TOKEN,
+};
 use crate::DataError;
 
 /// The smallest vocabulary a byte-level tokenizer can have: 256 bytes and the EOS token.
@@ -302,6 +304,9 @@ struct Encoder {
     path: PathBuf,
     eos: u32,
     vocab_size: usize,
+    /// How WikiText's `<unk>` is rewritten in every line before encoding, so that it becomes
+    /// the tokenizer's unknown token: see [`unknown_rewrite`].
+    unknown: Option<(&'static str, &'static str)>,
 }
 
 impl Encoder {
@@ -317,17 +322,27 @@ impl Encoder {
             .values()
             .max()
             .map_or(0, |&id| id as usize + 1);
+        let unknown = unknown_rewrite(kind);
         Ok(Encoder {
             tokenizer,
             path: path.to_path_buf(),
             eos,
             vocab_size,
+            unknown,
         })
     }
 
     /// The document's tokens followed by EOS, and where each of its lines starts.
     fn encode(&self, doc: &Document) -> Result<(Vec<u32>, Vec<u64>), DataError> {
-        let text = doc.text();
+        let rewritten: Vec<String>;
+        let lines = match self.unknown {
+            Some((from, to)) => {
+                rewritten = doc.lines.iter().map(|l| l.replace(from, to)).collect();
+                &rewritten
+            }
+            None => &doc.lines,
+        };
+        let text = lines.join("\n");
         let encoding = self
             .tokenizer
             .encode(text.as_str(), false)
@@ -337,8 +352,8 @@ impl Encoder {
         // exactly those of the document, whatever the tokenizer does at line breaks.
         let offsets = encoding.get_offsets();
         let mut line_start = 0;
-        let mut sentences = Vec::with_capacity(doc.lines.len());
-        for line in &doc.lines {
+        let mut sentences = Vec::with_capacity(lines.len());
+        for line in lines {
             sentences.push(offsets.partition_point(|&(start, _)| start < line_start) as u64);
             line_start += line.len() + 1;
         }
@@ -355,6 +370,19 @@ impl Encoder {
             ));
         }
         Ok((ids, sentences))
+    }
+}
+
+/// What WikiText's `<unk>` (its placeholder for the words it dropped) is rewritten to so that
+/// it encodes as `kind`'s unknown token, one id. WordPiece spells it `[UNK]`. Byte-level BPE
+/// would leave the space before `<unk>` as a token of its own, which a model then learns to
+/// emit before the `<unk>` that generate never samples, so the space goes into the token.
+/// GPT's BPE splits at whitespace anyway.
+fn unknown_rewrite(kind: TokenizerKind) -> Option<(&'static str, &'static str)> {
+    match kind {
+        TokenizerKind::ByteLevelBpe => Some((" <unk>", GPT_UNK_TOKEN)),
+        TokenizerKind::Bpe => None,
+        TokenizerKind::WordPiece => Some((GPT_UNK_TOKEN, "[UNK]")),
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Three kinds, one per model family, each set up as `transformers` sets up that family's fast
 //! tokenizer, so the files behave the same in Python:
-//! - GPT-2: byte-level BPE (any text encodes, no unknown tokens);
+//! - GPT-2: byte-level BPE (any text encodes, no unknown tokens; `<unk>` is a special token so
+//!   that WikiText's placeholder for rare words is one id, not the text "<unk>");
 //! - GPT: BPE over lower-cased words with a `</w>` end-of-word suffix (OpenAI GPT's scheme);
 //! - BERT: lower-cased WordPiece with `##` continuations and [PAD] [UNK] [CLS] [SEP] [MASK].
 
@@ -29,7 +30,8 @@ use crate::DataError;
 
 /// Appended after every document by the BPE tokenizers; GPT-2's name for it.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
-/// OpenAI GPT's unknown token (WikiText's own `<unk>` maps onto it).
+/// The BPE tokenizers' unknown token: OpenAI GPT's, and the placeholder WikiText writes for
+/// the words it dropped from its vocabulary, so that in WikiText it is one special id.
 pub const GPT_UNK_TOKEN: &str = "<unk>";
 /// The end-of-word marker of OpenAI GPT's BPE.
 pub const GPT_END_OF_WORD: &str = "</w>";
@@ -86,10 +88,20 @@ impl TokenizerKind {
         }
     }
 
+    /// The token standing for a word the text does not give: WikiText's `<unk>` is read as
+    /// this token. `generate` never samples it.
+    pub fn unknown_token(self) -> &'static str {
+        match self {
+            TokenizerKind::ByteLevelBpe | TokenizerKind::Bpe => GPT_UNK_TOKEN,
+            TokenizerKind::WordPiece => "[UNK]",
+        }
+    }
+
     /// The special tokens this kind's vocabulary starts with, in id order.
     pub fn special_tokens(self) -> &'static [&'static str] {
         match self {
-            TokenizerKind::ByteLevelBpe => &[EOS_TOKEN],
+            // EOS keeps id 0, as in the vocabularies made before `<unk>` was special.
+            TokenizerKind::ByteLevelBpe => &[EOS_TOKEN, GPT_UNK_TOKEN],
             TokenizerKind::Bpe => &[GPT_UNK_TOKEN, EOS_TOKEN],
             TokenizerKind::WordPiece => &BERT_SPECIAL_TOKENS,
         }
@@ -146,6 +158,12 @@ pub fn train_tokenizer(
     }
 }
 
+/// A document's text as the tokenizer trainers see it: without WikiText's `<unk>`, which is
+/// encoded as the unknown token and would only spend vocabulary on "<", "unk" and ">".
+fn training_text(doc: &Document) -> String {
+    doc.text().replace(GPT_UNK_TOKEN, "")
+}
+
 fn special_tokens(kind: TokenizerKind) -> Vec<AddedToken> {
     kind.special_tokens()
         .iter()
@@ -181,7 +199,7 @@ fn train_byte_level_bpe(
         .with_post_processor(Some(byte_level))
         .with_decoder(Some(byte_level));
     tokenizer
-        .train(&mut trainer, docs.iter().map(Document::text))
+        .train(&mut trainer, docs.iter().map(training_text))
         .map_err(training_error)?;
     Ok(tokenizer.into())
 }
@@ -218,7 +236,7 @@ fn train_gpt_bpe(
         .with_pre_tokenizer(Some(BertPreTokenizer))
         .with_decoder(Some(BPEDecoder::new(GPT_END_OF_WORD.to_owned())));
     tokenizer
-        .train(&mut trainer, docs.iter().map(Document::text))
+        .train(&mut trainer, docs.iter().map(training_text))
         .map_err(training_error)?;
     Ok(tokenizer.into())
 }
@@ -254,7 +272,7 @@ fn train_wordpiece(
         .with_pre_tokenizer(Some(BertPreTokenizer))
         .with_decoder(Some(WordPieceDecoder::default()));
     tokenizer
-        .train(&mut trainer, docs.iter().map(Document::text))
+        .train(&mut trainer, docs.iter().map(training_text))
         .map_err(training_error)?;
     let id = |t: &str| {
         tokenizer

@@ -517,3 +517,35 @@ fn invalid_options_are_rejected() {
         assert!(matches!(err, DataError::InvalidOption { .. }), "{err:?}");
     }
 }
+
+/// WikiText's `<unk>` (its placeholder for the rare words it dropped) is the tokenizer's
+/// unknown token, one special id, for every kind: `<unk>` for the BPE kinds, `[UNK]` for
+/// WordPiece; never the text "<", "unk", ">" learned as ordinary words.
+#[test]
+fn wikitext_unk_is_the_unknown_token_for_every_kind() {
+    for kind in TokenizerKind::ALL {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = write_corpus(tmp.path());
+        let mut wiki = String::from(" \n = Unknown = \n \n");
+        for _ in 0..5 {
+            wiki += " The <unk> was formed in <unk> , over a <unk> sea . \n \n";
+        }
+        fs::write(corpus.join("unk.tokens"), wiki).unwrap();
+        let out = tmp.path().join("prepared");
+        let mut opts = options(&corpus, &out);
+        opts.tokenizer_kind = kind;
+        let manifest = prepare(&opts).unwrap();
+        let tokenizer = load_tokenizer(&out.join("tokenizer.json")).unwrap();
+        let unk = tokenizer
+            .token_to_id(kind.unknown_token())
+            .unwrap_or_else(|| panic!("{kind}: no {} token", kind.unknown_token()));
+        let mut count = 0;
+        let mut tokens = Vec::new();
+        for split in manifest.splits.keys() {
+            let reader = TokenSplit::open(&out, split, true).unwrap();
+            reader.tokens(0, reader.len_tokens() as usize, &mut tokens).unwrap();
+            count += tokens.iter().filter(|&&t| t == i64::from(unk)).count();
+        }
+        assert_eq!(count, 15, "{kind}: every <unk> is one unknown-token id");
+    }
+}

@@ -7,6 +7,9 @@ use tch::{Kind, Tensor};
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct SamplingConfig {
     pub max_new_tokens: usize,
+    /// The stop token is not produced before this many new tokens.
+    #[serde(default)]
+    pub min_new_tokens: usize,
     /// 0 means greedy decoding.
     pub temperature: f64,
     /// Keep only the k most likely tokens (0 = no limit).
@@ -14,6 +17,10 @@ pub struct SamplingConfig {
     /// Keep the smallest set of tokens whose probability reaches p (1.0 = no limit).
     pub top_p: f64,
     pub seed: u64,
+    /// Token ids never produced, whatever their probability (`transformers`' `bad_words_ids`
+    /// for single tokens): the unknown token, which stands for no word in particular.
+    #[serde(default)]
+    pub suppress: Vec<i64>,
 }
 
 /// Continues `prompt` and returns only the new tokens; stops early at `stop_token`.
@@ -37,7 +44,13 @@ pub fn generate(
                 .get(0)
                 .get(window.len() as i64 - 1)
                 .to_kind(Kind::Float);
-            let next = pick(&logits, cfg);
+            let next = if out.len() < cfg.min_new_tokens && stop_token.is_some() {
+                let mut early = cfg.clone();
+                early.suppress.extend(stop_token);
+                pick(&logits, &early)
+            } else {
+                pick(&logits, cfg)
+            };
             tokens.push(next);
             out.push(next);
             if Some(next) == stop_token {
@@ -49,11 +62,23 @@ pub fn generate(
 }
 
 fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
+    let vocab = logits.size()[0];
+    let suppress: Vec<i64> = cfg
+        .suppress
+        .iter()
+        .copied()
+        .filter(|&id| (0..vocab).contains(&id))
+        .collect();
+    let logits = if suppress.is_empty() {
+        logits.shallow_clone()
+    } else {
+        let ids = Tensor::from_slice(&suppress).to_device(logits.device());
+        logits.index_fill(0, &ids, f64::NEG_INFINITY)
+    };
     if cfg.temperature <= 0.0 {
         return logits.argmax(0, false).int64_value(&[]);
     }
     let mut logits = logits / cfg.temperature;
-    let vocab = logits.size()[0];
     if cfg.top_k > 0 && cfg.top_k < vocab {
         let (top, _) = logits.topk(cfg.top_k, 0, true, true);
         let kth = top.get(cfg.top_k - 1);
@@ -72,4 +97,47 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
         .softmax(0, Kind::Float)
         .multinomial(1, false)
         .int64_value(&[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f64, top_k: i64, top_p: f64, suppress: Vec<i64>) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: 1,
+            min_new_tokens: 0,
+            temperature,
+            top_k,
+            top_p,
+            seed: 3,
+            suppress,
+        }
+    }
+
+    /// A suppressed token is never picked, even as the most likely one: not greedily, not by
+    /// sampling, not inside the top-k or the nucleus.
+    #[test]
+    fn a_suppressed_token_is_never_picked() {
+        // Token 2 (think `<unk>`) dominates; 0, 1 and 3 share what is left.
+        let logits = Tensor::from_slice(&[1.0f32, 1.0, 8.0, 0.5]);
+        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![])), 2);
+        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![2])), 0);
+        tch::manual_seed(11);
+        for cfg in [
+            sampling(1.0, 0, 1.0, vec![2]),
+            sampling(1.5, 2, 1.0, vec![2]),
+            sampling(1.0, 0, 0.9, vec![2]),
+            // Ids outside the vocabulary are ignored rather than failing.
+            sampling(1.0, 0, 1.0, vec![2, 99, -1]),
+        ] {
+            for _ in 0..300 {
+                let next = pick(&logits, &cfg);
+                assert!((0..4).contains(&next) && next != 2, "{next}");
+            }
+        }
+        // Without suppression the same sampling does pick it: the test can fail.
+        let free = sampling(1.0, 0, 1.0, vec![]);
+        assert!((0..50).any(|_| pick(&logits, &free) == 2));
+    }
 }
