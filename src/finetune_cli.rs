@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_common::textcls::{read_labelled_csv, Metrics, SplitFractions};
+use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding, Metrics, SplitFractions};
 use ferry_worker::finetune::classifier::Pooling;
 use ferry_worker::finetune::predict::predict;
 use ferry_worker::finetune::run::{self, FinetuneConfig, Schedule, Source};
@@ -24,6 +24,10 @@ pub struct FinetuneArgs {
     /// The labelled CSV (header row; columns found by name).
     #[arg(long)]
     data: PathBuf,
+    /// The encoding of --data: utf-8, latin-1 (iso-8859-1) or windows-1252 (cp1252), the usual
+    /// one of a CSV saved by a spreadsheet on Windows.
+    #[arg(long, value_enum, default_value = "utf-8", ignore_case = true)]
+    encoding: CsvEncoding,
     #[arg(long, default_value = "text")]
     text_column: String,
     #[arg(long, default_value = "airline_sentiment")]
@@ -126,6 +130,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
     let cfg = FinetuneConfig {
         source,
         data: a.data,
+        encoding: a.encoding,
         text_column: a.text_column,
         label_column: a.label_column,
         output: a.output,
@@ -185,6 +190,16 @@ pub struct PredictArgs {
     /// A label column of --input to score the predictions against.
     #[arg(long)]
     label_column: Option<String>,
+    /// The encoding of --input: utf-8, latin-1 (iso-8859-1) or windows-1252 (cp1252). The
+    /// predictions are written as UTF-8 whatever it is.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "utf-8",
+        ignore_case = true,
+        requires = "input"
+    )]
+    encoding: CsvEncoding,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     #[arg(long, default_value = "auto")]
@@ -216,11 +231,12 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         return Ok(());
     };
     let text_column = a.text_column.unwrap_or(model.info.text_column.clone());
-    let set = read_labelled_csv(
+    let set = read_labelled_csv_encoded(
         &input,
         &text_column,
         a.label_column.as_deref(),
         Some(&labels),
+        a.encoding,
     )?;
     let texts: Vec<&str> = set.examples.iter().map(|e| e.text.as_str()).collect();
     let predictions = predict(&model, &texts, a.batch_size)?;

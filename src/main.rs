@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_common::corpus::CsvTexts;
 use ferry_common::prepare::{prepare, PrepareOptions};
-use ferry_common::textcls::Part;
+use ferry_common::textcls::{CsvEncoding, Part};
 use ferry_common::tokenizer::TokenizerKind;
 use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
 use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
@@ -110,6 +110,10 @@ struct PrepareArgs {
     /// The part of --split to keep.
     #[arg(long, default_value = "train", value_parser = ["train", "dev", "test"], requires = "split")]
     split_part: String,
+    /// The encoding of `.csv` inputs: utf-8, latin-1 (iso-8859-1) or windows-1252 (cp1252),
+    /// as given to `ferry finetune` for the same file. Other inputs are always UTF-8.
+    #[arg(long, value_enum, default_value = "utf-8", ignore_case = true)]
+    encoding: CsvEncoding,
     /// Hide progress bars.
     #[arg(long)]
     no_progress: bool,
@@ -434,6 +438,7 @@ fn run(cli: Cli) -> Result<()> {
                             .unwrap_or(Part::Train);
                         (file, part)
                     }),
+                    encoding: a.encoding,
                 },
                 show_progress: !a.no_progress && std::io::stderr().is_terminal(),
                 ..PrepareOptions::default()

@@ -312,3 +312,167 @@ fn malformed_csvs_name_the_row() {
     );
     assert!(err.contains("line 3") && err.contains("furious"), "{err}");
 }
+
+/// Issue 20, item 3: a labelled CSV saved by a spreadsheet in Windows-1252 (CRLF, accents,
+/// curly quotes, dashes, the euro sign, doubled quotes, a quoted field over two lines), 24
+/// records in three classes.
+fn windows_1252_csv() -> Vec<u8> {
+    let texts: [(&str, &[u8]); 3] = [
+        (
+            "positive",
+            b"\"Caf\xe9 au lait on board, se\xf1or \x93Pe\xf1a\x94 said \x97 thanks! #N\"",
+        ),
+        (
+            "negative",
+            b"\"It\x92s the \x91worst\x92 delay:\r\nthree hours, \x80120 lost #N\"",
+        ),
+        (
+            "neutral",
+            b"\"Is \"\"wifi\"\" free on the ni\xf1o flight \x96 or \x8010? #N\"",
+        ),
+    ];
+    let mut csv = b"airline_sentiment,text\r\n".to_vec();
+    for n in 0..8 {
+        for (label, text) in texts {
+            csv.extend_from_slice(label.as_bytes());
+            csv.push(b',');
+            let at = text.len() - 2;
+            csv.extend_from_slice(&text[..at]);
+            csv.extend_from_slice(n.to_string().as_bytes());
+            csv.extend_from_slice(&text[at + 1..]);
+            csv.extend_from_slice(b"\r\n");
+        }
+    }
+    csv
+}
+
+/// `prepare`, `finetune` and `predict` all read the spreadsheet's CSV with `--encoding`, and
+/// see the texts and labels Python's `csv` module sees with `encoding="cp1252"`; without
+/// `--encoding` the error names the option.
+#[test]
+fn a_windows_1252_csv_finetunes_with_encoding() {
+    use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding};
+    let dir = scratch("ft-windows-1252");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("spreadsheet.csv");
+    std::fs::write(&csv, windows_1252_csv()).unwrap();
+
+    // What Python reads: (text, label) per record.
+    let script = "import csv, json, sys\n\
+        with open(sys.argv[1], newline='', encoding='cp1252') as f:\n    \
+            rows = [(r['text'], r['airline_sentiment'].strip()) for r in csv.DictReader(f)]\n\
+        print(json.dumps(rows))\n";
+    let python = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&csv)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("python3 is needed to compare with Python's csv module, and did not run: {e}")
+        });
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python: Vec<(String, String)> = serde_json::from_slice(&python.stdout).unwrap();
+    assert_eq!(python.len(), 24);
+    assert!(python[0].0.contains("Café") && python[0].0.contains("“Peña” said —"));
+    assert!(python[1]
+        .0
+        .contains("It’s the ‘worst’ delay:\r\nthree hours, €120"));
+
+    // A tiny model whose tokenizer was trained on the same file, read the same way.
+    let prepared = dir.join("prepared");
+    run_ok(
+        ferry()
+            .args(["prepare", "--no-progress", "--encoding", "windows-1252"])
+            .args(["--vocab-size", "300", "--input"])
+            .arg(&csv)
+            .arg("--output")
+            .arg(&prepared),
+    );
+    let run = dir.join("run");
+    run_ok(
+        ferry()
+            .args(["train", "--no-progress", "--threads", "2"])
+            .args(TWO_STEP_RUN)
+            .arg("--data")
+            .arg(&prepared)
+            .arg("--run-dir")
+            .arg(&run),
+    );
+
+    let finetune_cmd = |out: &Path, encoding: &[&str]| {
+        let mut cmd = ferry();
+        cmd.args([
+            "finetune",
+            "--no-progress",
+            "--threads",
+            "2",
+            "--max-steps",
+            "3",
+        ])
+        .args(["--batch-size", "4", "--max-len", "32", "--from"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&csv)
+        .arg("--output")
+        .arg(out)
+        .args(encoding);
+        cmd
+    };
+    let out = dir.join("ft");
+    run_ok(&mut finetune_cmd(&out, &["--encoding", "windows-1252"]));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["config"]["encoding"], "windows-1252");
+    assert_eq!(report["steps"].as_u64(), Some(3));
+    let split: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).unwrap()).unwrap();
+    let mut labels: Vec<&str> = python.iter().map(|(_, l)| l.as_str()).collect();
+    labels.sort();
+    labels.dedup();
+    assert_eq!(split["labels"], serde_json::json!(labels));
+    assert_eq!(split["num_records"].as_u64(), Some(24));
+    // The labels and texts fine-tuning read are Python's.
+    let set = read_labelled_csv_encoded(
+        &csv,
+        "text",
+        Some("airline_sentiment"),
+        None,
+        CsvEncoding::Windows1252,
+    )
+    .unwrap();
+    let ours: Vec<(String, String)> = set
+        .examples
+        .iter()
+        .map(|e| (e.text.clone(), set.labels[e.label.unwrap()].clone()))
+        .collect();
+    assert_eq!(ours, python);
+
+    // predict --input reads it too (the alias cp1252), and writes the texts back as UTF-8.
+    let predictions = dir.join("predictions.csv");
+    run_ok(
+        ferry()
+            .args(["predict", "--encoding", "cp1252", "--model"])
+            .arg(&out)
+            .arg("--input")
+            .arg(&csv)
+            .arg("--output")
+            .arg(&predictions),
+    );
+    let predicted = read_labelled_csv(&predictions, "text", Some("predicted"), None).unwrap();
+    let texts: Vec<&str> = predicted.examples.iter().map(|e| e.text.as_str()).collect();
+    let expected: Vec<&str> = python.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(texts, expected);
+
+    // Without --encoding: one error line naming the file, the line, the column and the option.
+    let err = run_err(&mut finetune_cmd(&dir.join("ft-utf8"), &[]));
+    assert!(err.contains(&csv.display().to_string()), "{err}");
+    assert!(
+        err.contains("line 2, column \"text\": invalid UTF-8")
+            && err.contains("--encoding windows-1252"),
+        "{err}"
+    );
+}

@@ -4,7 +4,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::textcls::{read_labelled_csv, Example, Part, Split};
+use crate::textcls::{read_labelled_csv_encoded, CsvEncoding, Example, Part, Split};
 use crate::DataError;
 
 /// Books are cut into pieces of at most this many lines, so that a long book spreads over many
@@ -127,6 +127,9 @@ pub struct CsvTexts {
     /// Keep only the records of one part of this `split.json`, so that a model pretrained on
     /// the training texts has never seen the dev and test texts it is scored on.
     pub split: Option<(PathBuf, Part)>,
+    /// The CSVs' encoding: the one `ferry finetune` is given for the same file, so that the
+    /// language model sees the texts the classifier will.
+    pub encoding: CsvEncoding,
 }
 
 impl Default for CsvTexts {
@@ -134,6 +137,7 @@ impl Default for CsvTexts {
         CsvTexts {
             text_column: "text".to_owned(),
             split: None,
+            encoding: CsvEncoding::Utf8,
         }
     }
 }
@@ -149,7 +153,7 @@ pub fn is_csv(path: &Path) -> bool {
 /// only the records of its chosen part are kept, and a split made for another file (another
 /// record count) is refused.
 pub fn read_csv_documents(path: &Path, csv: &CsvTexts) -> Result<Vec<Document>, DataError> {
-    let set = read_labelled_csv(path, &csv.text_column, None, None)?;
+    let set = read_labelled_csv_encoded(path, &csv.text_column, None, None, csv.encoding)?;
     let split = match &csv.split {
         Some((split_path, part)) => Some((Split::load(split_path, &set)?, *part)),
         None => None,

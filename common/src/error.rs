@@ -3,6 +3,8 @@
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
+use crate::textcls::CsvEncoding;
+
 /// Everything that can go wrong reading a corpus, a tokenizer or a prepared data directory.
 ///
 /// Every message is one line that starts with the file (or pattern) at fault and says what is
@@ -119,9 +121,11 @@ pub enum DataError {
         expected: usize,
         found: usize,
     },
-    /// `column` is the header name of the field with the bad bytes (or `header field N`).
+    /// `column` is the header name of the field with the bad bytes (or `header field N`). Such
+    /// a file is most often a spreadsheet's export in its ANSI code page, hence the hint.
     #[error(
-        "{}: line {line}, column {column:?}: invalid UTF-8 (at byte {byte_offset} of the field)",
+        "{}: line {line}, column {column:?}: invalid UTF-8 (at byte {byte_offset} of the field; \
+         if the file was saved by a spreadsheet, try --encoding windows-1252 or --encoding latin-1)",
         path.display()
     )]
     CsvInvalidUtf8 {
@@ -129,6 +133,22 @@ pub enum DataError {
         line: u64,
         column: String,
         byte_offset: usize,
+    },
+    /// A byte that has no character in the `--encoding` asked for (0x81, 0x8D, 0x8F, 0x90 or
+    /// 0x9D in Windows-1252, which Python's `cp1252` codec refuses too).
+    #[error(
+        "{}: line {line}, column {column:?}: byte 0x{byte:02X} (at byte {byte_offset} of the \
+         field) is not a character in {encoding}; the file is in another encoding (try \
+         --encoding utf-8 or --encoding latin-1)",
+        path.display()
+    )]
+    CsvUndefinedByte {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        byte_offset: usize,
+        byte: u8,
+        encoding: CsvEncoding,
     },
     #[error("{}: line {line}, column {column:?}: empty label", path.display())]
     CsvEmptyLabel {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ferry_common::sampler::splitmix64;
-use ferry_common::textcls::read_labelled_csv;
+use ferry_common::textcls::{read_labelled_csv, read_labelled_csv_encoded, CsvEncoding};
 use ferry_common::DataError;
 
 #[test]
@@ -337,4 +337,256 @@ fn arbitrary_bytes_never_panic() {
     // Both outcomes occur often, so the inputs exercise the reader and its errors.
     println!("{ok} read, {failed} refused");
     assert!(ok > 50 && failed > 50, "{ok} read, {failed} refused");
+}
+
+/// A labelled CSV as a spreadsheet on Windows saves it: Windows-1252, CRLF, with accents,
+/// curly quotes (0x93/0x94, 0x91/0x92), dashes (0x97, 0x96), the euro sign (0x80), an ellipsis
+/// (0x85), doubled quotes and a quoted field over two lines.
+const WINDOWS_1252_CSV: &[u8] = b"id,airline_sentiment,text,note\r\n\
+    1,positive,\"Caf\xe9 au lait on board, se\xf1or \x93Pe\xf1a\x94 said \x97 thanks!\",\x80 5\r\n\
+    2,negative,\"It\x92s the \x91worst\x92 delay:\r\nthree hours, \x80120 lost\",\r\n\
+    3,neutral,\"Is \"\"wifi\"\" free on the ni\xf1o flight \x96 or \x8010?\",ok\r\n\
+    4, negative ,Lost bag \x85 again,\r\n";
+
+/// What [`WINDOWS_1252_CSV`] says: (text, label, line) per record.
+const WINDOWS_1252_RECORDS: [(&str, &str, u64); 4] = [
+    (
+        "Café au lait on board, señor “Peña” said — thanks!",
+        "positive",
+        2,
+    ),
+    (
+        "It’s the ‘worst’ delay:\r\nthree hours, €120 lost",
+        "negative",
+        3,
+    ),
+    (
+        "Is \"wifi\" free on the niño flight – or €10?",
+        "neutral",
+        5,
+    ),
+    ("Lost bag … again", "negative", 6),
+];
+
+/// Python's `csv.DictReader` over `path` opened with `encoding`: (text, label) of every record,
+/// the label stripped as ferry strips it; `Err` with Python's stderr when Python refuses the
+/// file. Without python3 the calling test fails: comparing with Python is its point.
+fn python_csv(path: &Path, encoding: &str) -> Result<Vec<(String, String)>, String> {
+    let script = "import csv, json, sys\n\
+        with open(sys.argv[1], newline='', encoding=sys.argv[2]) as f:\n    \
+            rows = [(r['text'], r['airline_sentiment'].strip()) for r in csv.DictReader(f)]\n\
+        print(json.dumps(rows))\n";
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .arg(encoding)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("python3 is needed to compare with Python's csv module, and did not run: {e}")
+        });
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).unwrap())
+}
+
+/// (text, label) of every example of a labelled set.
+fn texts_and_labels(set: &ferry_common::textcls::LabelledSet) -> Vec<(String, String)> {
+    set.examples
+        .iter()
+        .map(|e| (e.text.clone(), set.labels[e.label.unwrap()].clone()))
+        .collect()
+}
+
+/// Issue 20, item 3: a spreadsheet's Windows-1252 export reads, with `--encoding
+/// windows-1252`, exactly as Python's `csv` module reads it with `encoding="cp1252"`.
+#[test]
+fn windows_1252_reads_as_python_reads_cp1252() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "spreadsheet.csv", WINDOWS_1252_CSV);
+    let set = read_labelled_csv_encoded(
+        &path,
+        "text",
+        Some("airline_sentiment"),
+        None,
+        CsvEncoding::Windows1252,
+    )
+    .unwrap();
+    assert_eq!(set.labels, strings(&["negative", "neutral", "positive"]));
+    for (e, (text, label, line)) in set.examples.iter().zip(WINDOWS_1252_RECORDS) {
+        assert_eq!(e.text, text);
+        assert_eq!(set.labels[e.label.unwrap()], label);
+        assert_eq!(e.line, line, "{text:?}");
+    }
+    assert_eq!(set.len(), WINDOWS_1252_RECORDS.len());
+    let python = python_csv(&path, "cp1252").unwrap();
+    assert_eq!(texts_and_labels(&set), python);
+}
+
+#[test]
+fn windows_1252_read_as_utf8_names_the_encoding_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "spreadsheet.csv", WINDOWS_1252_CSV);
+    let err = read_labelled_csv(&path, "text", Some("airline_sentiment"), None).unwrap_err();
+    assert!(
+        matches!(err, DataError::CsvInvalidUtf8 { line: 2, byte_offset: 3, ref column, .. } if column == "text"),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!("{}: line 2, column \"text\"", path.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains("try --encoding windows-1252 or --encoding latin-1"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message:?}");
+    // Python refuses it as UTF-8 as well.
+    let python = python_csv(&path, "utf-8").unwrap_err();
+    assert!(python.contains("UnicodeDecodeError"), "{python}");
+}
+
+#[test]
+fn latin_1_reads_as_python_reads_it() {
+    let csv = b"airline_sentiment,text\n\
+        positive,\"Se\xf1or M\xfcller \xe0 la cr\xe8me br\xfbl\xe9e, \xabsuper\xbb \xa3 5\"\n\
+        negative,\"\xbfD\xf3nde est\xe1\n mi maleta? Stra\xdfe \xa9 \xff\"\n\
+        neutral,C1 codes stay codes: \x80 \x93\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "latin1.csv", csv);
+    for encoding in ["latin-1", "iso-8859-1"] {
+        let encoding = <CsvEncoding as clap::ValueEnum>::from_str(encoding, false).unwrap();
+        assert_eq!(encoding, CsvEncoding::Latin1);
+    }
+    let set = read_labelled_csv_encoded(
+        &path,
+        "text",
+        Some("airline_sentiment"),
+        None,
+        CsvEncoding::Latin1,
+    )
+    .unwrap();
+    let expected = [
+        ("Señor Müller à la crème brûlée, «super» £ 5", "positive"),
+        ("¿Dónde está\n mi maleta? Straße © ÿ", "negative"),
+        ("C1 codes stay codes: \u{80} \u{93}", "neutral"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(t, l)| (t.to_string(), l.to_string()))
+        .collect();
+    assert_eq!(texts_and_labels(&set), expected);
+    assert_eq!(python_csv(&path, "latin-1").unwrap(), expected);
+    let err = read_labelled_csv(&path, "text", Some("airline_sentiment"), None).unwrap_err();
+    assert!(err.to_string().contains("--encoding"), "{err}");
+}
+
+/// Every byte from 0x80 up decodes to what Python's `cp1252` and `latin-1` codecs give, and the
+/// bytes `cp1252` refuses are exactly the ones refused here.
+#[test]
+fn every_high_byte_decodes_as_python_decodes_it() {
+    let script = "import json\n\
+        def one(b, codec):\n    \
+            try:\n        return bytes([b]).decode(codec)\n    \
+            except UnicodeDecodeError:\n        return None\n\
+        print(json.dumps({c: [one(b, c) for b in range(0x80, 0x100)] for c in ('cp1252', 'latin-1')}))\n";
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("python3 is needed to compare with Python's codecs, and did not run: {e}")
+        });
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let python: std::collections::BTreeMap<String, Vec<Option<String>>> =
+        serde_json::from_slice(&output.stdout).unwrap();
+    for (codec, encoding) in [
+        ("cp1252", CsvEncoding::Windows1252),
+        ("latin-1", CsvEncoding::Latin1),
+    ] {
+        let ours: Vec<Option<String>> = (0x80..=0xFFu8)
+            .map(|b| encoding.decode(&[b]).ok().map(|s| s.into_owned()))
+            .collect();
+        assert_eq!(ours, python[codec], "{codec}");
+    }
+    let refused: Vec<u8> = (0x80..=0xFFu8)
+        .filter(|&b| CsvEncoding::Windows1252.decode(&[b]).is_err())
+        .collect();
+    assert_eq!(refused, [0x81, 0x8D, 0x8F, 0x90, 0x9D]);
+}
+
+#[test]
+fn undefined_windows_1252_byte_names_line_column_and_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "undefined.csv",
+        b"text,airline_sentiment,note\r\nok \x80,positive,x\r\n\"two\r\nlines\",negative,ab\x9dc\r\n",
+    );
+    let err = read_labelled_csv_encoded(
+        &path,
+        "text",
+        Some("airline_sentiment"),
+        None,
+        CsvEncoding::Windows1252,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::CsvUndefinedByte {
+                line: 3,
+                byte: 0x9D,
+                byte_offset: 2,
+                encoding: CsvEncoding::Windows1252,
+                ref column,
+                ..
+            } if column == "note"
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "{}: line 3, column \"note\": byte 0x9D",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("windows-1252"), "{message}");
+    assert!(!message.contains('\n'), "{message:?}");
+    // Python refuses the file too; as Latin-1 both read it.
+    let python = python_csv(&path, "cp1252").unwrap_err();
+    assert!(python.contains("UnicodeDecodeError"), "{python}");
+    let latin1 = read_labelled_csv_encoded(
+        &path,
+        "text",
+        Some("airline_sentiment"),
+        None,
+        CsvEncoding::Latin1,
+    )
+    .unwrap();
+    assert_eq!(
+        texts_and_labels(&latin1),
+        python_csv(&path, "latin-1").unwrap()
+    );
+    // A header is decoded the same way.
+    let header = write(
+        dir.path(),
+        "header.csv",
+        b"te\x81xt,airline_sentiment\r\na,b\r\n",
+    );
+    let err = read_labelled_csv_encoded(&header, "text", None, None, CsvEncoding::Windows1252)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("line 1, column \"header field 1\": byte 0x81"),
+        "{err}"
+    );
 }

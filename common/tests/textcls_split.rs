@@ -200,6 +200,7 @@ fn pretraining_texts_of_a_split_are_its_training_part_only() {
     let csv = CsvTexts {
         text_column: "text".into(),
         split: Some((split_path.clone(), Part::Train)),
+        ..CsvTexts::default()
     };
     let docs = read_csv_documents(&path, &csv).unwrap();
     assert_eq!(docs.len(), split.train.len());
@@ -256,6 +257,7 @@ fn pretraining_texts_refuse_a_split_of_another_file_and_a_split_without_a_csv() 
     let csv = CsvTexts {
         text_column: "text".into(),
         split: Some((split_path.clone(), Part::Train)),
+        ..CsvTexts::default()
     };
     let err = read_csv_documents(&other, &csv).unwrap_err();
     assert!(matches!(err, DataError::Split { .. }), "{err}");
@@ -265,7 +267,7 @@ fn pretraining_texts_refuse_a_split_of_another_file_and_a_split_without_a_csv() 
         &other,
         &CsvTexts {
             text_column: "tweet".into(),
-            split: None,
+            ..CsvTexts::default()
         },
     )
     .unwrap_err();

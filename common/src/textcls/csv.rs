@@ -1,8 +1,10 @@
 //! Reading a labelled CSV (one text and one label per record) by header names.
 //!
 //! The file is RFC 4180: a header row, quoted fields that hold commas, doubled quotes and
-//! newlines. Records are read as bytes and checked for UTF-8 here, field by field, so that a bad
-//! byte is reported with its line and column instead of as a parser error about the whole file.
+//! newlines. Records are read as bytes and decoded here, field by field, so that a bad byte is
+//! reported with its line and column instead of as a parser error about the whole file. The
+//! bytes are UTF-8 unless a [`CsvEncoding`] says otherwise: a spreadsheet on Windows saves
+//! "CSV" in its ANSI code page (Windows-1252 in Western Europe and the Americas).
 //! Tweets carry HTML entities (`&amp;`), which are decoded; emoji pass through untouched.
 //!
 //! Record numbering matches Python's `enumerate(csv.DictReader(f))`: 0-based data records in
@@ -10,10 +12,97 @@
 //! a ferry `split.json`.
 
 use std::borrow::Cow;
+use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::DataError;
+
+/// The character encoding of a labelled CSV's bytes.
+///
+/// Only encodings in which every byte that CSV syntax uses (`,`, `"`, CR, LF) is that ASCII
+/// character, and no other byte decodes to one, belong here: the parser then splits records on
+/// the raw bytes and each field is decoded on its own, which keeps errors down to a line and a
+/// column.
+/// Both single-byte encodings here decode a file exactly as Python's codec of the same name, so
+/// that the Python baseline, told the same encoding, sees the same texts.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+pub enum CsvEncoding {
+    /// The default, and what ferry writes. A UTF-8 byte-order mark before the header is
+    /// dropped.
+    #[default]
+    #[value(name = "utf-8", alias = "utf8")]
+    #[serde(rename = "utf-8", alias = "utf8")]
+    Utf8,
+    /// ISO-8859-1: each byte is the code point of the same number (U+0000 to U+00FF).
+    #[value(name = "latin-1", alias = "iso-8859-1")]
+    #[serde(rename = "latin-1", alias = "iso-8859-1")]
+    Latin1,
+    /// Latin-1 with 27 printable characters (curly quotes, dashes, the euro sign, ...) in place
+    /// of the control codes 0x80-0x9F; 0x81, 0x8D, 0x8F, 0x90 and 0x9D are undefined and, as in
+    /// Python's `cp1252` codec, refused.
+    #[value(name = "windows-1252", alias = "cp1252")]
+    #[serde(rename = "windows-1252", alias = "cp1252")]
+    Windows1252,
+}
+
+impl CsvEncoding {
+    /// The name the command line takes (`--encoding`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CsvEncoding::Utf8 => "utf-8",
+            CsvEncoding::Latin1 => "latin-1",
+            CsvEncoding::Windows1252 => "windows-1252",
+        }
+    }
+
+    /// Decodes one field. `Err(at)` is the offset of the first byte that is not text in this
+    /// encoding: where UTF-8 stops being valid, or a byte that Windows-1252 leaves undefined
+    /// (Latin-1 decodes everything). ASCII, the common case, is borrowed in every encoding.
+    pub fn decode(self, bytes: &[u8]) -> Result<Cow<'_, str>, usize> {
+        /// Windows-1252's 0x80-0x9F (the rest is Latin-1); `None` where it has no character.
+        /// The table of the WHATWG Encoding Standard and of Python's `cp1252` codec.
+        #[rustfmt::skip]
+        const WINDOWS_1252_80_9F: [Option<char>; 32] = [
+            Some('\u{20AC}'), None,              Some('\u{201A}'), Some('\u{0192}'),
+            Some('\u{201E}'), Some('\u{2026}'), Some('\u{2020}'), Some('\u{2021}'),
+            Some('\u{02C6}'), Some('\u{2030}'), Some('\u{0160}'), Some('\u{2039}'),
+            Some('\u{0152}'), None,              Some('\u{017D}'), None,
+            None,              Some('\u{2018}'), Some('\u{2019}'), Some('\u{201C}'),
+            Some('\u{201D}'), Some('\u{2022}'), Some('\u{2013}'), Some('\u{2014}'),
+            Some('\u{02DC}'), Some('\u{2122}'), Some('\u{0161}'), Some('\u{203A}'),
+            Some('\u{0153}'), None,              Some('\u{017E}'), Some('\u{0178}'),
+        ];
+        match self {
+            CsvEncoding::Utf8 => std::str::from_utf8(bytes)
+                .map(Cow::Borrowed)
+                .map_err(|e| e.valid_up_to()),
+            _ if bytes.is_ascii() => Ok(Cow::Borrowed(
+                std::str::from_utf8(bytes).map_err(|e| e.valid_up_to())?,
+            )),
+            CsvEncoding::Latin1 => Ok(Cow::Owned(bytes.iter().map(|&b| char::from(b)).collect())),
+            CsvEncoding::Windows1252 => bytes
+                .iter()
+                .enumerate()
+                .map(|(at, &b)| match b {
+                    0x80..=0x9F => WINDOWS_1252_80_9F[usize::from(b - 0x80)].ok_or(at),
+                    _ => Ok(char::from(b)),
+                })
+                .collect::<Result<String, usize>>()
+                .map(Cow::Owned),
+        }
+    }
+}
+
+impl fmt::Display for CsvEncoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// One labelled (or, when no label column was asked for, unlabelled) text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,17 +160,38 @@ impl LabelledSet {
 /// a column of long texts.
 const MAX_LABEL_IN_ERROR: usize = 60;
 
-/// Reads `path`, taking the text from the column named `text_column` and the label from the
-/// column named `label_column` (when given). Labels are trimmed; a text is kept as in the file
-/// apart from decoded HTML entities, and must not be blank.
+/// Reads `path` as UTF-8, taking the text from the column named `text_column` and the label
+/// from the column named `label_column` (when given). Labels are trimmed; a text is kept as in
+/// the file apart from decoded HTML entities, and must not be blank.
 ///
 /// With `known_labels`, a label outside them is an error and [`LabelledSet::labels`] is exactly
 /// `known_labels` in the given order (counts may be 0); without, the labels found are sorted.
+///
+/// [`read_labelled_csv_encoded`] reads other encodings; UTF-8 is what ferry itself writes.
 pub fn read_labelled_csv(
     path: &Path,
     text_column: &str,
     label_column: Option<&str>,
     known_labels: Option<&[String]>,
+) -> Result<LabelledSet, DataError> {
+    read_labelled_csv_encoded(
+        path,
+        text_column,
+        label_column,
+        known_labels,
+        CsvEncoding::Utf8,
+    )
+}
+
+/// [`read_labelled_csv`] for a file in `encoding`. Every field of every record is decoded (not
+/// only the two used), as Python decodes the whole file: a byte that is not text in `encoding`
+/// is an error naming its line and column, whichever column it is in.
+pub fn read_labelled_csv_encoded(
+    path: &Path,
+    text_column: &str,
+    label_column: Option<&str>,
+    known_labels: Option<&[String]>,
+    encoding: CsvEncoding,
 ) -> Result<LabelledSet, DataError> {
     if let Some(known) = known_labels {
         check_known_labels(known)?;
@@ -100,7 +210,7 @@ pub fn read_labelled_csv(
         .map_err(|e| csv_error(path, e))?
         .clone();
     let header_line = lines.record_line(header_record.position());
-    let headers = decode_headers(path, header_line, &header_record)?;
+    let headers = decode_headers(path, header_line, &header_record, encoding)?;
     if headers.is_empty() {
         return Err(DataError::CsvEmpty {
             path: path.to_path_buf(),
@@ -134,17 +244,14 @@ pub fn read_labelled_csv(
         }
         // Every field, not only the two used: Python's reader (the baseline) would fail on any
         // bad byte, and both must see the same records.
-        for (column, field) in record.iter().enumerate() {
-            if let Err(e) = std::str::from_utf8(field) {
-                return Err(DataError::CsvInvalidUtf8 {
-                    path: path.to_path_buf(),
-                    line,
-                    column: headers[column].clone(),
-                    byte_offset: e.valid_up_to(),
-                });
-            }
+        let mut fields = Vec::with_capacity(record.len());
+        for (column, bytes) in record.iter().enumerate() {
+            let decoded = encoding.decode(bytes).map_err(|at| {
+                undecodable(path, line, headers[column].clone(), encoding, bytes, at)
+            })?;
+            fields.push(decoded);
         }
-        let field = |at: usize| std::str::from_utf8(&record[at]).unwrap_or_default();
+        let field = |at: usize| fields[at].as_ref();
         let text = decode_html_entities(field(text_at)).into_owned();
         if text.trim().is_empty() {
             return Err(DataError::CsvEmptyText {
@@ -283,32 +390,65 @@ fn check_known_labels(known: &[String]) -> Result<(), DataError> {
     Ok(())
 }
 
-/// The header names as text, without a UTF-8 byte-order mark; a header that is one empty field
-/// (an empty file) comes back as no names at all.
+/// The header names as text, without a UTF-8 byte-order mark (in UTF-8 only: Python's `cp1252`
+/// and `latin-1` keep those bytes as characters, and so does this); a header that is one empty
+/// field (an empty file) comes back as no names at all.
 fn decode_headers(
     path: &Path,
     line: u64,
     header: &::csv::ByteRecord,
+    encoding: CsvEncoding,
 ) -> Result<Vec<String>, DataError> {
     if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
         return Ok(Vec::new());
     }
     let mut names = Vec::with_capacity(header.len());
     for (i, field) in header.iter().enumerate() {
-        let field = if i == 0 {
+        let field = if i == 0 && encoding == CsvEncoding::Utf8 {
             field.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(field)
         } else {
             field
         };
-        let name = std::str::from_utf8(field).map_err(|e| DataError::CsvInvalidUtf8 {
-            path: path.to_path_buf(),
-            line,
-            column: format!("header field {}", i + 1),
-            byte_offset: e.valid_up_to(),
+        let name = encoding.decode(field).map_err(|at| {
+            undecodable(
+                path,
+                line,
+                format!("header field {}", i + 1),
+                encoding,
+                field,
+                at,
+            )
         })?;
-        names.push(name.to_owned());
+        names.push(name.into_owned());
     }
     Ok(names)
+}
+
+/// The error for `field` (of `column`) that `encoding` could not decode at byte `at`.
+fn undecodable(
+    path: &Path,
+    line: u64,
+    column: String,
+    encoding: CsvEncoding,
+    field: &[u8],
+    at: usize,
+) -> DataError {
+    match encoding {
+        CsvEncoding::Utf8 => DataError::CsvInvalidUtf8 {
+            path: path.to_path_buf(),
+            line,
+            column,
+            byte_offset: at,
+        },
+        CsvEncoding::Latin1 | CsvEncoding::Windows1252 => DataError::CsvUndefinedByte {
+            path: path.to_path_buf(),
+            line,
+            column,
+            byte_offset: at,
+            byte: field.get(at).copied().unwrap_or_default(),
+            encoding,
+        },
+    }
 }
 
 fn find_column(path: &Path, line: u64, headers: &[String], name: &str) -> Result<usize, DataError> {
@@ -450,6 +590,68 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(decode_html_entities(input), expected, "{input:?}");
         }
+    }
+
+    #[test]
+    fn decodes_the_three_encodings() {
+        use CsvEncoding::*;
+        assert!(matches!(Utf8.decode(b"plain"), Ok(Cow::Borrowed("plain"))));
+        assert!(matches!(
+            Windows1252.decode(b"plain"),
+            Ok(Cow::Borrowed("plain"))
+        ));
+        assert_eq!(Utf8.decode("café".as_bytes()).unwrap(), "café");
+        assert_eq!(Utf8.decode(b"caf\xe9 au lait"), Err(3));
+        assert_eq!(
+            Latin1.decode(b"caf\xe9 ni\xf1o \xff").unwrap(),
+            "café niño ÿ"
+        );
+        // Latin-1 keeps 0x80-0x9F as the C1 control codes; Windows-1252 prints them.
+        assert_eq!(Latin1.decode(b"\x80\x93").unwrap(), "\u{80}\u{93}");
+        assert_eq!(
+            Windows1252
+                .decode(b"\x80 \x93caf\xe9\x94 \x91\x92 \x97 \x85 \x99 \x9f")
+                .unwrap(),
+            "€ “café” ‘’ — … ™ Ÿ"
+        );
+        for undefined in [0x81u8, 0x8D, 0x8F, 0x90, 0x9D] {
+            assert_eq!(Windows1252.decode(&[b'a', b'b', undefined]), Err(2));
+            assert_eq!(
+                Latin1.decode(&[undefined]).unwrap(),
+                char::from(undefined).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn encoding_names_and_aliases() {
+        use clap::ValueEnum;
+        for (name, encoding) in [
+            ("utf-8", CsvEncoding::Utf8),
+            ("utf8", CsvEncoding::Utf8),
+            ("latin-1", CsvEncoding::Latin1),
+            ("iso-8859-1", CsvEncoding::Latin1),
+            ("windows-1252", CsvEncoding::Windows1252),
+            ("cp1252", CsvEncoding::Windows1252),
+        ] {
+            assert_eq!(CsvEncoding::from_str(name, true), Ok(encoding), "{name}");
+            let json = serde_json::to_string(name).unwrap();
+            assert_eq!(
+                serde_json::from_str::<CsvEncoding>(&json).unwrap(),
+                encoding
+            );
+        }
+        assert_eq!(
+            CsvEncoding::from_str("CP1252", true),
+            Ok(CsvEncoding::Windows1252)
+        );
+        assert!(CsvEncoding::from_str("utf-16", true).is_err());
+        assert_eq!(CsvEncoding::default(), CsvEncoding::Utf8);
+        assert_eq!(
+            serde_json::to_string(&CsvEncoding::Windows1252).unwrap(),
+            "\"windows-1252\""
+        );
+        assert_eq!(CsvEncoding::Latin1.to_string(), "latin-1");
     }
 
     #[test]

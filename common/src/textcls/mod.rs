@@ -14,7 +14,10 @@ pub mod recipe;
 pub mod report_svg;
 pub mod split;
 
-pub use self::csv::{decode_html_entities, read_labelled_csv, Example, LabelledSet};
+pub use self::csv::{
+    decode_html_entities, read_labelled_csv, read_labelled_csv_encoded, CsvEncoding, Example,
+    LabelledSet,
+};
 pub use metrics::{ClassMetrics, ConfusionMatrix, Metrics, MetricsError};
 pub use recipe::{EarlyStopping, SlantedTriangular, Verdict};
 pub use report_svg::{render_report_svg, NamedConfusion, ReportSeries};

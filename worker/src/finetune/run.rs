@@ -17,8 +17,8 @@ use ferry_common::textcls::recipe::{
     discriminative_lrs, lowest_trainable_group, warmup_linear_decay,
 };
 use ferry_common::textcls::{
-    read_labelled_csv, render_report_svg, EarlyStopping, LabelledSet, Metrics, NamedConfusion,
-    Part, ReportSeries, SlantedTriangular, Split, SplitFractions, Verdict,
+    read_labelled_csv_encoded, render_report_svg, CsvEncoding, EarlyStopping, LabelledSet, Metrics,
+    NamedConfusion, Part, ReportSeries, SlantedTriangular, Split, SplitFractions, Verdict,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -53,6 +53,10 @@ pub enum Source {
 pub struct FinetuneConfig {
     pub source: Source,
     pub data: PathBuf,
+    /// The encoding of `data` (a spreadsheet's export is often Windows-1252). Defaults when
+    /// absent, so reports written before it existed still read.
+    #[serde(default)]
+    pub encoding: CsvEncoding,
     pub text_column: String,
     pub label_column: String,
     pub output: PathBuf,
@@ -195,7 +199,13 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     std::fs::create_dir_all(&cfg.output).map_err(|e| EngineError::io(&cfg.output, e))?;
 
     // Data: the CSV by header names, and a stratified split kept next to the report.
-    let set = read_labelled_csv(&cfg.data, &cfg.text_column, Some(&cfg.label_column), None)?;
+    let set = read_labelled_csv_encoded(
+        &cfg.data,
+        &cfg.text_column,
+        Some(&cfg.label_column),
+        None,
+        cfg.encoding,
+    )?;
     let split = match &cfg.split_file {
         Some(path) => Split::load(path, &set)?,
         None => Split::stratified(&set, cfg.fractions, cfg.split_seed)?,
