@@ -283,13 +283,13 @@ struct GenerateArgs {
     /// then (as `min_new_tokens` in transformers).
     #[arg(long, default_value_t = 0)]
     min_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
+    /// Sampling temperature, finite and >= 0; 0 (or anything below 1e-4) = greedy.
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
     /// Sample among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 50)]
     top_k: i64,
-    /// Nucleus sampling: the smallest set of tokens with probability >= p.
+    /// Nucleus sampling: the smallest set of tokens with probability >= p, in (0, 1].
     #[arg(long, default_value_t = 0.95)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
@@ -475,6 +475,15 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Generate(a) => {
+            if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+                anyhow::bail!(
+                    "--temperature {}: must be a finite number >= 0 (0 = greedy)",
+                    a.temperature
+                );
+            }
+            if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+                anyhow::bail!("--top-p {}: must be in (0, 1] (1 = no limit)", a.top_p);
+            }
             let device = runtime::select_device(&a.device)?;
             let loaded = pretrained::load_model(&a.model, device)?;
             let Some(lm) = loaded.model.as_causal() else {
@@ -485,7 +494,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             };
             let tok_path = loaded.dir.join("tokenizer.json");
-            let tokenizer = ferry_common::tokenizer::load_tokenizer(&tok_path)?;
+            let tokenizer = pretrained::load_tokenizer_for(&loaded.dir, &loaded.config)?;
             let enc = tokenizer.encode(a.prompt.as_str(), false).map_err(|e| {
                 anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display())
             })?;

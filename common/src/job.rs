@@ -407,6 +407,19 @@ impl JobSpec {
             },
             None => context,
         };
+        // Dropout probabilities (GPT-2 and GPT `*_pdrop`, BERT `*_dropout_prob`) in [0, 1).
+        for (key, v) in &self.model.overrides {
+            if !(key.ends_with("_pdrop") || key.ends_with("_dropout_prob")) {
+                continue;
+            }
+            let p = v.as_float().or(v.as_integer().map(|i| i as f64));
+            if !p.is_some_and(|p| (0.0..1.0).contains(&p)) {
+                return err(
+                    &format!("model.overrides.{key}"),
+                    format!("a dropout probability must be in [0, 1), got {v}"),
+                );
+            }
+        }
         if self.data.shards.as_os_str().is_empty() {
             return err(
                 "data.shards",
@@ -649,6 +662,25 @@ micro = 4
         JobSpec::from_toml(text, "job.toml")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn dropout_overrides_outside_0_1_are_refused() {
+        let with =
+            |o: &str| MINIMAL.replace("[data]", &format!("[model.overrides]\n{o}\n\n[data]"));
+        for bad in [
+            "resid_pdrop = 1.5",
+            "hidden_dropout_prob = -0.1",
+            "attn_pdrop = 1",
+        ] {
+            let e = error_of(&with(bad));
+            let key = bad.split(' ').next().unwrap();
+            assert!(
+                e.starts_with(&format!("job.toml:12: model.overrides.{key}: ")),
+                "{e}"
+            );
+        }
+        JobSpec::from_toml(&with("resid_pdrop = 0.1\nembd_pdrop = 0"), "job.toml").unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub struct SamplingConfig {
     /// The stop token is not produced before this many new tokens.
     #[serde(default)]
     pub min_new_tokens: usize,
-    /// 0 means greedy decoding.
+    /// 0 means greedy decoding, and so does any temperature below [`GREEDY_BELOW`].
     pub temperature: f64,
     /// Keep only the k most likely tokens (0 = no limit).
     pub top_k: i64,
@@ -61,6 +61,14 @@ pub fn generate(
     out
 }
 
+/// Temperatures below this (and NaN) decode greedily, as 0 does: dividing the logits by a
+/// smaller one overflows (to inf, then NaN probabilities), and a temperature this small
+/// already puts all the probability on the most likely token.
+pub const GREEDY_BELOW: f64 = 1e-4;
+
+/// One token from the logits. Never panics on odd settings: a tiny or NaN temperature is
+/// greedy, an infinite one uniform, the most likely token always stays in the nucleus
+/// (whatever `top_p`), and if nothing is left to sample the choice is greedy.
 fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
     let vocab = logits.size()[0];
     let suppress: Vec<i64> = cfg
@@ -75,10 +83,15 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
         let ids = Tensor::from_slice(&suppress).to_device(logits.device());
         logits.index_fill(0, &ids, f64::NEG_INFINITY)
     };
-    if cfg.temperature <= 0.0 {
-        return logits.argmax(0, false).int64_value(&[]);
+    let greedy = || logits.argmax(0, false).int64_value(&[]);
+    if cfg.temperature.is_nan() || cfg.temperature < GREEDY_BELOW {
+        return greedy();
     }
-    let mut logits = logits / cfg.temperature;
+    // In float64, scaled logits stay finite; tokens already at -inf stay there (not the NaN
+    // that -inf / inf would give).
+    let excluded = logits.isneginf();
+    let mut logits =
+        (logits.to_kind(Kind::Double) / cfg.temperature).masked_fill(&excluded, f64::NEG_INFINITY);
     if cfg.top_k > 0 && cfg.top_k < vocab {
         let (top, _) = logits.topk(cfg.top_k, 0, true, true);
         let kth = top.get(cfg.top_k - 1);
@@ -90,13 +103,16 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
         // Drop a token when the tokens before it already reach p; the first always stays.
         let before = &cumulative - sorted.softmax(0, Kind::Float);
         let drop_sorted = before.ge(cfg.top_p);
+        let _ = drop_sorted.get(0).fill_(0);
         let drop = drop_sorted.scatter(0, &order, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    logits
-        .softmax(0, Kind::Float)
-        .multinomial(1, false)
-        .int64_value(&[0])
+    let probs = logits.softmax(0, Kind::Double);
+    // Nothing left to draw from (every token suppressed, NaN logits): multinomial would fail.
+    if probs.isfinite().all().int64_value(&[]) == 0 {
+        return greedy();
+    }
+    probs.multinomial(1, false).int64_value(&[0])
 }
 
 #[cfg(test)]
@@ -139,5 +155,34 @@ mod tests {
         // Without suppression the same sampling does pick it: the test can fail.
         let free = sampling(1.0, 0, 1.0, vec![]);
         assert!((0..50).any(|_| pick(&logits, &free) == 2));
+    }
+
+    /// Settings that once made `multinomial` panic pick a token instead: a temperature so
+    /// small that logits / temperature overflow (greedy), a NaN or infinite one, a nucleus of
+    /// 0 (the most likely token stays), every token suppressed.
+    #[test]
+    fn odd_settings_pick_a_token_instead_of_panicking() {
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 8.0, 0.5]);
+        tch::manual_seed(5);
+        for (temperature, top_p) in [
+            (1e-300, 1.0),
+            (1e-5, 0.9),
+            (1e-3, 1.0),
+            (f64::NAN, 1.0),
+            (1.0, 0.0),
+        ] {
+            for top_k in [0, 2] {
+                let cfg = sampling(temperature, top_k, top_p, vec![]);
+                assert_eq!(pick(&logits, &cfg), 2, "{cfg:?}");
+            }
+        }
+        // Infinite temperature: uniform over the tokens not suppressed.
+        let hot = sampling(f64::INFINITY, 0, 1.0, vec![2]);
+        for _ in 0..100 {
+            let next = pick(&logits, &hot);
+            assert!([0, 1, 3].contains(&next), "{next}");
+        }
+        let nothing_left = sampling(1.0, 0, 0.5, vec![0, 1, 2, 3]);
+        assert!((0..4).contains(&pick(&logits, &nothing_left)));
     }
 }

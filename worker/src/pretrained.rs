@@ -8,6 +8,7 @@ use crate::models::{Model, ModelConfig, ParamStore};
 use crate::weights;
 use std::path::{Path, PathBuf};
 use tch::Device;
+use tokenizers::Tokenizer;
 
 /// Resolves a run directory to its newest checkpoint; any other directory is taken as is.
 pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
@@ -29,6 +30,51 @@ pub fn open_model_dir(dir: &Path) -> Result<(PathBuf, ModelConfig)> {
     let config_path = dir.join(checkpoint::CONFIG_FILE);
     let config = ModelConfig::from_hf_json(read_json(&config_path)?, &config_path)?;
     Ok((dir, config))
+}
+
+/// How many token ids `tokenizer` can produce: one past its largest id, added tokens included.
+pub fn token_id_count(tokenizer: &Tokenizer) -> i64 {
+    tokenizer
+        .get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&id| i64::from(id) + 1)
+}
+
+/// Refuses a tokenizer with ids the model has no embedding row for (they would fail deep in
+/// libtorch, or only for some texts), naming both files and both numbers.
+pub fn check_tokenizer_fits(
+    tokenizer: &Tokenizer,
+    tokenizer_path: &Path,
+    config: &ModelConfig,
+    config_path: &Path,
+) -> Result<()> {
+    let ids = token_id_count(tokenizer);
+    if ids > config.vocab_size() {
+        return Err(EngineError::file(
+            tokenizer_path,
+            format!(
+                "has {ids} token ids, more than the vocab_size {} of {}: not this model's tokenizer",
+                config.vocab_size(),
+                config_path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads `dir/tokenizer.json` for the model whose config is `dir/config.json`, checked with
+/// [`check_tokenizer_fits`].
+pub fn load_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
+    let path = dir.join(checkpoint::TOKENIZER_FILE);
+    let tokenizer = ferry_common::tokenizer::load_tokenizer(&path)?;
+    check_tokenizer_fits(
+        &tokenizer,
+        &path,
+        config,
+        &dir.join(checkpoint::CONFIG_FILE),
+    )?;
+    Ok(tokenizer)
 }
 
 pub struct LoadedModel {

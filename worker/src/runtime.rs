@@ -20,19 +20,40 @@ pub fn select_device(spec: &str) -> Result<Device> {
                     message: format!("`{s}` is not cuda:N"),
                 })?
                 .unwrap_or(0);
-            if !cuda() {
-                return Err(EngineError::Config {
-                    field: "device".into(),
-                    message: "CUDA requested but no GPU is visible to libtorch".into(),
-                });
-            }
-            Ok(Device::Cuda(index))
+            let visible = if cuda() {
+                usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+            } else {
+                0
+            };
+            cuda_device(s, index, visible)
         }
         other => Err(EngineError::Config {
             field: "device".into(),
             message: format!("`{other}` is not one of auto, cpu, cuda, cuda:N"),
         }),
     }
+}
+
+/// GPU `index` (asked for as `spec`) when libtorch sees `visible` GPUs: an error naming the
+/// device and the count when there is no such GPU.
+fn cuda_device(spec: &str, index: usize, visible: usize) -> Result<Device> {
+    let message = match visible {
+        0 => format!("`{spec}` requested, but no GPU is visible to libtorch"),
+        n if index >= n => format!(
+            "`{spec}` requested, but libtorch sees {n} GPU{} (cuda:0{})",
+            if n == 1 { "" } else { "s" },
+            if n == 1 {
+                String::new()
+            } else {
+                format!(" to cuda:{}", n - 1)
+            }
+        ),
+        _ => return Ok(Device::Cuda(index)),
+    };
+    Err(EngineError::Config {
+        field: "device".into(),
+        message,
+    })
 }
 
 extern "C" {
@@ -131,4 +152,29 @@ pub fn matmul_gflops(device: Device) -> f64 {
     }
     times.sort_by(f64::total_cmp);
     2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e9
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    /// A GPU index past the last visible GPU is an error naming the device and the count,
+    /// never a libtorch panic later.
+    #[test]
+    fn cuda_index_is_checked_against_the_visible_gpus() {
+        assert_eq!(cuda_device("cuda", 0, 1).unwrap(), Device::Cuda(0));
+        assert_eq!(cuda_device("cuda:3", 3, 4).unwrap(), Device::Cuda(3));
+        let err = cuda_device("cuda:5", 5, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("`cuda:5`") && err.contains("sees 2 GPUs (cuda:0 to cuda:1)"),
+            "{err}"
+        );
+        let err = cuda_device("cuda:1", 1, 1).unwrap_err().to_string();
+        assert!(err.contains("sees 1 GPU (cuda:0)"), "{err}");
+        let err = cuda_device("cuda", 0, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("`cuda`") && err.contains("no GPU is visible"),
+            "{err}"
+        );
+    }
 }

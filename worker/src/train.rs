@@ -457,6 +457,19 @@ impl Engine {
         // Checkpoints carry the tokenizer; fail now, not at the first checkpoint.
         let tokenizer = ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
         let mut mc = cfg.model_config(manifest.vocab_size as i64)?;
+        // An override below the data's vocabulary leaves ids without an embedding row, which
+        // libtorch finds only mid-step (a larger one pads the table, as GPT-2's 50304 does).
+        let ids = crate::pretrained::token_id_count(&tokenizer).max(manifest.vocab_size as i64);
+        if mc.vocab_size() < ids {
+            return Err(EngineError::Config {
+                field: "vocab_size".into(),
+                message: format!(
+                    "{} is smaller than the {ids} token ids of the data's tokenizer {}: every id needs a row",
+                    mc.vocab_size(),
+                    tokenizer_path.display()
+                ),
+            });
+        }
         let family = mc.family();
         let seq_len = cfg.seq_len.unwrap_or(mc.context());
         let objective = if family == Family::Bert {

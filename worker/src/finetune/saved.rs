@@ -108,7 +108,7 @@ pub fn load(dir: &Path, device: Device) -> Result<FinetunedModel> {
         &weights_path,
     )?;
     let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
+    let tokenizer = crate::pretrained::load_tokenizer_for(dir, &config)?;
     let pad = raw.get("pad_token_id").and_then(|v| v.as_i64());
     let encoder = TextEncoder::new(tokenizer, &tokenizer_path, family, info.max_len, pad)?;
     Ok(FinetunedModel {
@@ -131,6 +131,15 @@ fn labels_of(raw: &serde_json::Value, path: &Path) -> Result<Vec<String>> {
                 "has no id2label: not a sequence-classification model (fine-tune one with ferry finetune)",
             )
         })?;
+    if map.len() < 2 {
+        return Err(EngineError::file(
+            path,
+            format!(
+                "id2label has {} label(s); a classifier needs at least 2",
+                map.len()
+            ),
+        ));
+    }
     let mut labels = vec![None; map.len()];
     for (id, name) in map {
         let slot = id

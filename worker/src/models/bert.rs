@@ -109,6 +109,13 @@ impl Config {
             self.hidden_size,
             self.num_attention_heads,
         )?;
+        super::check_dropout(&[
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ])?;
         if Activation::from_hf(&self.hidden_act).is_none() {
             return Err(EngineError::Config {
                 field: "hidden_act".into(),

@@ -110,6 +110,11 @@ impl Config {
             ("n_head", self.n_head),
         ])?;
         super::check_heads("n_head", self.n_embd, self.n_head)?;
+        super::check_dropout(&[
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+        ])?;
         if activation(&self.afn).is_none() {
             return Err(EngineError::Config {
                 field: "afn".into(),

@@ -113,6 +113,11 @@ impl Config {
                 ),
             });
         }
+        super::check_dropout(&[
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+        ])?;
         if Activation::from_hf(&self.activation_function).is_none() {
             return Err(EngineError::Config {
                 field: "activation_function".into(),

@@ -204,6 +204,18 @@ impl ModelConfig {
                     format!("model_type is `{model_type}`; ferry reads gpt2, openai-gpt and bert"),
                 )
             })?;
+        // `transformers` derives num_labels from id2label: an empty one is a broken config
+        // (a classifier of no classes), whatever reads the directory.
+        if raw
+            .get("id2label")
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| m.is_empty())
+        {
+            return Err(EngineError::file(
+                path,
+                "id2label is empty: a model config names at least one label, and a classifier at least 2",
+            ));
+        }
         let bad = |e: serde_json::Error| {
             EngineError::file(path, format!("invalid {model_type} config: {e}"))
         };
@@ -212,7 +224,9 @@ impl ModelConfig {
             Family::Gpt => ModelConfig::Gpt(serde_json::from_value(raw).map_err(bad)?),
             Family::Bert => ModelConfig::Bert(serde_json::from_value(raw).map_err(bad)?),
         };
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| EngineError::file(path, e.to_string()))?;
         Ok(config)
     }
 
@@ -333,6 +347,18 @@ pub(crate) fn check_positive(fields: &[(&str, i64)]) -> Result<()> {
         Some((field, v)) => Err(EngineError::Config {
             field: (*field).into(),
             message: format!("must be positive, got {v}"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Dropout probabilities must be in [0, 1): libtorch refuses others mid-step, and 1 drops
+/// everything.
+pub(crate) fn check_dropout(fields: &[(&str, f64)]) -> Result<()> {
+    match fields.iter().find(|(_, p)| !(0.0..1.0).contains(p)) {
+        Some((field, p)) => Err(EngineError::Config {
+            field: (*field).into(),
+            message: format!("a dropout probability must be in [0, 1), got {p}"),
         }),
         None => Ok(()),
     }
