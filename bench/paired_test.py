@@ -54,7 +54,7 @@ def write_part_csv(csv_path, split_path, part, label_column, out):
 
 def predictions(ferry, model, test_csv, out):
     subprocess.run(
-        [ferry, "predict", "--model", model, "--input", test_csv, "--output", out],
+        [ferry, "predict", "--model", model, "--input", test_csv, "--output", out, "--overwrite"],
         check=True,
         stdout=subprocess.DEVNULL,
     )

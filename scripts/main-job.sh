@@ -39,8 +39,9 @@ $ferry generate --model "$run" --prompt "The history of the" --max-new-tokens 60
 
 echo "== fine-tune on Twitter US Airline Sentiment (stratified 80/10/10 split, seed 0)"
 finetuned=$run/finetune-airline
+# --overwrite: running this again fine-tunes again, replacing the earlier output.
 $ferry finetune --from "$run" --data "$airline" --text-column text --label-column airline_sentiment \
-    --output "$finetuned" --epochs 2 --lr 3e-4 --max-steps "${FERRY_FINETUNE_STEPS:-0}"
+    --output "$finetuned" --epochs 2 --lr 3e-4 --max-steps "${FERRY_FINETUNE_STEPS:-0}" --overwrite
 $ferry predict --model "$finetuned" "@united lost my bag again, two hours on hold" \
     "@SouthwestAir thank you for the smooth flight and the friendly crew!"
 echo "== done: report in $finetuned/report.json and $finetuned/report.svg, model in $finetuned/model"

@@ -1,16 +1,16 @@
 //! `ferry finetune` and `ferry predict`: argument parsing and file I/O around
 //! `ferry_worker::finetune`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding, Metrics, SplitFractions};
 use ferry_worker::finetune::classifier::Pooling;
 use ferry_worker::finetune::predict::predict;
 use ferry_worker::finetune::run::{self, FinetuneConfig, Schedule, Source};
 use ferry_worker::finetune::saved;
-use ferry_worker::runtime;
+use ferry_worker::{fsutil, runtime};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct FinetuneArgs {
@@ -35,6 +35,10 @@ pub struct FinetuneArgs {
     /// Output directory: split.json, report.json, report.svg, model/.
     #[arg(long)]
     output: PathBuf,
+    /// Replace the output of an earlier run in --output (refused without it whenever --output
+    /// holds anything); other files there are kept.
+    #[arg(long)]
+    overwrite: bool,
     /// Reuse a split.json (from an earlier run) instead of making one.
     #[arg(long)]
     split: Option<PathBuf>,
@@ -134,6 +138,7 @@ pub fn run_finetune(a: FinetuneArgs) -> Result<()> {
         text_column: a.text_column,
         label_column: a.label_column,
         output: a.output,
+        overwrite: a.overwrite,
         split_file: a.split,
         train_examples: a.train_examples,
         split_seed: a.split_seed,
@@ -181,9 +186,13 @@ pub struct PredictArgs {
     /// Classify every row of this CSV instead.
     #[arg(long, conflicts_with = "texts")]
     input: Option<PathBuf>,
-    /// Where to write the predictions of --input as CSV [default: stdout].
+    /// Where to write the predictions of --input as CSV [default: stdout]. Never the --input
+    /// itself, and an existing file only with --overwrite.
     #[arg(long, requires = "input")]
     output: Option<PathBuf>,
+    /// Replace an existing --output file.
+    #[arg(long, requires = "output")]
+    overwrite: bool,
     /// The text column of --input [default: the one the model was fine-tuned on].
     #[arg(long)]
     text_column: Option<String>,
@@ -207,6 +216,9 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
+    if let (Some(input), Some(output)) = (&a.input, &a.output) {
+        check_predict_output(input, output, a.overwrite)?;
+    }
     let device = runtime::select_device(&a.device)?;
     let dir = if a.model.join(run::MODEL_DIR).join("config.json").is_file() {
         a.model.join(run::MODEL_DIR)
@@ -252,7 +264,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         out.push_str(&csv_row(&row));
     }
     match &a.output {
-        Some(path) => std::fs::write(path, out).with_context(|| format!("{}", path.display()))?,
+        Some(path) => fsutil::write_atomic(path, out.as_bytes())?,
         None => std::io::stdout().write_all(out.as_bytes())?,
     }
     if let Some(gold) = set.label_indices().filter(|_| a.label_column.is_some()) {
@@ -265,6 +277,28 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
             "{} predictions written to {}",
             predictions.len(),
             path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checked before anything is read: the predictions never replace their own input (however
+/// the path is spelled, or through a link), and an existing file only with `--overwrite`.
+fn check_predict_output(input: &Path, output: &Path, overwrite: bool) -> Result<()> {
+    if fsutil::same_file(input, output) {
+        bail!(
+            "{}: --output is the --input file {}; refusing to write over it, choose another --output",
+            output.display(),
+            input.display()
+        );
+    }
+    if output.is_dir() {
+        bail!("{}: --output is a directory; name a file", output.display());
+    }
+    if !overwrite && (output.exists() || output.is_symlink()) {
+        bail!(
+            "{}: exists; refusing to overwrite it: choose another --output, or pass --overwrite to replace it",
+            output.display()
         );
     }
     Ok(())

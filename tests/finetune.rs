@@ -476,3 +476,217 @@ fn a_windows_1252_csv_finetunes_with_encoding() {
         "{err}"
     );
 }
+
+/// A tiny GPT-2 run (tokenizer and two steps on the 24-record spreadsheet CSV), made once per
+/// binary: `(csv, run)`. Seconds, where `pretrained` trains on the shared corpus.
+fn tiny_run() -> &'static (PathBuf, PathBuf) {
+    static TINY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    TINY.get_or_init(|| {
+        let dir = scratch("ft-tiny");
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("tweets.csv");
+        std::fs::write(&csv, windows_1252_csv()).unwrap();
+        let prepared = dir.join("prepared");
+        run_ok(
+            ferry()
+                .args(["prepare", "--no-progress", "--encoding", "windows-1252"])
+                .args(["--vocab-size", "300", "--input"])
+                .arg(&csv)
+                .arg("--output")
+                .arg(&prepared),
+        );
+        let run = dir.join("run");
+        run_ok(
+            ferry()
+                .args(["train", "--no-progress", "--threads", "2"])
+                .args(TWO_STEP_RUN)
+                .arg("--data")
+                .arg(&prepared)
+                .arg("--run-dir")
+                .arg(&run),
+        );
+        (csv, run)
+    })
+}
+
+/// `ferry finetune` of the tiny run, 3 steps, into `out`.
+fn tiny_finetune(out: &Path, extra: &[&str]) -> std::process::Command {
+    let (csv, run) = tiny_run();
+    let mut cmd = ferry();
+    cmd.args(["finetune", "--no-progress", "--threads", "2"])
+        .args(["--max-steps", "3", "--batch-size", "4", "--max-len", "32"])
+        .args(["--encoding", "windows-1252", "--from"])
+        .arg(run)
+        .arg("--data")
+        .arg(csv)
+        .arg("--output")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+/// The files under `dir`, relative, with their bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue 22: `finetune --output` onto a directory that holds something (a previous
+/// fine-tuning, a model directory, anything) is refused, naming it and `--overwrite`, and
+/// nothing in it changes; `--overwrite` replaces the previous output and keeps other files.
+#[test]
+fn finetune_refuses_an_existing_output_unless_overwrite() {
+    let dir = scratch("ft-overwrite");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("ft");
+    run_ok(&mut tiny_finetune(&out, &[]));
+    let before = snapshot(&out);
+    let err = run_err(&mut tiny_finetune(&out, &["--seed", "1"]));
+    assert!(
+        err.contains(&out.display().to_string()) && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&out), before, "a refused run changed {out:?}");
+
+    // A model directory (config.json, model.safetensors) given as --output.
+    let model = dir.join("model-copy");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(out.join("model").join(file), model.join(file)).unwrap();
+    }
+    let before_model = snapshot(&model);
+    let err = run_err(&mut tiny_finetune(&model, &[]));
+    assert!(
+        err.contains(&model.display().to_string()) && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&model), before_model);
+    // A file is no output directory, --overwrite or not.
+    let file = dir.join("file.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let err = run_err(&mut tiny_finetune(&file, &["--overwrite"]));
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    // --overwrite replaces the earlier output; a file of the user's in it stays.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    run_ok(&mut tiny_finetune(&out, &["--seed", "1", "--overwrite"]));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["config"]["seed"].as_u64(), Some(1));
+    assert_ne!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        before
+            .iter()
+            .find(|(p, _)| p == Path::new("model/model.safetensors"))
+            .unwrap()
+            .1
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "model",
+            "notes.txt",
+            "report.json",
+            "report.svg",
+            "split.json"
+        ],
+        "temporary or set-aside directories left in {out:?}"
+    );
+    // An empty directory is no one's work: fine without --overwrite.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    run_ok(&mut tiny_finetune(&empty, &[]));
+    assert!(empty.join("model/model.safetensors").is_file());
+}
+
+/// Issue 22: `predict --output` never replaces its own `--input` (the same path, another
+/// spelling of it, or a symlink to it), refused before the model is even read; an existing
+/// file is replaced only with `--overwrite`, atomically (no temporary file left).
+#[test]
+fn predict_never_overwrites_its_input_or_an_existing_file() {
+    let dir = scratch("predict-overwrite");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.csv");
+    std::fs::write(&input, windows_1252_csv()).unwrap();
+    let original = std::fs::read(&input).unwrap();
+    let predict = |model: &Path, output: &Path, extra: &[&str]| {
+        let mut cmd = ferry();
+        cmd.current_dir(&dir)
+            .args(["predict", "--encoding", "cp1252", "--model"])
+            .arg(model)
+            .args(["--input", "in.csv", "--output"])
+            .arg(output)
+            .args(extra);
+        cmd
+    };
+    // The model does not exist: the output is refused before anything is read.
+    let missing = dir.join("no-such-model");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("in.csv", dir.join("link.csv")).unwrap();
+    let mut spellings = vec![
+        PathBuf::from("in.csv"),
+        PathBuf::from("./in.csv"),
+        input.clone(),
+    ];
+    if cfg!(unix) {
+        spellings.push(PathBuf::from("link.csv"));
+    }
+    for output in &spellings {
+        for extra in [&[][..], &["--overwrite"][..]] {
+            let err = run_err(&mut predict(&missing, output, extra));
+            assert!(
+                err.contains("--input") && err.contains(&output.display().to_string()),
+                "{output:?} {extra:?}: {err}"
+            );
+            assert!(!err.contains("no-such-model"), "{err}");
+            assert_eq!(std::fs::read(&input).unwrap(), original);
+        }
+    }
+    // Another existing file: refused without --overwrite.
+    let other = dir.join("predictions.csv");
+    std::fs::write(&other, "keep me").unwrap();
+    let err = run_err(&mut predict(&missing, &other, &[]));
+    assert!(
+        err.contains(&other.display().to_string()) && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "keep me");
+
+    // With --overwrite it is replaced, and nothing temporary is left beside it.
+    let model = dir.join("ft");
+    run_ok(&mut tiny_finetune(&model, &[]));
+    run_ok(&mut predict(&model, &other, &["--overwrite"]));
+    let predicted = read_labelled_csv(&other, "text", Some("predicted"), None).unwrap();
+    assert_eq!(predicted.len(), 24);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("predictions"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["predictions.csv"]);
+    assert_eq!(std::fs::read(&input).unwrap(), original);
+}

@@ -69,11 +69,8 @@ pub enum DataError {
         total: u64,
     },
     /// `prepare` will not replace something that it did not write itself.
-    #[error(
-        "{}: exists and is not a prepared data directory (no manifest.json); refusing to overwrite it",
-        path.display()
-    )]
-    OutputExists { path: PathBuf },
+    #[error("{}: {reason}; refusing to overwrite it", path.display())]
+    OutputExists { path: PathBuf, reason: String },
     #[error("invalid option {option}: {message}")]
     InvalidOption {
         option: &'static str,

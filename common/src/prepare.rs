@@ -180,19 +180,65 @@ fn check_options(opts: &PrepareOptions) -> Result<(), DataError> {
 
 /// Only a missing path, an empty directory or an earlier prepared directory may be replaced.
 fn check_output(output: &Path) -> Result<(), DataError> {
-    if !output.exists() || output.join(MANIFEST_FILE).is_file() {
-        return Ok(());
-    }
-    let empty_dir = fs::read_dir(output)
-        .map(|mut entries| entries.next().is_none())
-        .unwrap_or(false);
-    if empty_dir {
-        Ok(())
-    } else {
+    let refuse = |reason: String| {
         Err(DataError::OutputExists {
             path: output.to_path_buf(),
+            reason,
         })
+    };
+    if !output.exists() {
+        return Ok(());
     }
+    if !output.is_dir() {
+        return refuse("exists and is not a directory".to_owned());
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(output).map_err(DataError::io(output))? {
+        let entry = entry.map_err(DataError::io(output))?;
+        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        names.push((entry.file_name().to_string_lossy().into_owned(), is_file));
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !names.iter().any(|(n, f)| *f && n == MANIFEST_FILE) {
+        return refuse(format!(
+            "exists and is not a prepared data directory (no {MANIFEST_FILE})"
+        ));
+    }
+    // A prepared directory is replaced whole, so it may hold nothing but what prepare writes.
+    let mut foreign: Vec<&str> = names
+        .iter()
+        .filter(|(n, f)| !(*f && is_prepared_file(n)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort_unstable();
+    let more = if foreign.len() > 3 { ", …" } else { "" };
+    refuse(format!(
+        "is a prepared data directory that also holds {}{more}, which prepare did not write \
+         (replacing the directory would delete it)",
+        foreign[..foreign.len().min(3)].join(", ")
+    ))
+}
+
+/// The names `prepare` gives its files: the manifest, the tokenizer, and per split
+/// `<split>-NNNNN.bin` shards and a `<split>.idx` index.
+fn is_prepared_file(name: &str) -> bool {
+    let split_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric());
+    if name == MANIFEST_FILE || name == TOKENIZER_FILE {
+        return true;
+    }
+    if let Some(split) = name.strip_suffix(".idx") {
+        return split_name(split);
+    }
+    name.strip_suffix(".bin")
+        .and_then(|s| s.rsplit_once('-'))
+        .is_some_and(|(split, n)| {
+            split_name(split) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+        })
 }
 
 struct InputFile {
@@ -490,6 +536,29 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepared_file_names() {
+        for ours in [
+            "manifest.json",
+            "tokenizer.json",
+            "train-00000.bin",
+            "val-00012.bin",
+            "val.idx",
+        ] {
+            assert!(is_prepared_file(ours), "{ours}");
+        }
+        for theirs in [
+            "notes.txt",
+            "train.bin",
+            "train-.bin",
+            "train-0a.bin",
+            ".idx",
+            "book.txt",
+        ] {
+            assert!(!is_prepared_file(theirs), "{theirs}");
+        }
+    }
 
     /// The train/val assignment is part of the data format: pin it so it cannot change by
     /// accident. (Values computed independently, in Python.)

@@ -495,6 +495,51 @@ fn refuses_to_overwrite_other_directories() {
     assert!(empty.join("manifest.json").is_file());
 }
 
+/// Issue 22: a prepared directory that also holds files `prepare` did not write (notes, the
+/// corpus itself, a subdirectory) is not replaced: everything in it stays. Re-preparing a
+/// directory that holds only prepare's own files still replaces it.
+#[test]
+fn refuses_to_replace_a_prepared_directory_holding_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(tmp.path());
+    let out = tmp.path().join("prepared");
+    prepare(&options(&corpus, &out)).unwrap();
+    prepare(&options(&corpus, &out)).unwrap();
+    let manifest = fs::read(out.join("manifest.json")).unwrap();
+    for foreign in ["notes.txt", "more-corpus"] {
+        let path = out.join(foreign);
+        if foreign.contains('.') {
+            fs::write(&path, "keep me").unwrap();
+        } else {
+            fs::create_dir(&path).unwrap();
+            fs::write(path.join("book.txt"), "keep me").unwrap();
+        }
+        let mut opts = options(&corpus, &out);
+        opts.seed = 4;
+        let err = prepare(&opts).unwrap_err();
+        assert!(matches!(err, DataError::OutputExists { .. }), "{err:?}");
+        assert_error_names(&err, &out);
+        assert!(err.to_string().contains(foreign), "{err}");
+        assert_eq!(fs::read(out.join("manifest.json")).unwrap(), manifest);
+        if foreign.contains('.') {
+            assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
+            fs::remove_file(&path).unwrap();
+        } else {
+            assert_eq!(
+                fs::read_to_string(path.join("book.txt")).unwrap(),
+                "keep me"
+            );
+            fs::remove_dir_all(&path).unwrap();
+        }
+    }
+    // A file where the directory should be is refused too, and kept.
+    let file = tmp.path().join("file");
+    fs::write(&file, "keep me").unwrap();
+    let err = prepare(&options(&corpus, &file)).unwrap_err();
+    assert!(matches!(err, DataError::OutputExists { .. }), "{err:?}");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
+}
+
 #[test]
 fn invalid_options_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();

@@ -68,24 +68,52 @@ pub fn write_verified_dir(
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
-    write_files(&tmp)?;
+    let built = fill_verified(&tmp, write_files);
+    if built.is_err() {
+        // Best effort: the build's error is what matters.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built?;
+    if !dest.exists() {
+        std::fs::rename(&tmp, dest).map_err(|e| EngineError::io(dest, e))?;
+        return sync_dir(root);
+    }
+    // The old directory stays until the new one is in place: set aside, the new one renamed
+    // in (the old one put back if that fails), and only then removed.
+    let old = root.join(format!(".{name}.old-{}", std::process::id()));
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| EngineError::io(&old, e))?;
+    }
+    std::fs::rename(dest, &old).map_err(|e| EngineError::io(dest, e))?;
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        let _ = std::fs::rename(&old, dest);
+        return Err(EngineError::io(dest, e));
+    }
+    sync_dir(root)?;
+    // Best effort: the new directory is in place; a hidden leftover harms nothing.
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Fills `tmp` with `write_files`, then adds `checksums.json`; every file (copies such as
+/// `tokenizer.json` included) and the directory itself are flushed to disk.
+fn fill_verified(tmp: &Path, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    write_files(tmp)?;
     let mut sums = BTreeMap::new();
-    for entry in std::fs::read_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))? {
-        let path = entry.map_err(|e| EngineError::io(&tmp, e))?.path();
+    for entry in std::fs::read_dir(tmp).map_err(|e| EngineError::io(tmp, e))? {
+        let path = entry.map_err(|e| EngineError::io(tmp, e))?.path();
         let file = path
             .file_name()
             .expect("entry has a name")
             .to_string_lossy()
             .into_owned();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| EngineError::io(&path, e))?;
         sums.insert(file, sha256_file(&path)?);
     }
     write_json(&tmp.join(CHECKSUMS_FILE), &sums)?;
-    sync_dir(&tmp)?;
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| EngineError::io(dest, e))?;
-    }
-    std::fs::rename(&tmp, dest).map_err(|e| EngineError::io(dest, e))?;
-    sync_dir(root)
+    sync_dir(tmp)
 }
 
 /// Completed checkpoints of a run, oldest first.
@@ -158,4 +186,45 @@ pub fn verify(dir: &Path) -> Result<()> {
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     read_json(&dir.join(STATE_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Issue 22: the old directory stays until the new one is complete; a failed build leaves
+    /// it as it was and nothing temporary beside it.
+    #[test]
+    fn write_verified_dir_replaces_only_when_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("model");
+        write_verified_dir(&dest, |d| {
+            crate::fsutil::write_atomic(&d.join("a.bin"), b"old")
+        })
+        .unwrap();
+        let err = write_verified_dir(&dest, |d| {
+            crate::fsutil::write_atomic(&d.join("a.bin"), b"new")?;
+            Err(EngineError::file(d, "failed halfway"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("failed halfway"), "{err}");
+        assert_eq!(std::fs::read(dest.join("a.bin")).unwrap(), b"old");
+        assert_eq!(names(tmp.path()), ["model"]);
+        write_verified_dir(&dest, |d| {
+            crate::fsutil::write_atomic(&d.join("b.bin"), b"new")
+        })
+        .unwrap();
+        assert_eq!(names(&dest), ["b.bin", CHECKSUMS_FILE]);
+        verify(&dest).unwrap();
+        assert_eq!(names(tmp.path()), ["model"]);
+    }
 }

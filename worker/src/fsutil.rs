@@ -26,7 +26,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         EngineError::io(path, e)
-    })
+    })?;
+    // The rename itself, made durable. Best effort: some file systems cannot sync a directory,
+    // and the new file is complete either way.
+    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    Ok(())
+}
+
+/// Whether `a` and `b` name one existing file: the same path however spelled (`./x` and `x`),
+/// through symlinks, or (on Unix) hard links to one inode. A path not there yet is no file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ca), Ok(cb)) = (a.canonicalize(), b.canonicalize()) else {
+        return false;
+    };
+    if ca == cb {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(&ca), std::fs::metadata(&cb)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    false
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -59,4 +82,52 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| EngineError::file(path, e))?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn same_file_sees_through_spellings_and_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a.csv");
+        std::fs::write(&a, "x").unwrap();
+        assert!(same_file(&a, &a));
+        assert!(same_file(&a, &tmp.path().join(".").join("a.csv")));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&a, tmp.path().join("link.csv")).unwrap();
+            assert!(same_file(&a, &tmp.path().join("link.csv")));
+            std::fs::hard_link(&a, tmp.path().join("hard.csv")).unwrap();
+            assert!(same_file(&a, &tmp.path().join("hard.csv")));
+        }
+        std::fs::write(tmp.path().join("b.csv"), "x").unwrap();
+        assert!(!same_file(&a, &tmp.path().join("b.csv")));
+        // A file not there yet is no other file.
+        assert!(!same_file(&a, &tmp.path().join("new.csv")));
+        assert!(!same_file(&tmp.path().join("new.csv"), &a));
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temporary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("out.csv");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(names(tmp.path()), ["out.csv"]);
+        // Into a missing directory: an error naming the file, nothing written.
+        let err = write_atomic(&tmp.path().join("missing/out.csv"), b"x").unwrap_err();
+        assert!(err.to_string().contains("missing/out.csv"), "{err}");
+    }
 }

@@ -170,7 +170,12 @@ impl Split {
         })?;
         json.push('\n');
         let tmp = temporary_sibling(path);
-        fs::write(&tmp, json).map_err(DataError::io(&tmp))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, json.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(DataError::io(&tmp))?;
         fs::rename(&tmp, path).map_err(DataError::io(path))
     }
 

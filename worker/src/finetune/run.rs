@@ -5,12 +5,12 @@
 use super::classifier::{Classifier, Pooling, TextBatch};
 use super::encode::TextEncoder;
 use super::saved::{self, FinetuneInfo};
-use crate::checkpoint::{MODEL_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{write_atomic, write_json};
 use crate::models::{ModelConfig, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::pretrained::open_model_dir;
+use crate::pretrained::{load_tokenizer_for, open_model_dir};
 use crate::{runtime, weights};
 use ferry_common::sampler::{mix_seed, shuffle};
 use ferry_common::textcls::recipe::{
@@ -60,6 +60,10 @@ pub struct FinetuneConfig {
     pub text_column: String,
     pub label_column: String,
     pub output: PathBuf,
+    /// Replace what an earlier run left in `output` (as `overwrite_output_dir` in
+    /// `transformers`); without it a directory that holds anything is refused.
+    #[serde(default)]
+    pub overwrite: bool,
     /// Reuse this split instead of making one.
     pub split_file: Option<PathBuf>,
     /// Train on a stratified, seeded subset of this many training texts (a learning curve);
@@ -142,7 +146,9 @@ struct Start {
     name: String,
 }
 
-fn open_source(source: &Source) -> Result<Start> {
+/// Opens the source model directory; refuses one whose tokenizer has ids past its vocabulary
+/// or whose positions are fewer than `max_len` (texts that long would index past the table).
+fn open_source(source: &Source, max_len: usize) -> Result<Start> {
     let (dir, pretrained) = match source {
         Source::Pretrained(d) => (d, true),
         Source::ScratchLike(d) => (d, false),
@@ -154,6 +160,19 @@ fn open_source(source: &Source) -> Result<Start> {
             &tokenizer,
             "missing: fine-tuning needs the model's tokenizer.json",
         ));
+    }
+    load_tokenizer_for(&dir, &config)?;
+    if max_len as i64 > config.context() {
+        return Err(EngineError::Config {
+            field: "max_len".into(),
+            message: format!(
+                "--max-len {max_len} is longer than the model's {} ({}) in {}; use at most {}",
+                config.context_field(),
+                config.context(),
+                dir.join(crate::checkpoint::CONFIG_FILE).display(),
+                config.context()
+            ),
+        });
     }
     Ok(Start {
         config,
@@ -196,6 +215,9 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     runtime::configure_threads(cfg.threads);
     let device = runtime::select_device(&cfg.device)?;
     check(cfg)?;
+    // The model first: one that cannot start the run is refused before the output is made.
+    let start = open_source(&cfg.source, cfg.max_len)?;
+    check_output(&cfg.output, cfg.overwrite)?;
     std::fs::create_dir_all(&cfg.output).map_err(|e| EngineError::io(&cfg.output, e))?;
 
     // Data: the CSV by header names, and a stratified split kept next to the report.
@@ -227,7 +249,6 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     );
 
     // Model: the body from the source (or fresh), a fresh head.
-    let start = open_source(&cfg.source)?;
     let family = start.config.family();
     let pooling = cfg.pooling.unwrap_or(Pooling::default_for(family));
     tch::manual_seed(mix_seed(&[cfg.seed, 0xF17E]) as i64 & i64::MAX);
@@ -493,6 +514,59 @@ fn check(cfg: &FinetuneConfig) -> Result<()> {
         return bad("dropout", format!("must be in [0, 1), got {}", cfg.dropout));
     }
     Ok(())
+}
+
+/// What a run writes into its output directory; with `--overwrite` these are replaced and
+/// anything else there is kept.
+const OUTPUTS: [&str; 4] = [SPLIT_FILE, REPORT_JSON, REPORT_SVG, MODEL_DIR];
+
+/// Nothing a user made is lost: an output directory that holds anything (an earlier run, a
+/// model directory, other files) is refused unless `overwrite`; an empty one is fine.
+fn check_output(output: &Path, overwrite: bool) -> Result<()> {
+    let entries = match std::fs::read_dir(output) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(_) if output.exists() && !output.is_dir() => {
+            return Err(EngineError::file(
+                output,
+                "exists and is not a directory; choose another --output",
+            ))
+        }
+        Err(e) => return Err(EngineError::io(output, e)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || overwrite {
+        return Ok(());
+    }
+    names.sort();
+    let ours: Vec<&str> = OUTPUTS
+        .into_iter()
+        .filter(|o| names.iter().any(|n| n == o))
+        .collect();
+    let what = if !ours.is_empty() {
+        format!(
+            "holds an earlier fine-tuning's output ({})",
+            ours.join(", ")
+        )
+    } else if names.iter().any(|n| n == CONFIG_FILE || n == MODEL_FILE) {
+        "is a model directory".to_string()
+    } else {
+        let more = if names.len() > 3 { ", …" } else { "" };
+        format!(
+            "is not empty ({}{more})",
+            names[..names.len().min(3)].join(", ")
+        )
+    };
+    Err(EngineError::file(
+        output,
+        format!(
+            "{what}; refusing to overwrite it: choose another --output, or pass --overwrite to \
+             replace split.json, report.json, report.svg and model/ there (other files are kept)"
+        ),
+    ))
 }
 
 /// Gradual unfreezing: which groups train at `step`. A group thaws with a fresh optimizer
