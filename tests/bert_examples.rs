@@ -73,7 +73,19 @@ fn masking_rule_holds_statistically() {
             let expect = i64::from(i > first_sep && i < real);
             assert_eq!(t, expect, "#{} token_type_ids[{i}]", e.index);
         }
-        candidates += real - 3;
+        // The rule draws from the segments' non-special tokens (WikiText's `<unk>` is [UNK]);
+        // a chosen position's original token is its label.
+        candidates += (1..real - 1)
+            .filter(|&i| i != first_sep)
+            .filter(|&i| {
+                let original = if e.mlm_labels[i] == IGNORE_LABEL {
+                    e.input_ids[i]
+                } else {
+                    e.mlm_labels[i]
+                };
+                !specials.contains(&original)
+            })
+            .count();
         let labelled = e.mlm_labels.iter().filter(|&&l| l != IGNORE_LABEL).count();
         assert_eq!(labelled, e.masked.len());
         chosen += labelled;

@@ -337,9 +337,15 @@ impl PairBuilder {
         types.resize(l, 0);
         attention.resize(l, 0);
 
-        // Candidates: every token of A and B, never [CLS], [SEP] or padding.
+        // Candidates: every token of A and B, never [CLS], [SEP] or padding, and never a
+        // special token inside a segment (WikiText's `<unk>` is [UNK]): predicting "a word
+        // nobody knows" teaches nothing, and `transformers`' collator leaves it out too.
         let mut candidates: Vec<u32> = (1..=a.len() as u32)
             .chain((a.len() as u32 + 2)..(real as u32 - 1))
+            .filter(|&pos| {
+                let id = ids[pos as usize];
+                u32::try_from(id).map_or(true, |id| self.special_sorted.binary_search(&id).is_err())
+            })
             .collect();
         let n = candidates.len();
         let chosen = ((self.rule.select * n as f64).round() as usize).clamp(1, n.max(1));
