@@ -588,7 +588,9 @@ fn wikitext_unk_is_the_unknown_token_for_every_kind() {
         let mut tokens = Vec::new();
         for split in manifest.splits.keys() {
             let reader = TokenSplit::open(&out, split, true).unwrap();
-            reader.tokens(0, reader.len_tokens() as usize, &mut tokens).unwrap();
+            reader
+                .tokens(0, reader.len_tokens() as usize, &mut tokens)
+                .unwrap();
             count += tokens.iter().filter(|&&t| t == i64::from(unk)).count();
         }
         assert_eq!(count, 15, "{kind}: every <unk> is one unknown-token id");

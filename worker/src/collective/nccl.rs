@@ -222,9 +222,10 @@ impl StreamMarker for NcclStreamMarker {
     fn mark(&self) -> Result<StreamMark, CollectiveError> {
         // record_event makes the device's context current on this thread first; it is the
         // primary context libtorch's kernels run in.
-        let event = self.stream.record_event(None).map_err(|e| {
-            cuda_err("overlapped all_reduce_sum", "marking a bucket ready", e)
-        })?;
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| cuda_err("overlapped all_reduce_sum", "marking a bucket ready", e))?;
         Ok(StreamMark::new(event))
     }
 }
@@ -1471,7 +1472,8 @@ mod tests {
         let mut t = t.reshape([-1]);
         let marker = nccl.stream_marker().expect("NCCL marks its stream");
         let mark = marker.mark().expect("a mark");
-        nccl.all_reduce_sum_after(&mut t, &mark).expect("the overlapped sum");
+        nccl.all_reduce_sum_after(&mut t, &mark)
+            .expect("the overlapped sum");
         let max_error = (t - 1.0).abs().max().double_value(&[]);
         assert!(max_error < 1e-3, "{max_error}");
         let mut other = Tensor::ones([4], (Kind::Float, device));
