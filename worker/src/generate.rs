@@ -44,13 +44,9 @@ pub fn generate(
                 .get(0)
                 .get(window.len() as i64 - 1)
                 .to_kind(Kind::Float);
-            let next = if out.len() < cfg.min_new_tokens && stop_token.is_some() {
-                let mut early = cfg.clone();
-                early.suppress.extend(stop_token);
-                pick(&logits, &early)
-            } else {
-                pick(&logits, cfg)
-            };
+            // Before min_new_tokens the stop token is suppressed too.
+            let too_early = stop_token.filter(|_| out.len() < cfg.min_new_tokens);
+            let next = pick(&logits, cfg, too_early);
             tokens.push(next);
             out.push(next);
             if Some(next) == stop_token {
@@ -68,13 +64,15 @@ pub const GREEDY_BELOW: f64 = 1e-4;
 
 /// One token from the logits. Never panics on odd settings: a tiny or NaN temperature is
 /// greedy, an infinite one uniform, the most likely token always stays in the nucleus
-/// (whatever `top_p`), and if nothing is left to sample the choice is greedy.
-fn pick(logits: &Tensor, cfg: &SamplingConfig) -> i64 {
+/// (whatever `top_p`), and if nothing is left to sample the choice is greedy. `also` is
+/// suppressed with `cfg.suppress`.
+fn pick(logits: &Tensor, cfg: &SamplingConfig, also: Option<i64>) -> i64 {
     let vocab = logits.size()[0];
     let suppress: Vec<i64> = cfg
         .suppress
         .iter()
         .copied()
+        .chain(also)
         .filter(|&id| (0..vocab).contains(&id))
         .collect();
     let logits = if suppress.is_empty() {
@@ -137,8 +135,10 @@ mod tests {
     fn a_suppressed_token_is_never_picked() {
         // Token 2 (think `<unk>`) dominates; 0, 1 and 3 share what is left.
         let logits = Tensor::from_slice(&[1.0f32, 1.0, 8.0, 0.5]);
-        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![])), 2);
-        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![2])), 0);
+        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![]), None), 2);
+        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![2]), None), 0);
+        // `also` (the stop token before --min-new-tokens) is suppressed the same way.
+        assert_eq!(pick(&logits, &sampling(0.0, 0, 1.0, vec![]), Some(2)), 0);
         tch::manual_seed(11);
         for cfg in [
             sampling(1.0, 0, 1.0, vec![2]),
@@ -148,13 +148,13 @@ mod tests {
             sampling(1.0, 0, 1.0, vec![2, 99, -1]),
         ] {
             for _ in 0..300 {
-                let next = pick(&logits, &cfg);
+                let next = pick(&logits, &cfg, None);
                 assert!((0..4).contains(&next) && next != 2, "{next}");
             }
         }
         // Without suppression the same sampling does pick it: the test can fail.
         let free = sampling(1.0, 0, 1.0, vec![]);
-        assert!((0..50).any(|_| pick(&logits, &free) == 2));
+        assert!((0..50).any(|_| pick(&logits, &free, None) == 2));
     }
 
     /// Settings that once made `multinomial` panic pick a token instead: a temperature so
@@ -173,16 +173,16 @@ mod tests {
         ] {
             for top_k in [0, 2] {
                 let cfg = sampling(temperature, top_k, top_p, vec![]);
-                assert_eq!(pick(&logits, &cfg), 2, "{cfg:?}");
+                assert_eq!(pick(&logits, &cfg, None), 2, "{cfg:?}");
             }
         }
         // Infinite temperature: uniform over the tokens not suppressed.
         let hot = sampling(f64::INFINITY, 0, 1.0, vec![2]);
         for _ in 0..100 {
-            let next = pick(&logits, &hot);
+            let next = pick(&logits, &hot, None);
             assert!([0, 1, 3].contains(&next), "{next}");
         }
         let nothing_left = sampling(1.0, 0, 0.5, vec![0, 1, 2, 3]);
-        assert!((0..4).contains(&pick(&logits, &nothing_left)));
+        assert!((0..4).contains(&pick(&logits, &nothing_left, None)));
     }
 }
