@@ -382,26 +382,9 @@ fn a_windows_1252_csv_finetunes_with_encoding() {
         .0
         .contains("It’s the ‘worst’ delay:\r\nthree hours, €120"));
 
-    // A tiny model whose tokenizer was trained on the same file, read the same way.
-    let prepared = dir.join("prepared");
-    run_ok(
-        ferry()
-            .args(["prepare", "--no-progress", "--encoding", "windows-1252"])
-            .args(["--vocab-size", "300", "--input"])
-            .arg(&csv)
-            .arg("--output")
-            .arg(&prepared),
-    );
-    let run = dir.join("run");
-    run_ok(
-        ferry()
-            .args(["train", "--no-progress", "--threads", "2"])
-            .args(TWO_STEP_RUN)
-            .arg("--data")
-            .arg(&prepared)
-            .arg("--run-dir")
-            .arg(&run),
-    );
+    // A tiny model whose tokenizer was trained on the same bytes, read the same way
+    // (`prepare --encoding windows-1252`, then two training steps).
+    let (_, run) = tiny_run();
 
     let finetune_cmd = |out: &Path, encoding: &[&str]| {
         let mut cmd = ferry();

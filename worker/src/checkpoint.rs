@@ -192,14 +192,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 mod tests {
     use super::*;
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
+    use crate::fsutil::tests::names;
 
     /// Issue 22: the old directory stays until the new one is complete; a failed build leaves
     /// it as it was and nothing temporary beside it.
