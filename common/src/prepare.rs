@@ -382,11 +382,12 @@ impl Encoder {
     fn encode(&self, doc: &Document) -> Result<(Vec<u32>, Vec<u64>), DataError> {
         let rewritten: Vec<String>;
         let lines = match self.unknown {
-            Some((from, to)) => {
+            // Most documents (every book) hold no `<unk>`: no copy for them.
+            Some((from, to)) if doc.lines.iter().any(|l| l.contains(from)) => {
                 rewritten = doc.lines.iter().map(|l| l.replace(from, to)).collect();
                 &rewritten
             }
-            None => &doc.lines,
+            _ => &doc.lines,
         };
         let text = lines.join("\n");
         let encoding = self
