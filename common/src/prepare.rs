@@ -17,7 +17,7 @@ use crate::shards::{
     MANIFEST_FILE, TOKENIZER_FILE, VERSION,
 };
 use crate::tokenizer::{
-    load_tokenizer, save_tokenizer, train_tokenizer, TokenizerKind, GPT_UNK_TOKEN,
+    load_tokenizer, save_tokenizer, token_id_count, train_tokenizer, TokenizerKind, GPT_UNK_TOKEN,
 };
 use crate::DataError;
 
@@ -361,13 +361,7 @@ impl Encoder {
         let eos = tokenizer.token_to_id(end).ok_or_else(|| {
             DataError::tokenizer(path, format!("has no {end} token to end documents"))
         })?;
-        // Ids run below this. It is the entry count for trained tokenizers, but a loaded one
-        // may have gaps in its ids.
-        let vocab_size = tokenizer
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&id| id as usize + 1);
+        let vocab_size = token_id_count(&tokenizer);
         let unknown = unknown_rewrite(kind);
         Ok(Encoder {
             tokenizer,

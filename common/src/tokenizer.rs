@@ -143,6 +143,17 @@ impl FromStr for TokenizerKind {
     }
 }
 
+/// How many ids a tokenizer's vocabulary spans (its largest id + 1, special tokens included):
+/// the entry count for a trained tokenizer, more when a loaded one has gaps in its ids. A model
+/// needs an embedding row for each.
+pub fn token_id_count(tokenizer: &Tokenizer) -> usize {
+    tokenizer
+        .get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&id| id as usize + 1)
+}
+
 /// Trains a tokenizer of `kind` on the documents' text. The result depends only on the
 /// documents and the settings, not on thread timing.
 pub fn train_tokenizer(

@@ -6,6 +6,7 @@ use crate::error::{EngineError, Result};
 use crate::fsutil::read_json;
 use crate::models::{Model, ModelConfig, ParamStore};
 use crate::weights;
+use ferry_common::tokenizer::token_id_count;
 use std::path::{Path, PathBuf};
 use tch::Device;
 use tokenizers::Tokenizer;
@@ -32,15 +33,6 @@ pub fn open_model_dir(dir: &Path) -> Result<(PathBuf, ModelConfig)> {
     Ok((dir, config))
 }
 
-/// How many token ids `tokenizer` can produce: one past its largest id, added tokens included.
-pub fn token_id_count(tokenizer: &Tokenizer) -> i64 {
-    tokenizer
-        .get_vocab(true)
-        .values()
-        .max()
-        .map_or(0, |&id| i64::from(id) + 1)
-}
-
 /// Refuses a tokenizer with ids the model has no embedding row for (they would fail deep in
 /// libtorch, or only for some texts), naming both files and both numbers.
 pub fn check_tokenizer_fits(
@@ -49,7 +41,7 @@ pub fn check_tokenizer_fits(
     config: &ModelConfig,
     config_path: &Path,
 ) -> Result<()> {
-    let ids = token_id_count(tokenizer);
+    let ids = token_id_count(tokenizer) as i64;
     if ids > config.vocab_size() {
         return Err(EngineError::file(
             tokenizer_path,

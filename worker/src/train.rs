@@ -459,7 +459,8 @@ impl Engine {
         let mut mc = cfg.model_config(manifest.vocab_size as i64)?;
         // An override below the data's vocabulary leaves ids without an embedding row, which
         // libtorch finds only mid-step (a larger one pads the table, as GPT-2's 50304 does).
-        let ids = crate::pretrained::token_id_count(&tokenizer).max(manifest.vocab_size as i64);
+        let ids = (ferry_common::tokenizer::token_id_count(&tokenizer) as i64)
+            .max(manifest.vocab_size as i64);
         if mc.vocab_size() < ids {
             return Err(EngineError::Config {
                 field: "vocab_size".into(),
