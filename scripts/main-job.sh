@@ -2,21 +2,28 @@
 # The main job: prepare the corpora, pretrain a small GPT-2 for a few minutes with a coordinator
 # and two worker processes (data-parallel over a TCP/shared-memory ring), sample from it, then
 # fine-tune the checkpoint on Twitter US Airline Sentiment and classify two new tweets.
-# Data comes from $FERRY_DATA_DIR (default ../shared/data). FERRY_MAIN_STEPS and
+# Data comes from $FERRY_DATA_DIR (default ../shared/data), fetched when absent. FERRY_MAIN_STEPS and
 # FERRY_FINETUNE_STEPS shorten the two training stages (for a quick check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
-data=${FERRY_DATA_DIR:-../shared/data}
 ferry=target/release/ferry
 run=runs/gpt2-mini                        # job.run_dir in jobs/gpt2-mini-wikitext.toml
 prepared=data-prepared/wikitext-books     # data.shards in the job file
-for d in "$data/wikitext" "$data/books"; do
-    [ -d "$d" ] || { echo "error: $d not found: set FERRY_DATA_DIR (see README, 'Data')" >&2; exit 1; }
-done
+
+# The data: $FERRY_DATA_DIR, else ../shared/data beside the checkout. Where neither holds the
+# corpora, `ferry data fetch` downloads them (checked against pinned digests) into
+# $FERRY_DATA_DIR, else into data/ in the checkout; it resumes if cut off, and does nothing
+# once they are in place.
+has_data() { [ -d "$1/wikitext" ] && [ -d "$1/books" ] && [ -f "$1/airline/Tweets.csv" ]; }
+data=${FERRY_DATA_DIR:-../shared/data}
+if ! has_data "$data" || [ -d "$data/.ferry-fetch" ]; then
+    [ -n "${FERRY_DATA_DIR:-}" ] || has_data "$data" || data=data
+    echo "== fetch the corpora into $data"
+    $ferry data fetch --data-dir "$data"
+fi
 airline=$data/airline/Tweets.csv
-[ -f "$airline" ] || { echo "error: $airline not found: set FERRY_DATA_DIR (see README, 'Data')" >&2; exit 1; }
 
 echo "== prepare: tokenizer + shards from $data/wikitext and $data/books"
 $ferry prepare --input "$data/wikitext" "$data/books" --output "$prepared"

@@ -38,6 +38,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Download the public corpora (WikiText-103, Gutenberg books, airline tweets), checked
+    /// against pinned digests, into the data directory.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Tokenize corpora (WikiText files, plain-text books, a labelled CSV's texts) into token shards.
     Prepare(PrepareArgs),
     /// Pretrain a model in this process.
@@ -300,6 +304,12 @@ struct GenerateArgs {
 }
 
 #[derive(Subcommand)]
+enum DataCommand {
+    /// Download, check and unpack the corpora; resumable, and a no-op when they are in place.
+    Fetch(ferry_fetch::cli::FetchArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// GPT-2 training tokens/s on random tokens, as shared/bench/torch_gpt2_bench.py measures it.
     Train(BenchTrainArgs),
@@ -414,6 +424,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => cluster::run_status(a)?,
         Command::Scale(a) => cluster::run_scale(a)?,
         Command::Stop(a) => cluster::run_stop(a)?,
+        Command::Data(DataCommand::Fetch(a)) => ferry_fetch::cli::run(a)?,
         Command::HelpJson => {
             let spec = cli_spec::dump(<Cli as clap::CommandFactory>::command());
             println!("{}", serde_json::to_string_pretty(&spec)?);

@@ -149,3 +149,16 @@ pub fn series(records: &[serde_json::Value], kind: &str, field: &str) -> Vec<(u6
         .filter_map(|r| Some((r["step"].as_u64()?, r[field].as_f64()?)))
         .collect()
 }
+
+/// The names in a directory, sorted (empty when it does not exist).
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
