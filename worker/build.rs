@@ -5,11 +5,12 @@ fn main() {
     compile_shims();
 }
 
-/// Builds csrc/*.cpp (bf16 autocast, gradient-ready hooks) against the libtorch headers tch
+/// Builds csrc/*.cpp (bf16 autocast, gradient-ready hooks, fused AdamW) against the libtorch headers tch
 /// uses.
 fn compile_shims() {
     println!("cargo:rerun-if-changed=csrc/autocast_bf16.cpp");
     println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
@@ -27,5 +28,6 @@ fn compile_shims() {
         ))
         .file("csrc/autocast_bf16.cpp")
         .file("csrc/grad_hooks.cpp")
+        .file("csrc/fused_adamw.cpp")
         .compile("ferry_shims");
 }

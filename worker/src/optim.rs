@@ -1,12 +1,31 @@
 //! AdamW (Loshchilov & Hutter), written out in tensor ops so its state can be checkpointed
 //! and restored bit for bit; tch's wrapped C++ optimizers do not expose their state.
-//! The update is PyTorch's single-tensor AdamW, its default on CPU.
+//! The update is libtorch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`), with
+//! PyTorch's single-tensor update written out for tensors the kernel does not take.
 
 use crate::error::{EngineError, Result};
 use crate::models::ParamStore;
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::path::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn ferry_fused_adamw(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        steps: *const *mut c_void,
+        n: i64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> i32;
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWConfig {
@@ -68,6 +87,80 @@ impl AdamW {
 
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
+        if !self.fused_step(lr) {
+            self.single_tensor_step(lr);
+        }
+    }
+
+    /// libtorch's fused AdamW over the parameters that have gradients, one call for those with
+    /// weight decay and one for those without. Returns false, having changed nothing, when
+    /// the tensors are not what the fused kernel takes (float32, contiguous, one device).
+    fn fused_step(&mut self, lr: f64) -> bool {
+        let c = self.config;
+        let with_grad: Vec<(&Slot, Tensor)> = self
+            .slots
+            .iter()
+            .map(|s| (s, s.param.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect();
+        let Some((first, _)) = with_grad.first() else {
+            return true;
+        };
+        let device = first.param.device();
+        let fits =
+            |t: &Tensor| t.kind() == Kind::Float && t.is_contiguous() && t.device() == device;
+        if !with_grad
+            .iter()
+            .all(|(s, g)| fits(&s.param) && fits(g) && fits(&s.exp_avg) && fits(&s.exp_avg_sq))
+        {
+            return false;
+        }
+        let step = Tensor::from(self.steps as f32).to_device(device);
+        for decay in [true, false] {
+            let group: Vec<&(&Slot, Tensor)> =
+                with_grad.iter().filter(|(s, _)| s.decay == decay).collect();
+            if group.is_empty() {
+                continue;
+            }
+            // The kernel writes through these (the parameters and moments, in place).
+            let ptrs = |f: &dyn Fn(&(&Slot, Tensor)) -> *const C_tensor| -> Vec<*mut c_void> {
+                group.iter().map(|e| f(e) as *mut c_void).collect()
+            };
+            let params = ptrs(&|(s, _)| s.param.as_ptr());
+            let grads = ptrs(&|(_, g)| g.as_ptr());
+            let exp_avgs = ptrs(&|(s, _)| s.exp_avg.as_ptr());
+            let exp_avg_sqs = ptrs(&|(s, _)| s.exp_avg_sq.as_ptr());
+            let steps = ptrs(&|_| step.as_ptr());
+            let weight_decay = if decay { c.weight_decay } else { 0.0 };
+            // SAFETY: every pointer is a live tch tensor (an at::Tensor*) borrowed for this
+            // call; the shim catches every exception.
+            let rc = unsafe {
+                ferry_fused_adamw(
+                    params.as_ptr(),
+                    grads.as_ptr(),
+                    exp_avgs.as_ptr(),
+                    exp_avg_sqs.as_ptr(),
+                    steps.as_ptr(),
+                    group.len() as i64,
+                    lr,
+                    c.beta1,
+                    c.beta2,
+                    weight_decay,
+                    c.eps,
+                )
+            };
+            // The kernel checks its inputs before it writes, and they were checked above.
+            assert_eq!(
+                rc, 0,
+                "libtorch's fused AdamW refused tensors that passed its checks"
+            );
+        }
+        true
+    }
+
+    /// PyTorch's single-tensor AdamW, written out in tensor ops: for what the fused kernel
+    /// does not take, and as the reference the fused update is tested against.
+    fn single_tensor_step(&mut self, lr: f64) {
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bias2_sqrt = (1.0 - c.beta2.powi(self.steps as i32)).sqrt();
@@ -162,4 +255,74 @@ pub fn clip_grad_norm(ps: &ParamStore, max_norm: f64) -> f64 {
         }
         total
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Two copies of the same parameters (a matrix with weight decay, a vector without), with
+    /// the same gradients each step.
+    fn twin_stores() -> (ParamStore, ParamStore) {
+        tch::manual_seed(7);
+        let mut a = ParamStore::new(Device::Cpu);
+        let _ = a.normal("w", &[64, 48], 0.5);
+        let _ = a.normal("b", &[48], 0.5);
+        let mut b = ParamStore::new(Device::Cpu);
+        for (name, t) in a.named() {
+            let _ = b.register(name.clone(), t.detach().copy().set_requires_grad(true));
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn the_fused_update_matches_the_single_tensor_update() {
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (fused_ps, plain_ps) = twin_stores();
+        let mut fused = AdamW::new(&fused_ps, config);
+        let mut plain = AdamW::new(&plain_ps, config);
+        let initial: Vec<Tensor> = plain_ps
+            .named()
+            .iter()
+            .map(|(_, p)| p.detach().copy())
+            .collect();
+        for step in 0..5 {
+            for ps in [&fused_ps, &plain_ps] {
+                ps.zero_grad();
+                let loss = ps
+                    .named()
+                    .iter()
+                    .map(|(_, p)| (p * p * (step + 1) as f64).sum(Kind::Float))
+                    .fold(Tensor::from(0f32), |acc, x| acc + x);
+                loss.backward();
+            }
+            fused.steps += 1;
+            assert!(
+                fused.fused_step(1e-2),
+                "the fused kernel took float32 CPU tensors"
+            );
+            plain.steps += 1;
+            plain.single_tensor_step(1e-2);
+        }
+        for (((name, f), (_, p)), p0) in fused_ps.named().iter().zip(plain_ps.named()).zip(&initial)
+        {
+            let diff = (f - p).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-6,
+                "{name}: fused and single-tensor differ by {diff}"
+            );
+            let moved = (f - p0).abs().max().double_value(&[]);
+            assert!(moved > 1e-3, "{name} moved only {moved}");
+        }
+        for (a, b) in fused.state_tensors().iter().zip(plain.state_tensors()) {
+            let diff = (&a.1 - &b.1).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{}: {diff}", a.0);
+        }
+    }
 }

@@ -158,7 +158,7 @@ impl Classifier {
         let pooled = match &self.body {
             Body::Bert(bert) => {
                 let types = batch.input_ids.zeros_like();
-                let hidden = bert.encode(
+                let hidden = bert.encode_real(
                     &BertInputs {
                         input_ids: &batch.input_ids,
                         token_type_ids: &types,
@@ -168,8 +168,14 @@ impl Classifier {
                 );
                 bert.pooled(&hidden)
             }
-            Body::Gpt2(m) => self.pool_causal(&m.hidden_states(&batch.input_ids, train), batch),
-            Body::Gpt(m) => self.pool_causal(&m.hidden_states(&batch.input_ids, train), batch),
+            Body::Gpt2(m) => self.pool_causal(
+                &m.hidden_states(&batch.input_ids, Some(&batch.attention_mask), train),
+                batch,
+            ),
+            Body::Gpt(m) => self.pool_causal(
+                &m.hidden_states(&batch.input_ids, Some(&batch.attention_mask), train),
+                batch,
+            ),
         };
         self.head.forward(&pooled.dropout(self.dropout, train))
     }

@@ -328,7 +328,8 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
 
     let mut curves = Curves::default();
     let mut stopping = EarlyStopping::new(cfg.patience, 0.0);
-    let mut best: Option<(u64, Vec<Tensor>)> = None;
+    // The best dev evaluation: its step, its weights and its metrics.
+    let mut best: Option<(u64, Vec<Tensor>, Metrics)> = None;
     let bar = crate::train::progress_bar(progress, total_steps, 0);
     let mut step = 0u64;
     let mut order: Vec<usize> = (0..train.ids.len()).collect();
@@ -382,7 +383,7 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
                     )
                 });
                 if verdict == Verdict::Improved {
-                    best = Some((step, snapshot(&ps)));
+                    best = Some((step, snapshot(&ps), metrics));
                 }
                 if cfg.patience > 0 && verdict == Verdict::Stop {
                     eprintln!(
@@ -396,15 +397,19 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
     }
     bar.finish_and_clear();
 
-    // The kept model: the best dev evaluation's weights, scored on dev and test.
-    let best_step = match best {
-        Some((s, weights)) => {
+    // The kept model: the best dev evaluation's weights, scored on dev and test. Its dev
+    // metrics are those measured when it was kept (evaluation is deterministic), so dev is
+    // not evaluated again.
+    let (best_step, dev_metrics) = match best {
+        Some((s, weights, metrics)) => {
             restore(&ps, &weights);
-            s
+            (s, metrics)
         }
-        None => step,
+        None => (
+            step,
+            evaluate(&model, &dev, &labels, cfg.batch_size, enc.pad_id(), device)?,
+        ),
     };
-    let dev_metrics = evaluate(&model, &dev, &labels, cfg.batch_size, enc.pad_id(), device)?;
     let test_metrics = evaluate(&model, &test, &labels, cfg.batch_size, enc.pad_id(), device)?;
     let info = FinetuneInfo {
         labels: labels.clone(),
@@ -605,7 +610,9 @@ fn thaw(
     }
 }
 
-/// Predicted label indices for encoded texts, in batches.
+/// Label probabilities [texts, labels] for encoded texts, in batches of texts of similar
+/// length (each text's result does not depend on its batch, and sorted batches carry far
+/// less padding), returned in the order of `ids`.
 pub(crate) fn predict_ids(
     model: &Classifier,
     ids: &[Vec<i64>],
@@ -613,10 +620,19 @@ pub(crate) fn predict_ids(
     pad: i64,
     device: Device,
 ) -> Result<Tensor> {
+    if ids.is_empty() {
+        return Ok(Tensor::zeros(
+            [0, model.num_labels],
+            (Kind::Float, Device::Cpu),
+        ));
+    }
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
     let mut probs = Vec::new();
     tch::no_grad(|| {
-        for chunk in ids.chunks(batch_size.max(1)) {
-            let batch = TextBatch::new(chunk, pad, device);
+        for chunk in order.chunks(batch_size.max(1)) {
+            let rows: Vec<Vec<i64>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let batch = TextBatch::new(&rows, pad, device);
             probs.push(
                 model
                     .logits(&batch, false)
@@ -626,13 +642,12 @@ pub(crate) fn predict_ids(
             );
         }
     });
-    if probs.is_empty() {
-        return Ok(Tensor::zeros(
-            [0, model.num_labels],
-            (Kind::Float, Device::Cpu),
-        ));
+    // Row r of the sorted result belongs to text order[r].
+    let mut place = vec![0i64; ids.len()];
+    for (r, &i) in order.iter().enumerate() {
+        place[i] = r as i64;
     }
-    Ok(Tensor::cat(&probs, 0))
+    Ok(Tensor::cat(&probs, 0).index_select(0, &Tensor::from_slice(&place)))
 }
 
 fn evaluate(

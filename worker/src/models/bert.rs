@@ -8,6 +8,7 @@
 //! [out, in]) and `Config` mirrors `BertConfig`, so checkpoints move both ways.
 
 use super::layers::{embedding, Activation, LayerNorm, Linear};
+use super::packing::Packing;
 use super::params::ParamStore;
 use crate::error::{EngineError, Result};
 use serde::{Deserialize, Serialize};
@@ -290,23 +291,40 @@ impl Bert {
             .sum::<i64>()
     }
 
-    /// The encoder's last hidden states [batch, time, hidden].
+    /// The encoder's last hidden states [batch, time, hidden] at every position, padding
+    /// included, as `BertModel` returns them.
     pub fn encode(&self, inputs: &BertInputs, train: bool) -> Tensor {
+        let (b, t) = inputs
+            .input_ids
+            .size2()
+            .expect("input_ids must be [batch, time]");
+        self.encode_packed(inputs, &Packing::full(b, t), train)
+    }
+
+    /// The same at the real tokens, and zeros at the padding: the position-wise layers run
+    /// on the real tokens only ([`Packing`]), for callers that read no padding position.
+    pub fn encode_real(&self, inputs: &BertInputs, train: bool) -> Tensor {
+        self.encode_packed(inputs, &Packing::new(inputs.attention_mask), train)
+    }
+
+    /// Attention runs on the padded batch with padding keys masked out, the rest on the
+    /// positions `packing` keeps.
+    fn encode_packed(&self, inputs: &BertInputs, packing: &Packing, train: bool) -> Tensor {
         let c = &self.config;
         let (b, t) = inputs
             .input_ids
             .size2()
             .expect("input_ids must be [batch, time]");
-        let positions = Tensor::arange(t, (Kind::Int64, inputs.input_ids.device()));
-        let emb = Tensor::embedding(&self.word_embeddings, inputs.input_ids, -1, false, false)
-            + Tensor::embedding(
-                &self.token_type_embeddings,
-                inputs.token_type_ids,
-                -1,
-                false,
-                false,
-            )
-            + Tensor::embedding(&self.position_embeddings, &positions, -1, false, false);
+        let positions = Tensor::arange(t, (Kind::Int64, inputs.input_ids.device()))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        let embed = |table: &Tensor, ids: &Tensor| {
+            Tensor::embedding(table, &packing.pack(ids), -1, false, false)
+        };
+        let emb = embed(&self.word_embeddings, inputs.input_ids)
+            + embed(&self.token_type_embeddings, inputs.token_type_ids)
+            + embed(&self.position_embeddings, &positions);
+        // [tokens, hidden] from here on, except inside attention.
         let mut x = self
             .embeddings_ln
             .forward(&emb)
@@ -319,25 +337,31 @@ impl Bert {
         } else {
             0.0
         };
-        let split = |y: Tensor| y.reshape([b, t, h, hd]).transpose(1, 2);
         for layer in &self.layers {
-            let (q, k, v) = (
-                split(layer.query.forward(&x)),
-                split(layer.key.forward(&x)),
-                split(layer.value.forward(&x)),
+            let qkv = Tensor::cat(
+                &[
+                    layer.query.forward(&x),
+                    layer.key.forward(&x),
+                    layer.value.forward(&x),
+                ],
+                1,
             );
+            let heads = packing
+                .unpack(&qkv)
+                .reshape([b, t, 3, h, hd])
+                .permute([2, 0, 3, 1, 4]);
             let a = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
+                &heads.get(0),
+                &heads.get(1),
+                &heads.get(2),
                 Some(&keep),
                 attn_p,
                 false,
                 None,
                 false,
             )
-            .transpose(1, 2)
-            .reshape([b, t, c.hidden_size]);
+            .transpose(1, 2);
+            let a = packing.pack(&a.reshape([b, t, c.hidden_size]));
             let a = layer
                 .attn_out
                 .forward(&a)
@@ -349,7 +373,7 @@ impl Bert {
                 .dropout(c.hidden_dropout_prob, train);
             x = layer.output_ln.forward(&(m + x1));
         }
-        x
+        packing.unpack(&x)
     }
 
     /// tanh(W · h[CLS] + b): [batch, hidden].
@@ -397,7 +421,8 @@ impl Bert {
         nsp_labels: &Tensor,
         train: bool,
     ) -> PretrainingSums {
-        let hidden = self.encode(inputs, train);
+        // Labels and [CLS] are real tokens: padding positions are never read.
+        let hidden = self.encode_real(inputs, train);
         let d = self.config.hidden_size;
         let labels = mlm_labels.reshape([-1]);
         let chosen = labels.ne(-100).nonzero().squeeze_dim(1);

@@ -8,6 +8,7 @@
 //! LayerNorm comes after each residual sum and there is no final LayerNorm.
 
 use super::layers::{embedding, Activation, Conv1D, LayerNorm};
+use super::packing::Packing;
 use super::params::ParamStore;
 use crate::error::{EngineError, Result};
 use serde::{Deserialize, Serialize};
@@ -196,17 +197,39 @@ impl Gpt {
     }
 
     /// Hidden states [batch, time, n_embd] of the last block for token ids [batch, time].
-    pub fn hidden_states(&self, input_ids: &Tensor, train: bool) -> Tensor {
+    /// With an `attention_mask` (1 real, 0 padding after the text), the position-wise layers
+    /// run on the real tokens only ([`Packing`]) and padding positions come back as zeros.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let c = &self.config;
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, time]");
-        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()));
-        let mut x = (Tensor::embedding(&self.tokens_embed, input_ids, -1, false, false)
-            + Tensor::embedding(&self.positions_embed, &positions, -1, false, false))
+        let packing = attention_mask.map_or(Packing::full(b, t), Packing::new);
+        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        // [tokens, n_embd] from here on, except inside attention.
+        let mut x = (Tensor::embedding(
+            &self.tokens_embed,
+            &packing.pack(input_ids),
+            -1,
+            false,
+            false,
+        ) + Tensor::embedding(
+            &self.positions_embed,
+            &packing.pack(&positions),
+            -1,
+            false,
+            false,
+        ))
         .dropout(c.embd_pdrop, train);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let attn_p = if train { c.attn_pdrop } else { 0.0 };
         for blk in &self.blocks {
-            let qkv = blk.c_attn.forward(&x);
+            let qkv = packing.unpack(&blk.c_attn.forward(&x));
             let heads = qkv.reshape([b, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (heads.get(0), heads.get(1), heads.get(2));
             let a = Tensor::scaled_dot_product_attention(
@@ -219,7 +242,7 @@ impl Gpt {
                 None,
                 false,
             );
-            let a = a.transpose(1, 2).reshape([b, t, c.n_embd]);
+            let a = packing.pack(&a.transpose(1, 2).reshape([b, t, c.n_embd]));
             // Post-LN: normalise each residual sum.
             let a = blk.attn_proj.forward(&a).dropout(c.resid_pdrop, train);
             let n = blk.ln_1.forward(&(x + a));
@@ -229,19 +252,19 @@ impl Gpt {
                 .dropout(c.resid_pdrop, train);
             x = blk.ln_2.forward(&(n + m));
         }
-        x
+        packing.unpack(&x)
     }
 
     /// Logits [batch, time, vocab] through the head tied to the token embedding.
     pub fn logits(&self, input_ids: &Tensor) -> Tensor {
-        self.hidden_states(input_ids, false)
+        self.hidden_states(input_ids, None, false)
             .matmul(&self.tokens_embed.tr())
     }
 
     /// Sum of next-token cross-entropy over every position (targets [batch, time]).
     pub fn lm_loss_sum(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Tensor {
         let logits = self
-            .hidden_states(input_ids, train)
+            .hidden_states(input_ids, None, train)
             .matmul(&self.tokens_embed.tr());
         super::token_cross_entropy_sum(&logits, targets)
     }

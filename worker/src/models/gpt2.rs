@@ -5,6 +5,7 @@
 //! knows nothing about parallelism or training; it maps token ids to logits.
 
 use super::layers::{embedding, Activation, Conv1D, LayerNorm};
+use super::packing::Packing;
 use super::params::ParamStore;
 use crate::error::{EngineError, Result};
 use serde::{Deserialize, Serialize};
@@ -214,18 +215,29 @@ impl Gpt2 {
         ps.num_elements() - self.wte.numel() as i64 - self.wpe.numel() as i64
     }
 
-    /// Final hidden states [batch, time, n_embd] for token ids [batch, time].
-    pub fn hidden_states(&self, input_ids: &Tensor, train: bool) -> Tensor {
+    /// Final hidden states [batch, time, n_embd] for token ids [batch, time]. With an
+    /// `attention_mask` (1 real, 0 padding after the text), the position-wise layers run on
+    /// the real tokens only ([`Packing`]) and padding positions come back as zeros.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let c = &self.config;
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, time]");
-        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()));
-        let mut x = (Tensor::embedding(&self.wte, input_ids, -1, false, false)
-            + Tensor::embedding(&self.wpe, &positions, -1, false, false))
+        let packing = attention_mask.map_or(Packing::full(b, t), Packing::new);
+        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        // [tokens, n_embd] from here on, except inside attention.
+        let mut x = (Tensor::embedding(&self.wte, &packing.pack(input_ids), -1, false, false)
+            + Tensor::embedding(&self.wpe, &packing.pack(&positions), -1, false, false))
         .dropout(c.embd_pdrop, train);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let attn_p = if train { c.attn_pdrop } else { 0.0 };
         for blk in &self.blocks {
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x));
+            let qkv = packing.unpack(&blk.c_attn.forward(&blk.ln_1.forward(&x)));
             let heads = qkv.reshape([b, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (heads.get(0), heads.get(1), heads.get(2));
             let a = Tensor::scaled_dot_product_attention(
@@ -238,25 +250,28 @@ impl Gpt2 {
                 None,
                 false,
             );
-            let a = a.transpose(1, 2).reshape([b, t, c.n_embd]);
+            let a = packing.pack(&a.transpose(1, 2).reshape([b, t, c.n_embd]));
             x = x + blk.attn_proj.forward(&a).dropout(c.resid_pdrop, train);
             let m = self
                 .activation
                 .apply(&blk.c_fc.forward(&blk.ln_2.forward(&x)));
             x = x + blk.mlp_proj.forward(&m).dropout(c.resid_pdrop, train);
         }
-        self.ln_f.forward(&x)
+        packing.unpack(&self.ln_f.forward(&x))
     }
 
     /// Logits [batch, time, vocab] through the head tied to the token embedding.
     pub fn logits(&self, input_ids: &Tensor) -> Tensor {
-        self.hidden_states(input_ids, false).matmul(&self.wte.tr())
+        self.hidden_states(input_ids, None, false)
+            .matmul(&self.wte.tr())
     }
 
     /// Sum of next-token cross-entropy over every position (targets [batch, time]). A sum,
     /// not a mean, so that callers can divide by the step's global token count.
     pub fn lm_loss_sum(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.hidden_states(input_ids, train).matmul(&self.wte.tr());
+        let logits = self
+            .hidden_states(input_ids, None, train)
+            .matmul(&self.wte.tr());
         super::token_cross_entropy_sum(&logits, targets)
     }
 }

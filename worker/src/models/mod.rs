@@ -7,6 +7,7 @@ pub mod gpt;
 pub mod gpt2;
 pub mod layers;
 pub mod overrides;
+pub mod packing;
 pub mod params;
 
 use crate::error::{EngineError, Result};
