@@ -1327,10 +1327,18 @@ mod tests {
     }
 
     /// The CPU-box promise: no GPU means "unavailable", as values, and no panic from cudarc.
+    /// On a GPU machine the same calls must give an id, or say which library is missing.
     #[test]
     fn nccl_is_reported_unavailable_without_a_gpu() {
         if tch::Cuda::is_available() {
-            return; // a GPU box: this test is about machines without one
+            match unique_id() {
+                Ok(id) => assert_eq!(id.len(), UNIQUE_ID_BYTES),
+                Err(CollectiveError::Unavailable { message }) => {
+                    assert!(message.to_lowercase().contains("nccl"), "{message}")
+                }
+                Err(other) => panic!("a GPU machine: expected an id or Unavailable, got {other}"),
+            }
+            return;
         }
         assert!(!nccl_available());
         match unique_id() {
@@ -1368,7 +1376,14 @@ mod tests {
                     dlopen_name("libnccl.so", libc::RTLD_LAZY | libc::RTLD_NOLOAD);
                 eprintln!("dlopen(\"libnccl.so\") after loading it: {cudarc_would_find:?}");
             }
-            Err(message) => assert!(message.contains(NCCL_LIB_ENV), "{message}"),
+            Err(message) => {
+                assert!(message.contains(NCCL_LIB_ENV), "{message}");
+                // Explaining is for machines without it: where the wheel ships NCCL next to
+                // libtorch (as torch's CUDA wheels do), it must be found.
+                let shipped = candidate_files().into_iter().filter(|f| f.exists());
+                let shipped: Vec<PathBuf> = shipped.collect();
+                assert!(shipped.is_empty(), "{message}, although {shipped:?} exist");
+            }
         }
     }
 
