@@ -315,15 +315,16 @@ impl Bert {
             .input_ids
             .size2()
             .expect("input_ids must be [batch, time]");
-        let positions = Tensor::arange(t, (Kind::Int64, inputs.input_ids.device()))
-            .unsqueeze(0)
-            .expand([b, t], false);
-        let embed = |table: &Tensor, ids: &Tensor| {
-            Tensor::embedding(table, &packing.pack(ids), -1, false, false)
-        };
-        let emb = embed(&self.word_embeddings, inputs.input_ids)
-            + embed(&self.token_type_embeddings, inputs.token_type_ids)
-            + embed(&self.position_embeddings, &positions);
+        let embed = |table: &Tensor, ids: &Tensor| Tensor::embedding(table, ids, -1, false, false);
+        let emb = embed(&self.word_embeddings, &packing.pack(inputs.input_ids))
+            + embed(
+                &self.token_type_embeddings,
+                &packing.pack(inputs.token_type_ids),
+            )
+            + embed(
+                &self.position_embeddings,
+                &packing.positions(inputs.input_ids.device()),
+            );
         // [tokens, hidden] from here on, except inside attention.
         let mut x = self
             .embeddings_ln

@@ -208,23 +208,11 @@ impl Gpt {
         let c = &self.config;
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, time]");
         let packing = attention_mask.map_or(Packing::full(b, t), Packing::new);
-        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()))
-            .unsqueeze(0)
-            .expand([b, t], false);
+        let ids = packing.pack(input_ids);
+        let positions = packing.positions(input_ids.device());
         // [tokens, n_embd] from here on, except inside attention.
-        let mut x = (Tensor::embedding(
-            &self.tokens_embed,
-            &packing.pack(input_ids),
-            -1,
-            false,
-            false,
-        ) + Tensor::embedding(
-            &self.positions_embed,
-            &packing.pack(&positions),
-            -1,
-            false,
-            false,
-        ))
+        let mut x = (Tensor::embedding(&self.tokens_embed, &ids, -1, false, false)
+            + Tensor::embedding(&self.positions_embed, &positions, -1, false, false))
         .dropout(c.embd_pdrop, train);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let attn_p = if train { c.attn_pdrop } else { 0.0 };

@@ -36,6 +36,14 @@ impl Packing {
         }
     }
 
+    /// The position (0-based, within its row) of every kept token: [tokens].
+    pub fn positions(&self, device: tch::Device) -> Tensor {
+        let positions = Tensor::arange(self.time, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([self.batch, self.time], false);
+        self.pack(&positions)
+    }
+
     /// [batch, time, ...] -> [tokens, ...].
     pub fn pack(&self, x: &Tensor) -> Tensor {
         let mut shape = x.size();
