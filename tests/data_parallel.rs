@@ -370,6 +370,42 @@ fn launched_status(state: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// A `ferry launch` that is stopped when the test ends, also when it fails: Ctrl-C (which
+/// stops its coordinator and workers), then SIGKILL if it has not exited within 20 s. A failed
+/// test once left a launcher and its processes running.
+struct StopOnDrop(std::process::Child);
+
+impl std::ops::Deref for StopOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StopOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_launched(
     state: &Path,
     what: &str,
@@ -416,6 +452,7 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         .stdout(std::fs::File::create(dir.join("launch.out")).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(StopOnDrop)
         .unwrap();
     let state = run.join("coordinator");
     wait_launched(&state, "one worker training", |s| {
@@ -508,6 +545,7 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("again.log")).unwrap())
         .spawn()
+        .map(StopOnDrop)
         .unwrap();
     let resumed = wait_launched(&state, "training again", |s| {
         s["phase"] == "running" && s["committed_steps"].as_u64() > Some(last + 1)
