@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// How patient a download is.
 #[derive(Debug, Clone)]
 pub struct Patience {
@@ -20,7 +23,7 @@ pub struct Patience {
     pub timeout: Duration,
     /// Attempts after the first, per URL.
     pub retries: u32,
-    /// Wait before the first retry; doubled for each further one.
+    /// Wait before the first retry; doubled for each further one, up to 30 s.
     pub backoff: Duration,
 }
 
@@ -87,7 +90,7 @@ impl Downloader {
                         wait
                     );
                     std::thread::sleep(wait);
-                    wait *= 2;
+                    wait = next_backoff(wait);
                 }
             }
         }
@@ -205,6 +208,12 @@ impl Downloader {
     }
 }
 
+/// The wait after `wait`: doubled, at most [`MAX_BACKOFF`]. Doubling without a cap would turn
+/// a large --retries into a sleep of years (and overflow `Duration`): a hang, not patience.
+fn next_backoff(wait: Duration) -> Duration {
+    wait.saturating_mul(2).min(MAX_BACKOFF)
+}
+
 /// The first byte of a `Content-Range: bytes A-B/N` header.
 fn content_range_start(header: Option<&str>) -> Option<u64> {
     let rest = header?.trim().strip_prefix("bytes ")?;
@@ -226,6 +235,21 @@ fn transport(t: &ureq::Transport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_however_many_retries() {
+        let mut wait = Duration::from_secs(1);
+        let mut waits = Vec::new();
+        for _ in 0..200 {
+            waits.push(wait);
+            wait = next_backoff(wait);
+        }
+        assert_eq!(
+            waits[..6].iter().map(Duration::as_secs).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 30]
+        );
+        assert!(waits.iter().all(|w| *w <= MAX_BACKOFF));
+    }
 
     #[test]
     fn content_range_gives_its_first_byte() {
