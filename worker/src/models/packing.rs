@@ -21,9 +21,9 @@ impl Packing {
     /// `mask` [batch, time]: non-zero for real tokens.
     pub fn new(mask: &Tensor) -> Packing {
         let (batch, time) = mask.size2().expect("mask must be [batch, time]");
-        let flat = mask.reshape([-1]).ne(0);
-        let count = flat.sum(Kind::Int64).int64_value(&[]);
-        let real = (count < batch * time).then(|| flat.nonzero().squeeze_dim(1));
+        let real = mask.reshape([-1]).ne(0).nonzero().squeeze_dim(1);
+        // One pass over the mask: the indices' count says whether anything is padding.
+        let real = (real.size()[0] < batch * time).then_some(real);
         Packing { real, batch, time }
     }
 
