@@ -14,6 +14,10 @@
 //! a wrong MAC or random bytes make the acceptor drop that connection and keep waiting for
 //! the right peer until the deadline; the connector retries with backoff until the deadline
 //! (peers start at slightly different times).
+//!
+//! The acceptor serves each connection on its own thread, and each handshake must finish
+//! within [`HANDSHAKE_TIMEOUT`] as a whole, not per read: a client that drips one byte at a
+//! time can neither hold the acceptor nor keep its own connection for long.
 
 use super::{wire, CollectiveError, GroupSpec};
 use hmac::{Hmac, Mac};
@@ -21,7 +25,8 @@ use sha2::Sha256;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 const MAGIC: [u8; 8] = *b"FERRYRNG";
@@ -30,23 +35,27 @@ const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
 const HELLO_BYTES: usize = 8 + 4 + 8 + 4 + 4 + 4 + NONCE_BYTES;
 const ACCEPTED: u8 = 0xA5;
-/// How long one accepted connection may take to complete its handshake, so a silent stray
-/// connection cannot hold up the real peer for the whole deadline.
-const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one handshake may take as a whole (four small messages), on either side, so a
+/// silent or dripping connection cannot hold a socket and a thread for the whole deadline.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Handshakes the acceptor serves at once; connections beyond are closed at once (a real
+/// connector retries with backoff).
+const MAX_CONCURRENT_HANDSHAKES: usize = 32;
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// What both ends of one ring link must agree on.
-struct Link<'a> {
-    token: &'a [u8],
+#[derive(Clone)]
+struct Link {
+    token: Arc<[u8]>,
     generation: u64,
     from: u32,
     to: u32,
     world: u32,
 }
 
-impl Link<'_> {
+impl Link {
     fn mac(&self, label: &[u8], first: &[u8], second: &[u8]) -> Result<Hmac<Sha256>, String> {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.token)
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.token)
             .map_err(|e| format!("HMAC key: {e}"))?;
         m.update(label);
         m.update(first);
@@ -113,7 +122,7 @@ pub(crate) fn connect(
     cancel: &AtomicBool,
 ) -> Result<TcpStream, CollectiveError> {
     let link = Link {
-        token: spec.job_token.as_bytes(),
+        token: spec.job_token.as_bytes().into(),
         generation: spec.generation,
         from: spec.rank as u32,
         to: to as u32,
@@ -145,20 +154,15 @@ fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<TcpStream
         .map_err(|e| format!("resolve {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr} resolves to no address"))?;
+    let until = Instant::now() + remaining.min(HANDSHAKE_TIMEOUT);
     let mut s = TcpStream::connect_timeout(&target, remaining).map_err(|e| e.to_string())?;
     let io = |what: &str, e: io::Error| format!("{what}: {e}");
-    let step = remaining.min(STEP_TIMEOUT).max(Duration::from_millis(1));
     s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
-    s.set_read_timeout(Some(step))
-        .map_err(|e| io("timeout", e))?;
-    s.set_write_timeout(Some(step))
-        .map_err(|e| io("timeout", e))?;
 
     let nonce_c = random_nonce().map_err(|e| io("random nonce", e))?;
-    s.write_all(&link.hello(&nonce_c))
-        .map_err(|e| io("send hello", e))?;
+    write_all_by(&mut s, &link.hello(&nonce_c), until).map_err(|e| io("send hello", e))?;
     let mut challenge = [0u8; NONCE_BYTES + MAC_BYTES];
-    s.read_exact(&mut challenge).map_err(|e| {
+    read_exact_by(&mut s, &mut challenge, until).map_err(|e| {
         io(
             "peer refused the hello (stale generation or wrong rank?)",
             e,
@@ -171,10 +175,9 @@ fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<TcpStream
     let answer = link
         .mac(b"ferry-ring connector", nonce_a, &nonce_c)?
         .finalize();
-    s.write_all(&answer.into_bytes())
-        .map_err(|e| io("send answer", e))?;
+    write_all_by(&mut s, &answer.into_bytes(), until).map_err(|e| io("send answer", e))?;
     let mut ok = [0u8; 1];
-    s.read_exact(&mut ok)
+    read_exact_by(&mut s, &mut ok, until)
         .map_err(|e| io("peer refused our answer (wrong job token?)", e))?;
     if ok[0] != ACCEPTED {
         return Err("peer sent a bad acceptance byte".into());
@@ -183,7 +186,8 @@ fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<TcpStream
 }
 
 /// Accepts connections on `listener` until one authenticates as rank `from`, this rank's
-/// left neighbour, or `deadline` passes. Stray connections are dropped.
+/// left neighbour, or `deadline` passes. Each connection is served on its own thread, so a
+/// slow one cannot hold up the others; stray connections are dropped.
 pub(crate) fn accept(
     listener: &TcpListener,
     spec: &GroupSpec,
@@ -191,15 +195,25 @@ pub(crate) fn accept(
     deadline: Instant,
 ) -> Result<TcpStream, CollectiveError> {
     let link = Link {
-        token: spec.job_token.as_bytes(),
+        token: spec.job_token.as_bytes().into(),
         generation: spec.generation,
         from: from as u32,
         to: spec.rank as u32,
         world: spec.world_size as u32,
     };
     let _restore = NonBlocking::set(listener).map_err(|e| CollectiveError::io("listener", e))?;
+    // Handshake threads report here; they are detached and end by their own deadline, so
+    // returning never waits for a slow stray.
+    let (done, outcomes) = mpsc::channel::<Result<TcpStream, String>>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut last = String::from("nobody connected");
     loop {
+        while let Ok(outcome) = outcomes.try_recv() {
+            match outcome {
+                Ok(s) => return Ok(s),
+                Err(reason) => last = reason,
+            }
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(CollectiveError::Handshake {
@@ -207,7 +221,9 @@ pub(crate) fn accept(
                 reason: format!("no valid connection in time; last refused: {last}"),
             });
         }
-        if !wait_readable(listener, remaining).map_err(|e| CollectiveError::io("poll", e))? {
+        // Short polls, so a handshake that succeeds on its thread is seen promptly.
+        let poll = remaining.min(Duration::from_millis(20));
+        if !wait_readable(listener, poll).map_err(|e| CollectiveError::io("poll", e))? {
             continue;
         }
         let s = match listener.accept() {
@@ -221,9 +237,25 @@ pub(crate) fn accept(
                 continue;
             }
         };
-        match authenticate_connector(&link, s, remaining) {
-            Ok(s) => return Ok(s),
-            Err(reason) => last = reason,
+        if in_flight.load(Ordering::Acquire) >= MAX_CONCURRENT_HANDSHAKES {
+            last = format!("{MAX_CONCURRENT_HANDSHAKES} handshakes already in progress");
+            drop(s);
+            continue;
+        }
+        let until = Instant::now() + remaining.min(HANDSHAKE_TIMEOUT);
+        let (link, done, held) = (link.clone(), done.clone(), Arc::clone(&in_flight));
+        held.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name("ring-handshake".into())
+            .spawn(move || {
+                let outcome = authenticate_connector(&link, s, until);
+                held.fetch_sub(1, Ordering::AcqRel);
+                // The acceptor may have returned already; the connection is then dropped.
+                let _ = done.send(outcome);
+            });
+        if let Err(e) = spawned {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            last = format!("spawn a handshake thread: {e}");
         }
     }
 }
@@ -231,19 +263,14 @@ pub(crate) fn accept(
 fn authenticate_connector(
     link: &Link,
     mut s: TcpStream,
-    remaining: Duration,
+    until: Instant,
 ) -> Result<TcpStream, String> {
     let io = |what: &str, e: io::Error| format!("{what}: {e}");
-    let step = remaining.min(STEP_TIMEOUT).max(Duration::from_millis(1));
     s.set_nonblocking(false).map_err(|e| io("blocking", e))?;
     s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
-    s.set_read_timeout(Some(step))
-        .map_err(|e| io("timeout", e))?;
-    s.set_write_timeout(Some(step))
-        .map_err(|e| io("timeout", e))?;
 
     let mut hello = [0u8; HELLO_BYTES];
-    s.read_exact(&mut hello).map_err(|e| io("read hello", e))?;
+    read_exact_by(&mut s, &mut hello, until).map_err(|e| io("read hello", e))?;
     let nonce_c = link.check_hello(&hello)?;
     let nonce_a = random_nonce().map_err(|e| io("random nonce", e))?;
     let mac_a = link
@@ -252,17 +279,55 @@ fn authenticate_connector(
     let mut challenge = [0u8; NONCE_BYTES + MAC_BYTES];
     challenge[..NONCE_BYTES].copy_from_slice(&nonce_a);
     challenge[NONCE_BYTES..].copy_from_slice(&mac_a.into_bytes());
-    s.write_all(&challenge)
-        .map_err(|e| io("send challenge", e))?;
+    write_all_by(&mut s, &challenge, until).map_err(|e| io("send challenge", e))?;
     let mut answer = [0u8; MAC_BYTES];
-    s.read_exact(&mut answer)
-        .map_err(|e| io("read answer", e))?;
+    read_exact_by(&mut s, &mut answer, until).map_err(|e| io("read answer", e))?;
     link.mac(b"ferry-ring connector", &nonce_a, &nonce_c)?
         .verify_slice(&answer)
         .map_err(|_| "connector does not know the job token".to_string())?;
-    s.write_all(&[ACCEPTED])
-        .map_err(|e| io("send acceptance", e))?;
+    write_all_by(&mut s, &[ACCEPTED], until).map_err(|e| io("send acceptance", e))?;
     Ok(s)
+}
+
+/// The time left before `until`, as a socket timeout; an error once it has passed.
+fn time_left(until: Instant) -> io::Result<Duration> {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the handshake took over {} s", HANDSHAKE_TIMEOUT.as_secs()),
+        ));
+    }
+    Ok(left)
+}
+
+/// `read_exact` that must finish by `until` as a whole: each read waits only for the time
+/// left, so a peer sending a byte at a time still runs out of time.
+fn read_exact_by(s: &mut TcpStream, mut buf: &mut [u8], until: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        s.set_read_timeout(Some(time_left(until)?))?;
+        match s.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that must finish by `until` as a whole.
+fn write_all_by(s: &mut TcpStream, mut buf: &[u8], until: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        s.set_write_timeout(Some(time_left(until)?))?;
+        match s.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Random bytes from the kernel, for nonces and shared-memory names.
@@ -400,7 +465,7 @@ mod tests {
 
             // A well-formed hello gets a challenge; a forged answer is refused.
             let link = Link {
-                token: b"secret",
+                token: b"secret".as_slice().into(),
                 generation: 9,
                 from: 1,
                 to: 0,
@@ -434,6 +499,71 @@ mod tests {
             assert!(real.is_ok(), "{:?}", real.err());
             let accepted = accepting.join().expect("acceptor thread");
             assert!(accepted.is_ok(), "{:?}", accepted.err());
+        });
+    }
+
+    /// A client that sends a valid hello one byte every 300 ms (well inside any per-read
+    /// timeout) neither holds up the real peer nor keeps its connection past the handshake's
+    /// whole deadline.
+    #[test]
+    fn a_dripping_client_neither_blocks_the_real_peer_nor_outlives_the_handshake_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let acceptor = spec(0, "secret", 9);
+        let mut real_spec = spec(1, "secret", 9);
+        real_spec.peers = vec![addr.clone(), addr.clone()];
+        let link = Link {
+            token: b"secret".as_slice().into(),
+            generation: 9,
+            from: 1,
+            to: 0,
+            world: 2,
+        };
+        let hello = link.hello(&[7; NONCE_BYTES]);
+        std::thread::scope(|scope| {
+            let accepting = scope.spawn(|| {
+                accept(
+                    &listener,
+                    &acceptor,
+                    1,
+                    Instant::now() + Duration::from_secs(30),
+                )
+            });
+            let mut drip = TcpStream::connect(&addr).expect("connect");
+            let dripping = scope.spawn(move || {
+                let t0 = Instant::now();
+                for (sent, byte) in hello.iter().enumerate() {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if drip.write_all(&[*byte]).is_err() {
+                        return (sent, t0.elapsed());
+                    }
+                }
+                (hello.len(), t0.elapsed())
+            });
+
+            // The dripper is being served; the real peer must still get in at once.
+            std::thread::sleep(Duration::from_millis(500));
+            let t0 = Instant::now();
+            let real = connect(
+                &real_spec,
+                0,
+                t0 + Duration::from_secs(3),
+                &AtomicBool::new(false),
+            );
+            assert!(real.is_ok(), "the real peer was held up: {:?}", real.err());
+            let accepted = accepting.join().expect("acceptor thread");
+            assert!(accepted.is_ok(), "{:?}", accepted.err());
+            assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+
+            let (sent, took) = dripping.join().expect("dripping thread");
+            assert!(
+                sent < HELLO_BYTES,
+                "the dripper was served for its whole hello ({took:?})"
+            );
+            assert!(
+                took < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+                "the dripper held its connection for {took:?}"
+            );
         });
     }
 
