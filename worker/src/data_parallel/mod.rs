@@ -5,6 +5,7 @@
 //! Prometheus metrics and health probes.
 
 pub mod flat;
+mod group;
 mod overlap;
 mod shutdown;
 pub mod telemetry;

@@ -9,6 +9,7 @@
 use super::flat::{
     all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum, Buckets,
 };
+use super::group::group_peers;
 use super::overlap::{self, Overlapped};
 use super::telemetry::{self, TelemetryOptions};
 use crate::checkpoint::{self, TrainerState};
@@ -457,18 +458,10 @@ impl Worker {
     }
 
     fn connect(&self, reply: &proto::RendezvousReply) -> Result<Box<dyn Collective>, Failure> {
-        // Large groups list only the ring neighbours; the rest stay empty.
-        let peers = if reply.peer_ranks.is_empty() {
-            reply.peers.clone()
-        } else {
-            let mut all = vec![String::new(); reply.world_size as usize];
-            for (addr, &r) in reply.peers.iter().zip(&reply.peer_ranks) {
-                if let Some(slot) = all.get_mut(r as usize) {
-                    *slot = addr.clone();
-                }
-            }
-            all
-        };
+        let peers = group_peers(reply, self.spec.max_workers()).map_err(|why| Failure {
+            why: format!("the coordinator's rendezvous reply is malformed: {why}"),
+            suspect: None,
+        })?;
         let spec = GroupSpec {
             rank: reply.rank as usize,
             world_size: reply.world_size as usize,
