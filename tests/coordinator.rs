@@ -292,6 +292,62 @@ async fn rpcs_without_the_job_token_are_rejected() {
     assert_eq!(st.target_workers, st.max_workers);
 }
 
+/// A new job whose run_dir holds another run's checkpoints and metrics is refused before it
+/// starts, naming the run_dir, and leaves that run's files as they were.
+#[test]
+fn a_new_job_over_another_runs_checkpoints_is_refused_before_it_starts() {
+    let dir = support::scratch("run-dir-held");
+    let run = dir.join("run");
+    let ckpt = run.join("checkpoints").join("step-00000040");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("model.safetensors"), b"the other run's weights").unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\":40}\n").unwrap();
+    let job_path = dir.join("job.toml");
+    std::fs::write(&job_path, job_toml(&run, G, MICRO, SEQ, "")).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let mut child = support::ferry()
+        .arg("coordinator")
+        .arg("--job")
+        .arg(&job_path)
+        .args(["--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.join("state"))
+        .arg("--token-file")
+        .arg(&token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the coordinator started a new job over another run's checkpoints");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&run.display().to_string())
+            && stderr.contains("checkpoint(s) of another run (newest: step 40)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(ckpt.join("model.safetensors")).unwrap(),
+        b"the other run's weights"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        "{\"step\":40}\n"
+    );
+}
+
 #[tokio::test]
 async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
     let mut c = CoordinatorProc::start(

@@ -3,7 +3,7 @@
 //! format and its reader ([`shards`]), and the `prepare` step that ties them together
 //! ([`prepare`]). So do the job spec ([`job`]), the sample order every worker follows
 //! ([`sampler`]), and the coordinator's gRPC protocol with an authenticated client ([`proto`],
-//! [`client`]). Fine-tuning's model-free half, labelled CSV, split, metrics, report picture and
+//! [`client`]), and the layout of a run directory ([`run_dir`]). Fine-tuning's model-free half, labelled CSV, split, metrics, report picture and
 //! learning-rate recipes, is [`textcls`].
 
 pub mod client;
@@ -11,6 +11,7 @@ pub mod corpus;
 pub mod error;
 pub mod job;
 pub mod prepare;
+pub mod run_dir;
 pub mod sampler;
 pub mod sentence_pairs;
 pub mod shards;

@@ -85,7 +85,25 @@ fn open_state(cfg: &ServeConfig) -> Result<JobState> {
             let toml = loaded.spec_toml.clone();
             (stored, toml, Some(loaded))
         }
-        (None, Some((spec, toml))) => (spec, toml, None),
+        (None, Some((spec, toml))) => {
+            // A new job over another run's checkpoints would skip its own final checkpoint
+            // where a step directory exists, prune both runs' checkpoints together and
+            // rewrite metrics.jsonl: refuse before anything starts, as `ferry train` does.
+            let run_dir = &spec.job.run_dir;
+            let held = ferry_common::run_dir::held_by_another_run(run_dir)
+                .with_context(|| format!("{}: cannot read", run_dir.display()))?;
+            if let Some(why) = held {
+                bail!(
+                    "{}: [job] run_dir {}: {why}, and the state directory {} holds no job to \
+                     resume. Choose a new run_dir for a new job, or resume that job with its \
+                     own --state directory",
+                    cfg.job.as_deref().unwrap_or(Path::new("")).display(),
+                    run_dir.display(),
+                    cfg.state_dir.display()
+                );
+            }
+            (spec, toml, None)
+        }
         (None, None) => bail!(
             "{}: holds no job; pass --job job.toml to start one",
             cfg.state_dir.display()

@@ -7,6 +7,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, sha256_file, sync_dir, write_json};
+use ferry_common::run_dir as layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ pub fn save(
     step: u64,
     write_files: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let dest = run_dir.join("checkpoints").join(format!("step-{step:08}"));
+    let dest = layout::checkpoint_dir(run_dir, step);
     write_verified_dir(&dest, write_files)?;
     Ok(dest)
 }
@@ -118,28 +119,8 @@ fn fill_verified(tmp: &Path, write_files: impl FnOnce(&Path) -> Result<()>) -> R
 
 /// Completed checkpoints of a run, oldest first.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let root = run_dir.join("checkpoints");
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(EngineError::io(&root, e)),
-    };
-    for entry in entries {
-        let path = entry.map_err(|e| EngineError::io(&root, e))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            out.push((step, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    layout::checkpoint_dirs(run_dir)
+        .map_err(|e| EngineError::io(run_dir.join(layout::CHECKPOINTS_DIR), e))
 }
 
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
