@@ -488,6 +488,103 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
     verify_exactly_once(&ledger, &trained);
 }
 
+/// A checkpoint report names what a later restore loads, so it is taken only from the
+/// current generation's rank 0, for a committed step no older than the recorded one, at the
+/// one path that step's checkpoint has in the job's run directory.
+#[tokio::test]
+async fn checkpoint_reports_come_only_from_rank_0_for_committed_steps_in_the_run_dir() {
+    let run = support::scratch("ckpt-report-run");
+    let c = CoordinatorProc::start(
+        "ckpt-report",
+        &job_toml(&run, G, MICRO, SEQ, "min_workers = 2\nsettle_s = 0.0"),
+        &[],
+    );
+    let mut workers = join_n(&c, 2, "k").await;
+    rendezvous_all(&mut workers).await;
+    run_steps(&mut workers, 3).await;
+    let gen = workers[0].generation;
+    let rank0 = workers.iter().find(|w| w.rank == 0).unwrap();
+    let rank1 = workers.iter().find(|w| w.rank == 1).unwrap();
+    let at = |step: u64| {
+        run.join("checkpoints")
+            .join(format!("step-{step:08}"))
+            .display()
+            .to_string()
+    };
+    let report = |w: &SimWorker, generation: u64, step: u64, path: String| {
+        let mut coord = w.c.coordinator.clone();
+        let req = proto::CheckpointReport {
+            worker_id: w.id.clone(),
+            generation,
+            step,
+            path,
+        };
+        async move { coord.report_checkpoint(req).await }
+    };
+    let outside = format!("{}/../elsewhere/checkpoints/step-00000002", run.display());
+    for (who, generation, step, path, code, says) in [
+        (rank1, gen, 2, at(2), Code::PermissionDenied, "only rank 0"),
+        (
+            rank0,
+            gen + 1,
+            2,
+            at(2),
+            Code::PermissionDenied,
+            "only rank 0",
+        ),
+        (
+            rank0,
+            gen,
+            4,
+            at(4),
+            Code::OutOfRange,
+            "not a committed step",
+        ),
+        (
+            rank0,
+            gen,
+            0,
+            at(0),
+            Code::OutOfRange,
+            "not a committed step",
+        ),
+        (
+            rank0,
+            gen,
+            2,
+            "/etc".into(),
+            Code::InvalidArgument,
+            "run directory",
+        ),
+        (
+            rank0,
+            gen,
+            2,
+            outside,
+            Code::InvalidArgument,
+            "run directory",
+        ),
+    ] {
+        let err = report(who, generation, step, path.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{path} step {step}: {err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    assert_eq!(
+        c.status().await.latest_checkpoint_step,
+        0,
+        "a refused report was recorded"
+    );
+
+    report(rank0, gen, 2, at(2)).await.unwrap();
+    let err = report(rank0, gen, 1, at(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let st = c.status().await;
+    assert_eq!(st.latest_checkpoint_step, 2);
+    assert_eq!(st.latest_checkpoint_path, at(2));
+}
+
 #[tokio::test]
 async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     let c = CoordinatorProc::start(

@@ -1050,16 +1050,43 @@ impl JobState {
         now: Instant,
     ) -> Result<(), Status> {
         self.worker_mut(&req.worker_id, now)?;
-        if req.step > self.job.committed {
+        // Only the current group's rank 0 writes checkpoints; anyone else naming one could
+        // point a later restore at files of its choosing.
+        let rank0 = self
+            .job
+            .formed
+            .as_ref()
+            .filter(|f| f.generation == req.generation)
+            .and_then(|f| f.ranks.first());
+        if rank0 != Some(&req.worker_id) {
+            return Err(Status::permission_denied(format!(
+                "only rank 0 of the current generation {} reports checkpoints; worker {} of \
+                 generation {} is not it",
+                self.job.formed.as_ref().map_or(0, |f| f.generation),
+                req.worker_id,
+                req.generation
+            )));
+        }
+        if req.step == 0 || req.step > self.job.committed {
             return Err(Status::out_of_range(format!(
-                "checkpoint step {} is beyond the committed step {}",
+                "checkpoint step {} is not a committed step (1 to {})",
                 req.step, self.job.committed
             )));
         }
-        if req.path.is_empty() || req.path.len() > 4096 {
-            return Err(Status::invalid_argument(
-                "checkpoint path must be 1 to 4096 bytes",
-            ));
+        if let Some(newer) = self.job.checkpoint.as_ref().filter(|c| c.step > req.step) {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint step {} is older than the recorded one (step {})",
+                req.step, newer.step
+            )));
+        }
+        // The one place a checkpoint of this step may be: the job's run directory.
+        let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, req.step);
+        if std::path::Path::new(&req.path) != expected {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint path {:?} is not {} (the job's run directory)",
+                req.path.chars().take(256).collect::<String>(),
+                expected.display()
+            )));
         }
         self.job.checkpoint = Some(CheckpointRecord {
             step: req.step,

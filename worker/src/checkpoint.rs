@@ -146,6 +146,17 @@ pub fn verify(dir: &Path) -> Result<()> {
     }
     let sums: BTreeMap<String, String> = read_json(&sums_path)?;
     for (file, expected) in sums {
+        // Keys are plain names of files in this directory: "../x" or "/dev/zero" would make
+        // verification read (and hash, possibly forever) a file of someone else's choosing.
+        if !is_plain_name(&file) {
+            return Err(EngineError::file(
+                &sums_path,
+                format!(
+                    "key {:?} is not a plain file name in this directory",
+                    file.chars().take(256).collect::<String>()
+                ),
+            ));
+        }
         let path = dir.join(&file);
         if !path.exists() {
             return Err(EngineError::file(
@@ -165,6 +176,15 @@ pub fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One normal path component: not empty, `.`, `..`, absolute or holding a separator.
+fn is_plain_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(n)), None) if n == name
+    ) && !name.contains('\\')
+}
+
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     read_json(&dir.join(STATE_FILE))
 }
@@ -174,6 +194,33 @@ mod tests {
     use super::*;
 
     use crate::fsutil::tests::names;
+
+    /// Issue 22: `checksums.json` names files of its own directory only.
+    #[test]
+    fn checksum_keys_outside_the_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(tmp.path().join("outside.bin"), b"x").unwrap();
+        let sha_x = crate::fsutil::sha256_file(&tmp.path().join("outside.bin")).unwrap();
+        for key in [
+            "../outside.bin",
+            "/dev/zero",
+            "",
+            ".",
+            "sub/../../outside.bin",
+        ] {
+            let sums = std::collections::BTreeMap::from([(key.to_string(), sha_x.clone())]);
+            crate::fsutil::write_json(&dir.join(CHECKSUMS_FILE), &sums).unwrap();
+            let err = verify(&dir).expect_err(key);
+            assert!(
+                err.to_string().contains("not a plain file name"),
+                "{key:?}: {err}"
+            );
+        }
+        assert!(is_plain_name("model.safetensors"));
+        assert!(!is_plain_name("a\\b"));
+    }
 
     /// Issue 22: the old directory stays until the new one is complete; a failed build leaves
     /// it as it was and nothing temporary beside it.

@@ -881,11 +881,28 @@ impl Worker {
             step,
             path: dir.display().to_string(),
         };
-        self.call("report_checkpoint", |mut c| {
+        let reported = self.call_status(|mut c| {
             let req = req.clone();
             async move { c.report_checkpoint(req).await }
-        })?;
-        Ok(())
+        });
+        match reported {
+            Ok(_) => Ok(()),
+            // Refused, e.g. the group changed since this step: the checkpoint stays on disk
+            // and the next one is reported; the coordinator restores only what it recorded.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::PermissionDenied | Code::FailedPrecondition | Code::OutOfRange
+                ) =>
+            {
+                eprintln!(
+                    "checkpoint of step {step} not recorded by the coordinator: {}",
+                    s.message()
+                );
+                Ok(())
+            }
+            Err(s) => Err(rpc(&self.coordinator, "report_checkpoint", s)),
+        }
     }
 
     /// At the end (finished or stopped), rank 0 leaves a checkpoint of the last step.
