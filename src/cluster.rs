@@ -207,6 +207,7 @@ pub fn status_json(st: &proto::StatusReply) -> serde_json::Value {
         "max_workers": st.max_workers, "tokens_per_s": st.tokens_per_s,
         "latest_checkpoint_step": st.latest_checkpoint_step,
         "latest_checkpoint_path": st.latest_checkpoint_path,
+        "rollbacks": st.rollbacks, "redone_steps": st.redone_steps,
         "last_loss": st.recent_loss.last().map(|p| p.loss),
         "workers": st.workers.iter().map(|w| serde_json::json!({
             "worker_id": w.worker_id, "host": w.host, "data_addr": w.data_addr,
@@ -233,6 +234,12 @@ pub fn status_table(st: &proto::StatusReply) -> String {
         st.max_workers,
         st.tokens_per_s
     );
+    if st.rollbacks > 0 {
+        out.push_str(&format!(
+            "rolled back to a checkpoint {} time(s): {} committed step(s) trained again\n",
+            st.rollbacks, st.redone_steps
+        ));
+    }
     out.push_str(&format!(
         "{:<18} {:<20} {:>4} {:<8} {:>4} {:>7} {:>8} {:>9} {:>9}\n",
         "WORKER", "HOST", "RANK", "STATE", "GEN", "STEP", "LOSS", "TOKENS/S", "SEEN"

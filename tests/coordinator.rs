@@ -585,6 +585,75 @@ async fn checkpoint_reports_come_only_from_rank_0_for_committed_steps_in_the_run
     assert_eq!(st.latest_checkpoint_path, at(2));
 }
 
+/// When no live worker holds the committed state, the job rolls back to its checkpoint and
+/// trains the steps after it again: those steps are counted, in the ledger, the status and
+/// /metrics, and the count survives a coordinator restart.
+#[tokio::test]
+async fn steps_redone_after_a_rollback_are_counted() {
+    let run = support::scratch("redone-run");
+    let mut c = CoordinatorProc::start(
+        "redone",
+        &job_toml(
+            &run,
+            G,
+            MICRO,
+            SEQ,
+            "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 1.0",
+        ),
+        &[],
+    );
+    let mut first = join_n(&c, 1, "r").await;
+    rendezvous_all(&mut first).await;
+    run_steps(&mut first, 5).await;
+    let lost = first.remove(0);
+    let mut coord = lost.c.coordinator.clone();
+    coord
+        .report_checkpoint(proto::CheckpointReport {
+            worker_id: lost.id.clone(),
+            generation: lost.generation,
+            step: 2,
+            path: run
+                .join("checkpoints")
+                .join("step-00000002")
+                .display()
+                .to_string(),
+        })
+        .await
+        .unwrap();
+    // The only holder of steps 3 to 5 goes silent and is declared dead.
+    let since = Instant::now();
+    while !c.status().await.workers.is_empty() {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "never declared dead"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut second = join_n(&c, 1, "s").await;
+    rendezvous_all(&mut second).await;
+    assert_eq!(
+        second[0].state_step,
+        Some(2),
+        "not restored from the checkpoint"
+    );
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len(), 2);
+    assert_eq!((ledger.rollbacks, ledger.redone_steps), (1, 3));
+    run_steps(&mut second, 4).await;
+
+    let st = c.status().await;
+    assert_eq!(st.committed_steps, 6);
+    assert_eq!((st.rollbacks, st.redone_steps), (1, 3));
+    let (_, metrics) = http_get(&c.http, "/metrics");
+    assert!(metrics.contains("ferry_redone_steps 3"), "{metrics}");
+    assert!(metrics.contains("ferry_rollbacks 1"), "{metrics}");
+
+    c.kill9();
+    c.restart();
+    let ledger = c.ledger().await;
+    assert_eq!((ledger.rollbacks, ledger.redone_steps), (1, 3));
+}
+
 #[tokio::test]
 async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     let c = CoordinatorProc::start(

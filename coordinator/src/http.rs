@@ -122,6 +122,14 @@ pub fn render_page(st: &StatusReply) -> String {
             esc(&st.latest_checkpoint_path)
         );
     }
+    if st.rollbacks > 0 {
+        let _ = write!(
+            h,
+            "<p><span class=k>rolled back</span> {} time(s) to a checkpoint: {} committed \
+             step(s) trained again</p>",
+            st.rollbacks, st.redone_steps
+        );
+    }
     h.push_str("</body></html>\n");
     h
 }

@@ -246,7 +246,7 @@ impl Admin for Service {
         let r = req.get_ref();
         let state = self.lock();
         let result = state.ledger(r.from_step, r.to_step).map(|entries| {
-            let (num_sequences, global_batch, seed, rollbacks) = state.ledger_meta();
+            let meta = state.ledger_meta();
             proto::LedgerReply {
                 entries: entries
                     .into_iter()
@@ -269,10 +269,11 @@ impl Admin for Service {
                         step_time_s: e.step_time_s,
                     })
                     .collect(),
-                num_sequences,
-                global_batch,
-                seed,
-                rollbacks,
+                num_sequences: meta.num_sequences,
+                global_batch: meta.global_batch,
+                seed: meta.seed,
+                rollbacks: meta.rollbacks,
+                redone_steps: meta.redone_steps,
             }
         });
         drop(state);

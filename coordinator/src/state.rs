@@ -103,6 +103,16 @@ pub enum RendezvousOutcome {
     Finished,
 }
 
+/// What a reader of the ledger needs besides its entries: how to rebuild the sample order,
+/// and how many committed steps were thrown away and trained again.
+pub struct LedgerMeta {
+    pub num_sequences: u64,
+    pub global_batch: u64,
+    pub seed: u64,
+    pub rollbacks: u64,
+    pub redone_steps: u64,
+}
+
 pub enum NextStepOutcome {
     Plan(proto::StepPlan),
     Regroup,
@@ -167,6 +177,7 @@ impl JobState {
                 stopped: false,
                 checkpoint: None,
                 rollbacks: 0,
+                redone_steps: 0,
                 next_join_seq: 0,
             },
             spec,
@@ -252,6 +263,8 @@ impl JobState {
         metrics::gauge!("ferry_generation").set(self.job.generation as f64);
         metrics::gauge!("ferry_committed_steps").set(self.job.committed as f64);
         metrics::gauge!("ferry_target_workers").set(f64::from(self.job.target_workers));
+        metrics::gauge!("ferry_rollbacks").set(self.job.rollbacks as f64);
+        metrics::gauge!("ferry_redone_steps").set(self.job.redone_steps as f64);
         let world = self.job.formed.as_ref().map_or(0, |f| f.ranks.len());
         metrics::gauge!("ferry_world_size").set(world as f64);
     }
@@ -662,6 +675,7 @@ impl JobState {
             to = to_step,
             "no worker holds the committed state: rolling back to the checkpoint"
         );
+        self.job.redone_steps += self.job.committed - to_step;
         self.job.committed = to_step;
         self.job.rollbacks += 1;
         self.store
@@ -669,6 +683,7 @@ impl JobState {
             .map_err(store_err)?;
         self.loss_history.retain(|(s, _)| *s < to_step);
         self.ledger_tail = None;
+        self.publish_gauges();
         Ok(())
     }
 
@@ -1284,6 +1299,8 @@ impl JobState {
                 .as_ref()
                 .map_or(String::new(), |c| c.path.clone()),
             tokens_per_s,
+            rollbacks: self.job.rollbacks,
+            redone_steps: self.job.redone_steps,
         }
     }
 
@@ -1308,13 +1325,14 @@ impl JobState {
         self.store.read_ledger(from, to).map_err(store_err)
     }
 
-    pub fn ledger_meta(&self) -> (u64, u64, u64, u64) {
-        (
-            self.num_sequences,
-            self.spec.batch.global,
-            self.spec.job.seed,
-            self.job.rollbacks,
-        )
+    pub fn ledger_meta(&self) -> LedgerMeta {
+        LedgerMeta {
+            num_sequences: self.num_sequences,
+            global_batch: self.spec.batch.global,
+            seed: self.spec.job.seed,
+            rollbacks: self.job.rollbacks,
+            redone_steps: self.job.redone_steps,
+        }
     }
 
     pub fn committed(&self) -> u64 {

@@ -40,6 +40,9 @@ pub struct JobRecord {
     pub checkpoint: Option<CheckpointRecord>,
     /// How many times the job fell back to a checkpoint because no worker held the state.
     pub rollbacks: u64,
+    /// Committed steps thrown away by those fallbacks, and so trained twice.
+    #[serde(default)]
+    pub redone_steps: u64,
     pub next_join_seq: u64,
 }
 
@@ -323,6 +326,7 @@ mod tests {
             stopped: false,
             checkpoint: None,
             rollbacks: 0,
+            redone_steps: 0,
             next_join_seq: 0,
         };
         store.init("spec", &job).unwrap();
