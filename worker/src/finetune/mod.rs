@@ -2,6 +2,7 @@
 //! the classifier heads in `transformers`' layouts ([`classifier`]), texts to ids
 //! ([`encode`]), the training loop and report ([`run`]), the saved model ([`saved`]) and
 //! prediction ([`predict`]).
+mod checks;
 pub mod classifier;
 pub mod encode;
 pub mod predict;

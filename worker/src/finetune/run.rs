@@ -2,10 +2,11 @@
 //! on a labelled CSV, evaluated on dev as it goes and on test at the end. Read it top to
 //! bottom in [`run`]: data and split, model, the epochs, the report.
 
+use super::checks::{check, check_output};
 use super::classifier::{Classifier, Pooling, TextBatch};
 use super::encode::TextEncoder;
 use super::saved::{self, FinetuneInfo};
-use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{MODEL_FILE, TOKENIZER_FILE};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{write_atomic, write_json};
 use crate::models::{ModelConfig, ParamStore};
@@ -479,99 +480,6 @@ fn stratified_subset(part: PartData, n: usize, num_labels: usize, seed: u64) -> 
         ids: kept.iter().map(|&i| part.ids[i].clone()).collect(),
         labels: kept.iter().map(|&i| part.labels[i]).collect(),
     }
-}
-
-fn check(cfg: &FinetuneConfig) -> Result<()> {
-    let bad = |field: &str, message: String| {
-        Err(EngineError::Config {
-            field: field.into(),
-            message,
-        })
-    };
-    if cfg.train_examples == Some(0) {
-        return bad("train_examples", "must be at least 1".into());
-    }
-    if cfg.batch_size == 0 {
-        return bad("batch_size", "must be at least 1".into());
-    }
-    if cfg.epochs == 0 && cfg.max_steps == 0 {
-        return bad("epochs", "must be at least 1".into());
-    }
-    if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
-        return bad("lr", format!("must be positive, got {}", cfg.lr));
-    }
-    if !(cfg.layer_lr_decay >= 1.0) {
-        return bad(
-            "layer_lr_decay",
-            format!(
-                "must be >= 1 (1 = off, ULMFiT 2.6), got {}",
-                cfg.layer_lr_decay
-            ),
-        );
-    }
-    if !(0.0..1.0).contains(&cfg.warmup_frac) {
-        return bad(
-            "warmup_frac",
-            format!("must be in [0, 1), got {}", cfg.warmup_frac),
-        );
-    }
-    if !(0.0..1.0).contains(&cfg.dropout) {
-        return bad("dropout", format!("must be in [0, 1), got {}", cfg.dropout));
-    }
-    Ok(())
-}
-
-/// What a run writes into its output directory; with `--overwrite` these are replaced and
-/// anything else there is kept.
-const OUTPUTS: [&str; 4] = [SPLIT_FILE, REPORT_JSON, REPORT_SVG, MODEL_DIR];
-
-/// Nothing a user made is lost: an output directory that holds anything (an earlier run, a
-/// model directory, other files) is refused unless `overwrite`; an empty one is fine.
-fn check_output(output: &Path, overwrite: bool) -> Result<()> {
-    let entries = match std::fs::read_dir(output) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(_) if output.exists() && !output.is_dir() => {
-            return Err(EngineError::file(
-                output,
-                "exists and is not a directory; choose another --output",
-            ))
-        }
-        Err(e) => return Err(EngineError::io(output, e)),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    if names.is_empty() || overwrite {
-        return Ok(());
-    }
-    names.sort();
-    let ours: Vec<&str> = OUTPUTS
-        .into_iter()
-        .filter(|o| names.iter().any(|n| n == o))
-        .collect();
-    let what = if !ours.is_empty() {
-        format!(
-            "holds an earlier fine-tuning's output ({})",
-            ours.join(", ")
-        )
-    } else if names.iter().any(|n| n == CONFIG_FILE || n == MODEL_FILE) {
-        "is a model directory".to_string()
-    } else {
-        let more = if names.len() > 3 { ", …" } else { "" };
-        format!(
-            "is not empty ({}{more})",
-            names[..names.len().min(3)].join(", ")
-        )
-    };
-    Err(EngineError::file(
-        output,
-        format!(
-            "{what}; refusing to overwrite it: choose another --output, or pass --overwrite to \
-             replace split.json, report.json, report.svg and model/ there (other files are kept)"
-        ),
-    ))
 }
 
 /// Gradual unfreezing: which groups train at `step`. A group thaws with a fresh optimizer
