@@ -5,6 +5,10 @@
 //! an AdamW step. Every random choice derives from (seed, step, micro-batch index), so a run
 //! resumed from a checkpoint retraces the uninterrupted one exactly.
 
+mod config;
+
+pub use config::TrainConfig;
+
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, write_json};
@@ -13,196 +17,16 @@ use crate::models::{Family, Model, ModelConfig, ParamStore};
 use crate::objective::{EvalReport, Objective};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
-use crate::schedule::{Decay, LrSchedule};
+use crate::schedule::LrSchedule;
 use crate::weights;
 use ferry_common::sampler::{mix_seed, SampleOrder};
 use ferry_common::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
 use ferry_common::shards::TokenSplit;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::Device;
-
-/// Everything that defines a training run; saved as `train.json` in the run directory.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Model family: gpt2, gpt or bert.
-    pub model: String,
-    /// Named size: tiny, mini, small, base, medium, large.
-    pub size: String,
-    /// Per-field overrides of the model config, `field=value`.
-    pub overrides: Vec<String>,
-    /// A directory written by `ferry prepare`.
-    pub data: PathBuf,
-    /// Tokens per training sequence; defaults to the model's context length.
-    pub seq_len: Option<i64>,
-    /// Start from this checkpoint's (or run directory's newest checkpoint's) weights instead
-    /// of a fresh initialisation; the optimizer and step count start anew.
-    #[serde(default)]
-    pub init_from: Option<PathBuf>,
-    /// Sequences per optimizer step, whatever the number of processes.
-    pub global_batch: u64,
-    /// Sequences per forward/backward pass.
-    pub micro_batch: u64,
-    pub steps: u64,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub decay: Decay,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub grad_clip: f64,
-    pub eval_interval: u64,
-    pub eval_sequences: u64,
-    pub checkpoint_interval: u64,
-    pub keep_checkpoints: usize,
-    pub seed: u64,
-    /// libtorch intra-op threads; 0 = one per core.
-    pub threads: usize,
-    /// auto, cpu, cuda or cuda:N.
-    pub device: String,
-}
-
-impl Default for TrainConfig {
-    /// The optimizer, schedule, eval and checkpoint defaults are the job spec's, so a local
-    /// `ferry train` and a cluster job with the same fields left out train the same way.
-    fn default() -> Self {
-        use ferry_common::job::{CheckpointSection, EvalSection, OptimizerSection};
-        TrainConfig::from_sections(
-            &OptimizerSection::default(),
-            &EvalSection::default(),
-            &CheckpointSection::default(),
-        )
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, message: String| {
-            Err(EngineError::Config {
-                field: field.into(),
-                message,
-            })
-        };
-        ModelConfig::sized(Family::parse(&self.model)?, &self.size, 1)?;
-        if self.micro_batch == 0 || self.global_batch == 0 {
-            return bad(
-                "micro_batch",
-                "global_batch and micro_batch must be positive".into(),
-            );
-        }
-        if self.global_batch % self.micro_batch != 0 {
-            return bad(
-                "global_batch",
-                format!(
-                    "{} is not a multiple of micro_batch {}",
-                    self.global_batch, self.micro_batch
-                ),
-            );
-        }
-        if self.steps == 0 {
-            return bad("steps", "must be positive".into());
-        }
-        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            return bad(
-                "lr",
-                format!(
-                    "need 0 <= min_lr ({}) <= lr ({}) and lr > 0",
-                    self.min_lr, self.lr
-                ),
-            );
-        }
-        Ok(())
-    }
-
-    /// The model's config for a vocabulary: the named size, its context stretched to
-    /// `seq_len` if that is longer, then the overrides.
-    pub fn model_config(&self, vocab_size: i64) -> Result<ModelConfig> {
-        let mut c = ModelConfig::sized(Family::parse(&self.model)?, &self.size, vocab_size)?;
-        if let Some(t) = self.seq_len {
-            c.set_context(c.context().max(t));
-        }
-        let c = c.with_overrides(&self.overrides)?;
-        c.validate()?;
-        let shortest = if c.family() == Family::Bert { 5 } else { 1 };
-        if let Some(t) = self.seq_len.filter(|&t| t < shortest || t > c.context()) {
-            return Err(EngineError::Config {
-                field: "seq_len".into(),
-                message: format!(
-                    "{t} must be between {shortest} and the model's {} ({})",
-                    c.context_field(),
-                    c.context()
-                ),
-            });
-        }
-        Ok(c)
-    }
-}
-
-impl TrainConfig {
-    /// The engine settings of a cluster job: what every worker of the job trains with.
-    /// `threads` and `device` are the worker's own.
-    pub fn from_job(
-        spec: &ferry_common::job::JobSpec,
-        threads: usize,
-        device: &str,
-    ) -> TrainConfig {
-        TrainConfig {
-            model: spec.model.family.name().into(),
-            size: spec.model.size.clone(),
-            overrides: spec.override_strings(),
-            data: spec.data.shards.clone(),
-            seq_len: Some(spec.data.seq_len as i64),
-            init_from: spec.model.init_from.clone(),
-            global_batch: spec.batch.global,
-            micro_batch: spec.batch.micro,
-            steps: spec.job.steps,
-            seed: spec.job.seed,
-            threads,
-            device: device.into(),
-            ..TrainConfig::from_sections(&spec.optimizer, &spec.eval, &spec.checkpoint)
-        }
-    }
-
-    /// The single-process defaults with the job spec's optimizer, eval and checkpoint settings.
-    fn from_sections(
-        o: &ferry_common::job::OptimizerSection,
-        e: &ferry_common::job::EvalSection,
-        c: &ferry_common::job::CheckpointSection,
-    ) -> TrainConfig {
-        TrainConfig {
-            model: "gpt2".into(),
-            size: "tiny".into(),
-            overrides: Vec::new(),
-            data: PathBuf::from("data-prepared"),
-            seq_len: None,
-            init_from: None,
-            global_batch: 16,
-            micro_batch: 8,
-            steps: 300,
-            lr: o.lr,
-            min_lr: o.min_lr,
-            warmup_steps: o.warmup_steps,
-            decay: o.decay,
-            weight_decay: o.weight_decay,
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            grad_clip: o.grad_clip,
-            eval_interval: e.every,
-            eval_sequences: e.sequences,
-            checkpoint_interval: c.every,
-            keep_checkpoints: c.keep as usize,
-            seed: ferry_common::job::DEFAULT_SEED,
-            threads: 0,
-            device: "auto".into(),
-        }
-    }
-}
 
 pub const TRAIN_CONFIG_FILE: &str = "train.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
