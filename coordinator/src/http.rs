@@ -38,7 +38,7 @@ async fn status_page(State(s): State<HttpState>) -> impl IntoResponse {
         .status(Instant::now());
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        render_page(&status),
+        render_page(&status.into()),
     )
 }
 

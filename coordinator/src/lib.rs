@@ -1,12 +1,15 @@
 //! ferry-coordinator: the control plane of a pretraining job.
 //!
-//! * [`state`]: membership, generations, the sample schedule and the ledger (pure logic);
+//! * [`state`]: membership, generations, the sample schedule and the ledger: a state machine
+//!   with its own types and errors, no gRPC (unit-tested in `state/tests.rs`);
 //! * [`links`]: broken links between workers, and who is set aside for them;
 //! * [`store`]: durable job state in redb;
-//! * [`service`]: the gRPC services and the job-token check;
+//! * [`service`]: the gRPC services and the job-token check; `convert` translates between
+//!   `proto/ferry.proto` and the state machine's types;
 //! * [`http`]: `/metrics` and the status page;
 //! * [`server`]: `ferry coordinator`, wiring it all together.
 
+mod convert;
 pub mod http;
 pub mod links;
 pub mod server;

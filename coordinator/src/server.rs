@@ -248,7 +248,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             interval.tick().await;
             let mut s = ticker_state.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = s.tick(Instant::now()) {
-                tracing::error!("periodic check failed: {}", e.message());
+                tracing::error!("periodic check failed: {e}");
             }
         }
     });

@@ -1,7 +1,7 @@
 //! The gRPC services: thin translations between protobuf messages and [`JobState`], plus
 //! per-method latency metrics. All logic lives in the state machine.
 
-use crate::state::{JobState, NextStepOutcome, RendezvousOutcome};
+use crate::state::{JobState, NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError};
 use ferry_common::proto::{
     self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply, rendezvous_reply,
 };
@@ -32,12 +32,28 @@ impl Service {
     }
 }
 
+/// The status code a refusal of the state machine travels with.
+impl From<StateError> for Status {
+    fn from(e: StateError) -> Status {
+        let message = e.to_string();
+        match e {
+            StateError::InvalidArgument(_) => Status::invalid_argument(message),
+            StateError::NotFound(_) => Status::not_found(message),
+            StateError::FailedPrecondition(_) => Status::failed_precondition(message),
+            StateError::OutOfRange(_) => Status::out_of_range(message),
+            StateError::PermissionDenied(_) => Status::permission_denied(message),
+            StateError::Store(_) => Status::internal(message),
+        }
+    }
+}
+
 /// Records latency and outcome of one RPC.
 fn observe<T>(
     method: &'static str,
     start: Instant,
-    result: Result<T, Status>,
+    result: Result<T, StateError>,
 ) -> Result<Response<T>, Status> {
+    let result = result.map_err(Status::from);
     let code = match &result {
         Ok(_) => "ok".to_string(),
         Err(s) => format!("{:?}", s.code()).to_lowercase(),
@@ -63,14 +79,10 @@ impl Coordinator for Service {
     ) -> Result<Response<proto::JoinReply>, Status> {
         let start = Instant::now();
         let r = req.into_inner();
-        let result = self.lock().join(
-            r.host,
-            r.data_addr,
-            r.metrics_addr,
-            r.devices,
-            r.pid,
-            Instant::now(),
-        );
+        let result = self
+            .lock()
+            .join(r.into(), Instant::now())
+            .map(proto::JoinReply::from);
         observe("join", start, result)
     }
 
@@ -79,7 +91,10 @@ impl Coordinator for Service {
         req: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
         let start = Instant::now();
-        let result = self.lock().heartbeat(req.get_ref(), Instant::now());
+        let result = self
+            .lock()
+            .heartbeat(&req.get_ref().into(), Instant::now())
+            .map(proto::HeartbeatReply::from);
         observe("heartbeat", start, result)
     }
 
@@ -92,7 +107,7 @@ impl Coordinator for Service {
         let rx = self.lock().subscribe_events();
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
             // A slow watcher that fell behind just misses events; it re-reads Status if it cares.
-            .filter_map(|e| e.ok().map(Ok));
+            .filter_map(|e| e.ok().map(|e| Ok(proto::WatchEvent::from(e))));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -101,7 +116,7 @@ impl Coordinator for Service {
         req: Request<proto::RendezvousRequest>,
     ) -> Result<Response<proto::RendezvousReply>, Status> {
         let start = Instant::now();
-        let req = req.into_inner();
+        let req = RendezvousRequest::from(req.get_ref());
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
         let mut changes = self.lock().subscribe_changes();
         let result = loop {
@@ -109,7 +124,7 @@ impl Coordinator for Service {
             let outcome = self.lock().rendezvous(&req, Instant::now());
             let status = match outcome {
                 Err(e) => break Err(e),
-                Ok(RendezvousOutcome::Ready(reply)) => break Ok(reply),
+                Ok(RendezvousOutcome::Ready(assignment)) => break Ok(assignment.into()),
                 Ok(RendezvousOutcome::Released) => rendezvous_reply::Status::Released,
                 Ok(RendezvousOutcome::Stopped) => rendezvous_reply::Status::Stopped,
                 Ok(RendezvousOutcome::Finished) => rendezvous_reply::Status::Finished,
@@ -143,10 +158,10 @@ impl Coordinator for Service {
         let start = Instant::now();
         let result = self
             .lock()
-            .next_step(req.get_ref(), Instant::now())
+            .next_step(&req.get_ref().into(), Instant::now())
             .map(|o| {
                 let (status, plan) = match o {
-                    NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p)),
+                    NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p.into())),
                     NextStepOutcome::Regroup => (next_step_reply::Status::Regroup, None),
                     NextStepOutcome::Finished => (next_step_reply::Status::Finished, None),
                     NextStepOutcome::Stopped => (next_step_reply::Status::Stopped, None),
@@ -165,7 +180,10 @@ impl Coordinator for Service {
         req: Request<proto::CommitStepRequest>,
     ) -> Result<Response<proto::CommitStepReply>, Status> {
         let start = Instant::now();
-        let result = self.lock().commit(req.get_ref(), Instant::now());
+        let result = self
+            .lock()
+            .commit(&req.get_ref().into(), Instant::now())
+            .map(|committed_steps| proto::CommitStepReply { committed_steps });
         observe("commit_step", start, result)
     }
 
@@ -176,7 +194,7 @@ impl Coordinator for Service {
         let start = Instant::now();
         let result = self
             .lock()
-            .report_checkpoint(req.get_ref(), Instant::now())
+            .report_checkpoint(&req.get_ref().into(), Instant::now())
             .map(|()| proto::CheckpointReply {});
         observe("report_checkpoint", start, result)
     }
@@ -188,7 +206,7 @@ impl Coordinator for Service {
         let start = Instant::now();
         let result = self
             .lock()
-            .report_failure(req.get_ref(), Instant::now())
+            .report_failure(&req.get_ref().into(), Instant::now())
             .map(|generation| proto::FailureReply { generation });
         observe("report_failure", start, result)
     }
@@ -213,7 +231,7 @@ impl Admin for Service {
         _req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
         let start = Instant::now();
-        let result = Ok(self.lock().status(Instant::now()));
+        let result = Ok(self.lock().status(Instant::now()).into());
         observe("status", start, result)
     }
 
@@ -222,7 +240,10 @@ impl Admin for Service {
         req: Request<proto::ScaleRequest>,
     ) -> Result<Response<proto::ScaleReply>, Status> {
         let start = Instant::now();
-        let result = self.lock().scale(req.get_ref().workers, Instant::now());
+        let result = self
+            .lock()
+            .scale(req.get_ref().workers, Instant::now())
+            .map(proto::ScaleReply::from);
         observe("scale", start, result)
     }
 

@@ -1,0 +1,229 @@
+//! What the state machine takes and answers, in its own terms. The gRPC service translates
+//! these to and from `proto/ferry.proto`'s messages, so the machine compiles, runs and is
+//! tested without protobuf or tonic.
+
+use crate::store::StateSourceRecord;
+use std::time::Duration;
+
+/// A worker asking to take part: where its data plane listens, and what it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct JoinRequest {
+    pub host: String,
+    pub data_addr: String,
+    pub metrics_addr: String,
+    pub devices: Vec<String>,
+    pub pid: u32,
+}
+
+/// The answer to a join: the id to use from now on and the job to run.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    pub worker_id: String,
+    pub job_id: String,
+    pub job_toml: String,
+    pub heartbeat_interval: Duration,
+    pub generation: u64,
+}
+
+/// A worker's periodic sign of life, with what `ferry status` shows of it.
+#[derive(Clone, Debug, Default)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub generation: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeartbeatAnswer {
+    pub generation: u64,
+    pub stop: bool,
+}
+
+/// A worker at rendezvous: the generation it knew, the step whose state it holds, if any,
+/// and an opaque offer for the group (an NCCL unique id).
+#[derive(Clone, Debug, Default)]
+pub struct RendezvousRequest {
+    pub worker_id: String,
+    pub known_generation: u64,
+    pub holds_step: Option<u64>,
+    pub blob: Vec<u8>,
+}
+
+/// A formed group as one member sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    /// With `peer_ranks` empty, `peers[r]` is rank r's address; large groups list only the
+    /// ring neighbours, `peers[i]` being rank `peer_ranks[i]`'s.
+    pub peers: Vec<String>,
+    pub peer_ranks: Vec<u32>,
+    pub blob: Vec<u8>,
+    pub start_step: u64,
+    pub source: StateSourceRecord,
+    pub checkpoint_path: String,
+}
+
+/// What `Rendezvous` answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RendezvousOutcome {
+    Ready(Assignment),
+    Wait(String),
+    Released,
+    Stopped,
+    Finished,
+}
+
+/// A member ready to run `step` in `generation`.
+#[derive(Clone, Debug, Default)]
+pub struct StepRequest {
+    pub worker_id: String,
+    pub generation: u64,
+    pub step: u64,
+}
+
+/// One rank's part of one step: its sequences, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepPlan {
+    pub step: u64,
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub sequence_ids: Vec<u64>,
+    /// Index (within the step) of this rank's first micro-batch: it seeds dropout.
+    pub first_micro_batch: u64,
+    pub micro_batch: u64,
+    pub global_batch: u64,
+    /// Position of this rank's first sequence in the endless sample stream.
+    pub stream_start: u64,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum NextStepOutcome {
+    Plan(StepPlan),
+    Regroup,
+    Finished,
+    Stopped,
+    Released,
+}
+
+/// A rank's report that it finished a step: the group's figures and the digest of the
+/// sequences it trained.
+#[derive(Clone, Debug, Default)]
+pub struct StepCommit {
+    pub worker_id: String,
+    pub generation: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub tokens: u64,
+    pub step_time_s: f64,
+    pub allreduce_s: f64,
+    pub sequences_digest: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointReport {
+    pub worker_id: String,
+    pub generation: u64,
+    pub step: u64,
+    pub path: String,
+}
+
+/// A member's collective failed; `suspect_rank` names the peer whose link failed, if known.
+#[derive(Clone, Debug, Default)]
+pub struct FailureReport {
+    pub worker_id: String,
+    pub generation: u64,
+    pub message: String,
+    pub suspect_rank: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scaled {
+    pub target_workers: u32,
+    pub live_workers: u32,
+}
+
+/// What a reader of the ledger needs besides its entries: how to rebuild the sample order,
+/// and how many committed steps were thrown away and trained again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LedgerMeta {
+    pub num_sequences: u64,
+    pub global_batch: u64,
+    pub seed: u64,
+    pub rollbacks: u64,
+    pub redone_steps: u64,
+}
+
+/// The job as `ferry status` and the status page show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub job_name: String,
+    /// waiting, forming, running, finished or stopped.
+    pub phase: &'static str,
+    pub generation: u64,
+    pub world_size: u32,
+    pub committed_steps: u64,
+    pub total_steps: u64,
+    pub target_workers: u32,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// Members first in rank order, then the others.
+    pub workers: Vec<WorkerStatus>,
+    /// (step, loss) of the most recent committed steps.
+    pub recent_loss: Vec<(u64, f64)>,
+    /// (step, path) of the checkpoint a restore would load.
+    pub latest_checkpoint: Option<(u64, String)>,
+    pub tokens_per_s: f64,
+    pub rollbacks: u64,
+    pub redone_steps: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    pub host: String,
+    pub data_addr: String,
+    pub metrics_addr: String,
+    /// In the current generation, if a member.
+    pub rank: Option<u32>,
+    pub generation: u64,
+    pub step: u64,
+    pub loss: f64,
+    pub tokens_per_s: f64,
+    /// member, standby, leaving or released.
+    pub state: &'static str,
+    pub last_seen: Duration,
+}
+
+/// What happened, for watchers (the launcher, NCCL's regroup watchdog).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new generation is forming, formed, or the job waits for a quorum.
+    Membership,
+    /// The target worker count changed.
+    Scale,
+    Stop,
+    /// `worker_id` should exit (scaled down, or left).
+    Released,
+    Committed,
+    Finished,
+    /// Heartbeat timeout, reported failure, or set aside for a broken link.
+    WorkerLost,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub generation: u64,
+    pub world_size: u32,
+    pub target_workers: u32,
+    pub step: u64,
+    pub worker_id: String,
+    pub message: String,
+}

@@ -1,0 +1,344 @@
+//! Generations: proposing a group from the live workers, forming it once every member has
+//! come to rendezvous, and choosing where its state comes from (a member that holds the
+//! committed step, else the checkpoint, else the seed).
+
+use super::api::{Assignment, EventKind, RendezvousRequest};
+use super::{
+    store_err, Arrival, Forming, JobState, Phase, RendezvousOutcome, StateError, FULL_PEER_LIST_MAX,
+};
+use crate::store::{FormedRecord, StateSourceRecord};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+impl JobState {
+    /// Proposes a new generation if the membership calls for one. `force`: a member is gone,
+    /// the current group cannot go on.
+    pub(super) fn propose(&mut self, now: Instant, force: bool) -> Result<(), StateError> {
+        if self.job.stopped || self.finished() {
+            return Ok(());
+        }
+        let (members, extras) = self.candidates(now);
+        let min = self.spec.cluster.min_workers as usize;
+        if members.len() < min {
+            if force || !matches!(self.phase, Phase::Formed) {
+                if !matches!(self.phase, Phase::Idle) {
+                    tracing::warn!(
+                        "{} workers, below the quorum of {min}: waiting",
+                        members.len()
+                    );
+                    self.previous = self.job.formed.take().or(self.previous.take());
+                    self.index_ranks();
+                    self.phase = Phase::Idle;
+                    self.store.save_job(&self.job).map_err(store_err)?;
+                    self.emit(
+                        EventKind::Membership,
+                        "",
+                        format!("waiting for {min} workers"),
+                    );
+                }
+            }
+            return Ok(());
+        }
+        let same = |ids: &[String]| {
+            ids.len() == members.len()
+                && ids.iter().collect::<BTreeSet<_>>() == members.iter().collect()
+        };
+        match &self.phase {
+            Phase::Idle => {
+                let full =
+                    members.len() >= self.job.target_workers.min(self.spec.max_workers()) as usize;
+                if !full && now.duration_since(self.last_join) < self.timing.settle {
+                    return Ok(());
+                }
+            }
+            Phase::Forming(f) if same(&f.members) => return Ok(()),
+            Phase::Formed if !force => {
+                if self.job.formed.as_ref().is_some_and(|f| same(&f.ranks)) {
+                    self.membership_pending = false;
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        // Scale-down: workers beyond the target are sent away, not kept on standby.
+        if self.job.target_workers < self.spec.max_workers() {
+            for id in &extras {
+                if let Some(w) = self.workers.get_mut(id) {
+                    w.released = true;
+                }
+                self.emit(EventKind::Released, id, "scaled down".into());
+            }
+        }
+        let leaving: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.leaving && !w.released)
+            .map(|w| w.rec.id.clone())
+            .collect();
+        for id in leaving {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.released = true;
+            }
+            self.emit(EventKind::Released, &id, "left".into());
+        }
+        let carried: BTreeMap<String, Arrival> =
+            match std::mem::replace(&mut self.phase, Phase::Idle) {
+                Phase::Forming(f) => f
+                    .arrived
+                    .into_iter()
+                    .filter(|(id, _)| members.contains(id))
+                    .collect(),
+                _ => BTreeMap::new(),
+            };
+        if let Some(formed) = self.job.formed.take() {
+            self.previous = Some(formed);
+        }
+        self.index_ranks();
+        self.job.generation += 1;
+        self.membership_pending = false;
+        tracing::info!(
+            generation = self.job.generation,
+            "proposing generation of {} workers",
+            members.len()
+        );
+        self.phase = Phase::Forming(Forming {
+            generation: self.job.generation,
+            members,
+            arrived: carried,
+            proposed_at: now,
+        });
+        self.store.save_job(&self.job).map_err(store_err)?;
+        self.emit(EventKind::Membership, "", "new generation proposed".into());
+        self.publish_gauges();
+        self.try_form()
+    }
+
+    /// Forms the proposed group once every member has arrived.
+    pub(super) fn try_form(&mut self) -> Result<(), StateError> {
+        let Phase::Forming(f) = &self.phase else {
+            return Ok(());
+        };
+        if !f.members.iter().all(|m| f.arrived.contains_key(m)) {
+            return Ok(());
+        }
+        let Phase::Forming(f) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("checked above");
+        };
+        // A member that already applied the step in flight proves it complete.
+        let newest = f.arrived.values().filter_map(|a| a.holds_step).max();
+        if newest == Some(self.job.committed + 1) {
+            if let Some(prev) = self.previous.clone() {
+                tracing::info!(
+                    step = self.job.committed,
+                    "late commit: a member holds its result"
+                );
+                self.record_commit(&prev, f64::NAN, 0, 0.0)?;
+            }
+        }
+        let committed = self.job.committed;
+        let prev_rank = |id: &String| {
+            self.previous
+                .as_ref()
+                .and_then(|p| p.ranks.iter().position(|r| r == id))
+                .unwrap_or(usize::MAX)
+        };
+        let join_seq = |id: &String| self.workers.get(id).map_or(u64::MAX, |w| w.rec.join_seq);
+        let mut ranks = f.members.clone();
+        ranks.sort_by_key(|id| (prev_rank(id), join_seq(id)));
+        let holder = ranks
+            .iter()
+            .position(|id| f.arrived[id].holds_step == Some(committed));
+        let (source, checkpoint_path) = match holder {
+            Some(i) => {
+                let id = ranks.remove(i);
+                ranks.insert(0, id);
+                (StateSourceRecord::Held, String::new())
+            }
+            None if committed == 0 => (StateSourceRecord::Init, String::new()),
+            None => match self.job.checkpoint.clone() {
+                Some(ck) if ck.step <= committed => {
+                    self.roll_back(ck.step)?;
+                    (StateSourceRecord::Checkpoint, ck.path)
+                }
+                _ => {
+                    self.roll_back(0)?;
+                    (StateSourceRecord::Init, String::new())
+                }
+            },
+        };
+        let peers = ranks
+            .iter()
+            .map(|id| {
+                self.workers
+                    .get(id)
+                    .map(|w| w.rec.data_addr.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let blob = f.arrived[&ranks[0]].blob.clone();
+        self.job.formed = Some(FormedRecord {
+            generation: f.generation,
+            ranks,
+            peers,
+            blob,
+            start_step: self.job.committed,
+            source,
+            checkpoint_path,
+        });
+        self.index_ranks();
+        self.phase = Phase::Formed;
+        self.handed_out = None;
+        self.store.save_job(&self.job).map_err(store_err)?;
+        tracing::info!(
+            generation = f.generation,
+            world = f.members.len(),
+            step = self.job.committed,
+            source = ?source,
+            "generation formed"
+        );
+        self.emit(EventKind::Membership, "", "generation formed".into());
+        self.publish_gauges();
+        Ok(())
+    }
+
+    pub fn rendezvous(
+        &mut self,
+        req: &RendezvousRequest,
+        now: Instant,
+    ) -> Result<RendezvousOutcome, StateError> {
+        if req.blob.len() > 64 * 1024 {
+            return Err(StateError::invalid_argument("blob is larger than 64 KiB"));
+        }
+        let w = self.worker_mut(&req.worker_id, now)?;
+        if w.released {
+            let id = req.worker_id.clone();
+            self.remove_worker(&id, "released");
+            return Ok(RendezvousOutcome::Released);
+        }
+        w.needs_rendezvous = false;
+        if self.job.stopped {
+            return Ok(RendezvousOutcome::Stopped);
+        }
+        if self.finished() {
+            return Ok(RendezvousOutcome::Finished);
+        }
+        if req.known_generation > self.job.generation {
+            return Err(StateError::failed_precondition(format!(
+                "generation {} is from the future: the newest is {}",
+                req.known_generation, self.job.generation
+            )));
+        }
+        if let (Phase::Formed, Some(rank)) = (&self.phase, self.rank_of(&req.worker_id)) {
+            let formed = self.job.formed.as_ref().expect("formed phase has a record");
+            if req.known_generation < formed.generation {
+                return Ok(RendezvousOutcome::Ready(self.ready_reply(rank)));
+            }
+            // A member of the running group is back at rendezvous: its group is broken.
+            tracing::warn!(worker = %req.worker_id, "member returned to rendezvous: regrouping");
+            self.propose(now, true)?;
+        }
+        let arrival = Arrival {
+            holds_step: req.holds_step,
+            blob: req.blob.clone(),
+        };
+        match &mut self.phase {
+            Phase::Forming(f) if f.members.contains(&req.worker_id) => {
+                f.arrived.insert(req.worker_id.clone(), arrival);
+                self.try_form()?;
+            }
+            _ => {
+                // Not in the proposal: counts as a join at the next boundary.
+                self.membership_pending = true;
+                if matches!(self.phase, Phase::Idle) {
+                    self.propose(now, false)?;
+                    if let Phase::Forming(f) = &mut self.phase {
+                        if f.members.contains(&req.worker_id) {
+                            f.arrived.insert(req.worker_id.clone(), arrival);
+                            self.try_form()?;
+                        }
+                    }
+                }
+            }
+        }
+        if let (Phase::Formed, Some(rank)) = (&self.phase, self.rank_of(&req.worker_id)) {
+            return Ok(RendezvousOutcome::Ready(self.ready_reply(rank)));
+        }
+        if self.workers.get(&req.worker_id).is_some_and(|w| w.released) {
+            let id = req.worker_id.clone();
+            self.remove_worker(&id, "released");
+            return Ok(RendezvousOutcome::Released);
+        }
+        if let Some((left, partner)) = self.links.set_aside_for(&req.worker_id, now) {
+            return Ok(RendezvousOutcome::Wait(format!(
+                "set aside for {}s: the link to worker {partner} failed in {} generations in a \
+                 row; offered to a group again after that",
+                left.as_secs().max(1),
+                crate::links::STRIKES
+            )));
+        }
+        let why = match &self.phase {
+            Phase::Idle => format!(
+                "waiting for a quorum of {} workers",
+                self.spec.cluster.min_workers
+            ),
+            Phase::Forming(f) => format!(
+                "generation {} is forming: {}/{} members here",
+                f.generation,
+                f.arrived.len(),
+                f.members.len()
+            ),
+            Phase::Formed => "standing by: the group is full".to_string(),
+        };
+        Ok(RendezvousOutcome::Wait(why))
+    }
+
+    pub(super) fn ready_reply(&self, rank: usize) -> Assignment {
+        let f = self
+            .job
+            .formed
+            .as_ref()
+            .expect("called with a formed group");
+        let world = f.ranks.len();
+        let (peers, peer_ranks) = if world <= FULL_PEER_LIST_MAX {
+            (f.peers.clone(), Vec::new())
+        } else {
+            let mut ranks = vec![(rank + world - 1) % world, rank, (rank + 1) % world];
+            ranks.dedup();
+            (
+                ranks.iter().map(|&r| f.peers[r].clone()).collect(),
+                ranks.iter().map(|&r| r as u32).collect(),
+            )
+        };
+        Assignment {
+            generation: f.generation,
+            rank: rank as u32,
+            world_size: world as u32,
+            peers,
+            peer_ranks,
+            blob: f.blob.clone(),
+            start_step: f.start_step,
+            source: f.source,
+            checkpoint_path: f.checkpoint_path.clone(),
+        }
+    }
+
+    /// Checks that `generation` is the running group's and `id` a member; returns its rank.
+    pub(super) fn member_rank(
+        &self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Option<usize>, StateError> {
+        if generation > self.job.generation {
+            return Err(StateError::failed_precondition(format!(
+                "generation {generation} is from the future: the newest is {}",
+                self.job.generation
+            )));
+        }
+        match &self.job.formed {
+            Some(f) if f.generation == generation && matches!(self.phase, Phase::Formed) => {
+                Ok(self.rank_of(id))
+            }
+            _ => Ok(None),
+        }
+    }
+}

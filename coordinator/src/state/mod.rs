@@ -1,0 +1,307 @@
+//! The job's state machine: membership, generations, the sample schedule and the ledger.
+//!
+//! Pure logic behind one mutex: no I/O except the store, time passed in as `now`. The rules:
+//!
+//! * **Generations.** A generation is a fixed group of workers with ranks. It is *proposed*
+//!   (members chosen), then *formed* once every member has called `Rendezvous`. Joins, graceful
+//!   leaves and scale orders take effect at a step boundary: the first `NextStep` for a step that
+//!   nobody in the group has started yet answers REGROUP. A lost member (heartbeat timeout, a
+//!   reported data-plane failure) re-proposes at once; the step in flight is abandoned and redone.
+//! * **State hand-over.** When a group forms, rank 0 is a member that holds the weights of the
+//!   last committed step (`HELD`); its state is broadcast to all. A member that applied the step
+//!   in flight whose commit never reached us (commit lost in a restart, or all-reduce finished
+//!   just as a peer died) proves that step complete: it is committed late, from the plan of the
+//!   generation that ran it. With no holder, rank 0 loads the latest checkpoint and the ledger is
+//!   rolled back to it, or starts from the seed.
+//! * **Schedule.** Step `s` trains stream positions `s*G .. (s+1)*G` of the seeded endless
+//!   permutation ([`SampleOrder`]); rank `r` of `W` gets a contiguous run of whole micro-batches
+//!   of it ([`ferry_common::sampler::rank_micro_batches`]). A step commits on the first rank's report: a finished
+//!   all-reduce on any rank proves every rank contributed. Later reports confirm it.
+
+pub use self::api::*;
+pub use self::error::StateError;
+use crate::links::LinkHealth;
+use crate::store::{FormedRecord, JobRecord, LedgerRecord, Store, StoreError, WorkerRecord};
+use ferry_common::job::JobSpec;
+use ferry_common::sampler::SampleOrder;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+mod api;
+mod error;
+mod formation;
+mod ledger;
+mod roster;
+mod status;
+#[cfg(test)]
+mod tests;
+
+/// Groups up to this size get every rank's address at rendezvous; larger ones only their ring
+/// neighbours' (see `RendezvousReply.peer_ranks`).
+pub const FULL_PEER_LIST_MAX: usize = 1024;
+
+/// Timing rules derived from the job spec.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub heartbeat_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub settle: Duration,
+    /// A proposed member that has not come to rendezvous by then is set aside.
+    pub formation_deadline: Duration,
+}
+
+impl Timing {
+    pub fn from_spec(spec: &JobSpec) -> Timing {
+        let c = &spec.cluster;
+        let heartbeat_timeout = Duration::from_secs_f64(c.heartbeat_timeout_s);
+        Timing {
+            heartbeat_timeout,
+            heartbeat_interval: heartbeat_timeout / 4,
+            settle: Duration::from_secs_f64(c.settle_s),
+            formation_deadline: heartbeat_timeout + Duration::from_secs_f64(c.collective_timeout_s),
+        }
+    }
+}
+
+struct Worker {
+    rec: WorkerRecord,
+    last_seen: Instant,
+    /// Asked to leave; goes at the next step boundary.
+    leaving: bool,
+    /// Told to exit (scale down, graceful leave done); answered RELEASED until it goes.
+    released: bool,
+    /// Missed a formation; left out of proposals until it comes to rendezvous itself.
+    needs_rendezvous: bool,
+    // What `ferry status` shows, from heartbeats.
+    generation: u64,
+    step: u64,
+    loss: f64,
+    tokens_per_s: f64,
+}
+
+struct Arrival {
+    /// The step whose state this member holds, if any.
+    holds_step: Option<u64>,
+    blob: Vec<u8>,
+}
+
+struct Forming {
+    generation: u64,
+    members: Vec<String>,
+    arrived: BTreeMap<String, Arrival>,
+    proposed_at: Instant,
+}
+
+enum Phase {
+    /// No group: waiting for a quorum (or for more workers to settle).
+    Idle,
+    Forming(Forming),
+    /// The group in `job.formed` is training.
+    Formed,
+}
+
+pub struct JobState {
+    spec: JobSpec,
+    spec_toml: String,
+    timing: Timing,
+    num_sequences: u64,
+    job: JobRecord,
+    workers: BTreeMap<String, Worker>,
+    phase: Phase,
+    /// (generation, step) most recently handed out: a step boundary is reached when the next
+    /// step has not been handed out in the current generation.
+    handed_out: Option<(u64, u64)>,
+    /// The generation that ran before the current proposal, for late commits.
+    previous: Option<FormedRecord>,
+    membership_pending: bool,
+    /// Worker id -> rank in `job.formed`, so per-RPC lookups do not scan the group.
+    rank_index: HashMap<String, usize>,
+    last_join: Instant,
+    order: SampleOrder,
+    ledger_tail: Option<LedgerRecord>,
+    loss_history: Vec<(u64, f64)>,
+    /// Broken links between workers and who is set aside for them (see [`crate::links`]).
+    links: LinkHealth,
+    store: Store,
+    events: tokio::sync::broadcast::Sender<Event>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+fn store_err(e: StoreError) -> StateError {
+    tracing::error!("state store: {e}");
+    StateError::Store(e)
+}
+
+impl JobState {
+    /// A fresh job, or the one stored in `store` (then `spec` must be the stored one).
+    pub fn open(
+        spec: JobSpec,
+        spec_toml: String,
+        num_sequences: u64,
+        store: Store,
+        loaded: Option<crate::store::Loaded>,
+        now: Instant,
+    ) -> Result<JobState, StoreError> {
+        let timing = Timing::from_spec(&spec);
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let mut state = JobState {
+            order: SampleOrder::new(spec.job.seed, num_sequences),
+            job: JobRecord {
+                job_id: new_id(),
+                committed: 0,
+                generation: 0,
+                formed: None,
+                target_workers: spec.max_workers(),
+                stopped: false,
+                checkpoint: None,
+                rollbacks: 0,
+                redone_steps: 0,
+                next_join_seq: 0,
+            },
+            spec,
+            spec_toml,
+            timing,
+            num_sequences,
+            workers: BTreeMap::new(),
+            phase: Phase::Idle,
+            handed_out: None,
+            previous: None,
+            membership_pending: false,
+            rank_index: HashMap::new(),
+            last_join: now,
+            ledger_tail: None,
+            loss_history: Vec::new(),
+            links: LinkHealth::default(),
+            store,
+            events,
+            changed,
+        };
+        match loaded {
+            None => state.store.init(&state.spec_toml, &state.job)?,
+            Some(loaded) => {
+                state.job = loaded.job;
+                for rec in loaded.workers {
+                    // Every known worker gets a full timeout to reconnect after a restart.
+                    state.workers.insert(rec.id.clone(), Worker::new(rec, now));
+                }
+                if let Some(formed) = &state.job.formed {
+                    state.phase = Phase::Formed;
+                    // The group may be mid-step: treat the next step as started, so that a
+                    // join waits for its commit instead of breaking the step in flight.
+                    state.handed_out = Some((formed.generation, state.job.committed));
+                }
+                state.loss_history = loaded.ledger.iter().map(|e| (e.step, e.loss)).collect();
+                state.ledger_tail = loaded.ledger.into_iter().last();
+            }
+        }
+        state.index_ranks();
+        state.publish_gauges();
+        Ok(state)
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn finished(&self) -> bool {
+        self.job.committed >= self.spec.job.steps
+    }
+
+    fn emit(&self, kind: EventKind, worker_id: &str, message: String) {
+        let world_size = match &self.job.formed {
+            Some(f) => f.ranks.len() as u32,
+            None => 0,
+        };
+        let _ = self.events.send(Event {
+            kind,
+            generation: self.job.generation,
+            world_size,
+            target_workers: self.job.target_workers,
+            step: self.job.committed,
+            worker_id: worker_id.to_string(),
+            message,
+        });
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn publish_gauges(&self) {
+        metrics::gauge!("ferry_workers").set(self.workers.len() as f64);
+        metrics::gauge!("ferry_generation").set(self.job.generation as f64);
+        metrics::gauge!("ferry_committed_steps").set(self.job.committed as f64);
+        metrics::gauge!("ferry_target_workers").set(f64::from(self.job.target_workers));
+        metrics::gauge!("ferry_rollbacks").set(self.job.rollbacks as f64);
+        metrics::gauge!("ferry_redone_steps").set(self.job.redone_steps as f64);
+        let world = self.job.formed.as_ref().map_or(0, |f| f.ranks.len());
+        metrics::gauge!("ferry_world_size").set(world as f64);
+    }
+
+    fn worker_mut(&mut self, id: &str, now: Instant) -> Result<&mut Worker, StateError> {
+        let w = self.workers.get_mut(id).ok_or_else(|| {
+            StateError::not_found(format!("unknown worker id {id:?}; join first"))
+        })?;
+        w.last_seen = now;
+        Ok(w)
+    }
+
+    fn rank_of(&self, id: &str) -> Option<usize> {
+        self.rank_index.get(id).copied()
+    }
+
+    /// Rebuilds the rank index after `job.formed` changed.
+    fn index_ranks(&mut self) {
+        self.rank_index = match &self.job.formed {
+            Some(f) => f
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(r, id)| (id.clone(), r))
+                .collect(),
+            None => HashMap::new(),
+        };
+    }
+}
+
+impl Worker {
+    fn new(rec: WorkerRecord, now: Instant) -> Worker {
+        Worker {
+            rec,
+            last_seen: now,
+            leaving: false,
+            released: false,
+            needs_rendezvous: false,
+            generation: 0,
+            step: 0,
+            loss: f64::NAN,
+            tokens_per_s: 0.0,
+        }
+    }
+}
+
+fn valid_addr(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && host.len() <= 255 && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+/// 16 random hex digits.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    hex::encode(bytes)
+}

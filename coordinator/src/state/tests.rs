@@ -1,0 +1,369 @@
+//! The state machine on its own: no sockets, no gRPC, time passed in. Each test drives the
+//! calls workers make (join, rendezvous, next step, commit, heartbeats by way of `tick`) and
+//! checks what the machine answers and records.
+
+use super::*;
+use crate::store::StateSourceRecord;
+use ferry_common::sampler::sequences_digest;
+use std::collections::BTreeSet;
+
+/// 16 sequences per step in micro-batches of 4; 1,000 sequences in the corpus.
+const GLOBAL: u64 = 16;
+const SEQUENCES: u64 = 1000;
+
+struct Harness {
+    state: JobState,
+    dir: tempfile::TempDir,
+    now: Instant,
+}
+
+fn spec_toml(run_dir: &std::path::Path, cluster: &str) -> String {
+    format!(
+        r#"[job]
+name = "machine"
+steps = 10
+run_dir = "{}"
+seed = 3
+
+[model]
+family = "gpt2"
+size = "tiny"
+
+[data]
+shards = "unused"
+seq_len = 8
+
+[batch]
+global = {GLOBAL}
+micro = 4
+
+[cluster]
+settle_s = 0.0
+heartbeat_timeout_s = 10.0
+{cluster}
+"#,
+        run_dir.display()
+    )
+}
+
+impl Harness {
+    fn new(cluster: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = spec_toml(&dir.path().join("run"), cluster);
+        let spec = JobSpec::from_toml(&toml, "job.toml").unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let now = Instant::now();
+        let state = JobState::open(spec, toml, SEQUENCES, store, None, now).unwrap();
+        Harness { state, dir, now }
+    }
+
+    /// The same job reopened from its store, as a restarted coordinator does.
+    fn restart(self) -> Harness {
+        let Harness { state, dir, now } = self;
+        let (spec, toml) = (state.spec.clone(), state.spec_toml.clone());
+        drop(state);
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let loaded = store.load().unwrap().expect("a stored job");
+        let state = JobState::open(spec, toml, SEQUENCES, store, Some(loaded), now).unwrap();
+        Harness { state, dir, now }
+    }
+
+    fn join(&mut self, host: &str) -> String {
+        let req = JoinRequest {
+            host: host.into(),
+            data_addr: format!("{host}:9"),
+            ..Default::default()
+        };
+        self.state.join(req, self.now).unwrap().worker_id
+    }
+
+    fn rendezvous(&mut self, id: &str, known: u64, holds: Option<u64>) -> RendezvousOutcome {
+        let req = RendezvousRequest {
+            worker_id: id.into(),
+            known_generation: known,
+            holds_step: holds,
+            blob: id.as_bytes().to_vec(),
+        };
+        self.state.rendezvous(&req, self.now).unwrap()
+    }
+
+    /// Rendezvous for every worker until each is Ready; returns the assignments in order.
+    fn form(&mut self, ids: &[&str], known: u64, holds: &[Option<u64>]) -> Vec<Assignment> {
+        for (id, h) in ids.iter().zip(holds) {
+            self.rendezvous(id, known, *h);
+        }
+        ids.iter()
+            .zip(holds)
+            .map(|(id, h)| match self.rendezvous(id, known, *h) {
+                RendezvousOutcome::Ready(a) => a,
+                other => panic!("{id}: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn next_step(&mut self, id: &str, a: &Assignment, step: u64) -> NextStepOutcome {
+        let req = StepRequest {
+            worker_id: id.into(),
+            generation: a.generation,
+            step,
+        };
+        self.state.next_step(&req, self.now).unwrap()
+    }
+
+    fn commit(&mut self, id: &str, plan: &StepPlan) -> Result<u64, StateError> {
+        let req = StepCommit {
+            worker_id: id.into(),
+            generation: plan.generation,
+            step: plan.step,
+            loss: 2.5,
+            tokens: 100,
+            step_time_s: 0.1,
+            sequences_digest: sequences_digest(&plan.sequence_ids),
+            ..Default::default()
+        };
+        self.state.commit(&req, self.now)
+    }
+
+    /// Every member plans and commits `steps` steps; returns the sequences trained per step.
+    fn run(&mut self, members: &[(&str, &Assignment)], steps: u64) -> Vec<Vec<u64>> {
+        let mut trained = Vec::new();
+        for _ in 0..steps {
+            let step = self.state.committed();
+            let plans: Vec<StepPlan> = members
+                .iter()
+                .map(|(id, a)| match self.next_step(id, a, step) {
+                    NextStepOutcome::Plan(p) => p,
+                    other => panic!("{id} at step {step}: {other:?}"),
+                })
+                .collect();
+            for ((id, _), plan) in members.iter().zip(&plans) {
+                self.commit(id, plan).unwrap();
+            }
+            trained.push(plans.iter().flat_map(|p| p.sequence_ids.clone()).collect());
+        }
+        trained
+    }
+
+    fn later(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+    }
+}
+
+#[test]
+fn a_group_forms_once_every_proposed_member_has_come_to_rendezvous() {
+    let mut h = Harness::new("min_workers = 2");
+    let a = h.join("a");
+    match h.rendezvous(&a, 0, None) {
+        RendezvousOutcome::Wait(why) => assert!(why.contains("quorum of 2"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a, &b], 0, &[None, None]);
+    assert_eq!(got[0].generation, got[1].generation);
+    assert_eq!((got[0].rank, got[1].rank, got[0].world_size), (0, 1, 2));
+    assert_eq!(got[0].peers, ["a:9", "b:9"]);
+    assert_eq!(
+        (got[0].source, got[0].start_step),
+        (StateSourceRecord::Init, 0)
+    );
+    // Rank 0's offer is everyone's.
+    assert_eq!(got[1].blob, a.as_bytes());
+    assert_eq!(h.state.status(h.now).phase, "running");
+}
+
+#[test]
+fn every_sequence_of_a_step_is_planned_to_exactly_one_rank_and_committed_once() {
+    let mut h = Harness::new("min_workers = 3");
+    let ids: Vec<String> = ["a", "b", "c"].iter().map(|n| h.join(n)).collect();
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&names, 0, &[None; 3]);
+    let members: Vec<(&str, &Assignment)> = names.iter().copied().zip(&got).collect();
+    let trained = h.run(&members, 4);
+    for (step, seqs) in trained.iter().enumerate() {
+        assert_eq!(seqs.len() as u64, GLOBAL, "step {step}");
+        assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len() as u64, GLOBAL);
+    }
+    let all: BTreeSet<u64> = trained.iter().flatten().copied().collect();
+    assert_eq!(all.len() as u64, 4 * GLOBAL, "a sequence was trained twice");
+    let ledger = h.state.ledger(0, 0).unwrap();
+    assert_eq!(ledger.len(), 4);
+    assert!(ledger
+        .iter()
+        .all(|e| e.slices.len() == 3 && e.world_size == 3));
+    assert_eq!(ledger[3].step, 3);
+}
+
+#[test]
+fn a_commit_must_match_its_plan_and_come_from_a_known_member() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a], 0, &[None]);
+    let NextStepOutcome::Plan(mut plan) = h.next_step(&a, &got[0], 0) else {
+        panic!("no plan")
+    };
+    plan.sequence_ids.reverse();
+    plan.sequence_ids[0] += 1;
+    assert!(
+        matches!(h.commit(&a, &plan), Err(StateError::InvalidArgument(m)) if m.contains("digest"))
+    );
+    assert!(matches!(
+        h.commit("w99-nobody", &plan),
+        Err(StateError::NotFound(_))
+    ));
+    let step = StepRequest {
+        worker_id: a.clone(),
+        generation: got[0].generation,
+        step: 7,
+    };
+    assert!(matches!(
+        h.state.next_step(&step, h.now),
+        Err(StateError::OutOfRange(_))
+    ));
+    assert_eq!(
+        h.state.committed(),
+        0,
+        "a refused commit changed the ledger"
+    );
+}
+
+#[test]
+fn a_join_regroups_at_the_next_step_boundary_and_the_holder_becomes_rank_0() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let first = h.form(&[&a], 0, &[None]);
+    h.run(&[(&a, &first[0])], 2);
+    let b = h.join("b");
+    // The step in flight is not broken: the join waits for the boundary, which is now.
+    assert_eq!(h.next_step(&a, &first[0], 2), NextStepOutcome::Regroup);
+    let second = h.form(&[&b, &a], first[0].generation, &[None, Some(2)]);
+    let a_side = &second[1];
+    assert!(a_side.generation > first[0].generation);
+    assert_eq!(
+        (a_side.rank, a_side.world_size),
+        (0, 2),
+        "the holder is rank 0"
+    );
+    assert_eq!(
+        (a_side.source, a_side.start_step),
+        (StateSourceRecord::Held, 2)
+    );
+    h.run(&[(&a, &second[1]), (&b, &second[0])], 1);
+    assert_eq!(h.state.committed(), 3);
+    assert_eq!(h.state.ledger(2, 3).unwrap()[0].world_size, 2);
+}
+
+#[test]
+fn a_silent_member_is_declared_dead_and_the_step_in_flight_is_redone() {
+    let mut h = Harness::new("min_workers = 1");
+    let (a, b) = (h.join("a"), h.join("b"));
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a, &b], 0, &[None, None]);
+    h.run(&[(&a, &got[0]), (&b, &got[1])], 1);
+    // Step 1 starts; b never commits nor heartbeats again.
+    let NextStepOutcome::Plan(_) = h.next_step(&a, &got[0], 1) else {
+        panic!()
+    };
+    h.later(11);
+    h.state
+        .heartbeat(
+            &Heartbeat {
+                worker_id: a.clone(),
+                ..Default::default()
+            },
+            h.now,
+        )
+        .unwrap();
+    h.state.tick(h.now).unwrap();
+    assert_eq!(h.state.status(h.now).workers.len(), 1, "b is still listed");
+    assert_eq!(h.next_step(&a, &got[0], 1), NextStepOutcome::Regroup);
+    let again = h.form(&[&a], got[0].generation, &[Some(1)]);
+    assert_eq!((again[0].world_size, again[0].start_step), (1, 1));
+    assert_eq!(h.state.committed(), 1, "the abandoned step was counted");
+    h.run(&[(&a, &again[0])], 1);
+    assert_eq!(h.state.committed(), 2);
+}
+
+#[test]
+fn with_no_holder_the_job_rolls_back_to_its_checkpoint_and_counts_the_redone_steps() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a], 0, &[None]);
+    let first = h.run(&[(&a, &got[0])], 5);
+    let path = ferry_common::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, 3);
+    let report = CheckpointReport {
+        worker_id: a.clone(),
+        generation: got[0].generation,
+        step: 3,
+        path: path.display().to_string(),
+    };
+    h.state.report_checkpoint(&report, h.now).unwrap();
+    h.later(11);
+    h.state.tick(h.now).unwrap();
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    let back = h.form(&[&b], 0, &[None]);
+    assert_eq!(back[0].source, StateSourceRecord::Checkpoint);
+    assert_eq!(back[0].start_step, 3);
+    assert_eq!(back[0].checkpoint_path, path.display().to_string());
+    assert_eq!(
+        h.state.ledger(0, 0).unwrap().len(),
+        3,
+        "the ledger was not cut back"
+    );
+    let meta = h.state.ledger_meta();
+    assert_eq!((meta.rollbacks, meta.redone_steps), (1, 2));
+    // The redone steps train the same sequences as the first time: the order is the seed's.
+    let redone = h.run(&[(&b, &back[0])], 2);
+    assert_eq!(redone, first[3..], "the redone steps trained other data");
+    assert_eq!(h.state.committed(), 5);
+    let h = h.restart();
+    assert_eq!(h.state.committed(), 5);
+    assert_eq!(h.state.ledger_meta().redone_steps, 2);
+}
+
+#[test]
+fn with_no_holder_and_no_checkpoint_the_job_starts_over_from_the_seed() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a], 0, &[None]);
+    let first = h.run(&[(&a, &got[0])], 2);
+    h.later(11);
+    h.state.tick(h.now).unwrap();
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    let back = h.form(&[&b], 0, &[None]);
+    assert_eq!(
+        (back[0].source, back[0].start_step),
+        (StateSourceRecord::Init, 0)
+    );
+    assert_eq!(h.state.ledger_meta().redone_steps, 2);
+    assert_eq!(
+        h.run(&[(&b, &back[0])], 2),
+        first,
+        "the redone steps trained other data"
+    );
+}
+
+#[test]
+fn a_restarted_machine_keeps_its_ledger_group_and_workers() {
+    let mut h = Harness::new("min_workers = 2");
+    let (a, b) = (h.join("a"), h.join("b"));
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a, &b], 0, &[None, None]);
+    h.run(&[(&a, &got[0]), (&b, &got[1])], 3);
+    let before = h.state.ledger(0, 0).unwrap();
+    let mut h = h.restart();
+    assert_eq!(h.state.ledger(0, 0).unwrap(), before);
+    // The group runs on: the next step is planned for the same generation.
+    match h.next_step(&a, &got[0], 3) {
+        NextStepOutcome::Plan(p) => assert_eq!((p.step, p.rank), (3, 0)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.state.status(h.now).workers.len(), 2);
+}
