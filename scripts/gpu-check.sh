@@ -302,7 +302,7 @@ PY
     else
         record env "torch / CUDA / cuDNN / NCCL" FAIL "$(why torch_info)"
     fi
-    # ferry dlopens NCCL itself (collective/nccl.rs): FERRY_NCCL_LIB, else the wheel's copy
+    # ferry dlopens NCCL itself (collective/nccl/loader.rs): FERRY_NCCL_LIB, else the wheel's copy
     # next to libtorch. Say which one the NCCL steps will use.
     ((DRY_RUN)) && return 0
     local wheel_nccl
