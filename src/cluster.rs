@@ -1,11 +1,12 @@
 //! The cluster subcommands: `ferry coordinator`, `ferry status`, `ferry scale`, `ferry stop`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use ferry_common::client::{load_token, with_backoff, ClientConfig, Clients};
-use ferry_common::proto;
+use ferry_common::client::{load_token, ClientConfig};
+pub use ferry_coordinator::admin::LOG_ENV;
+use ferry_coordinator::admin::{endpoint_from_state, status_json, status_table, AdminClient};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args)]
@@ -74,10 +75,6 @@ pub struct StopArgs {
     connect: ConnectArgs,
 }
 
-/// The log filter of every subcommand (`error`, `warn`, `info`, `debug`, or per-module
-/// directives as in `RUST_LOG`).
-pub const LOG_ENV: &str = "FERRY_LOG";
-
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -110,182 +107,32 @@ pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
     }))
 }
 
-/// The gRPC address in a coordinator state directory's endpoint.json.
-pub fn endpoint_from_state(dir: &Path) -> Result<String> {
-    let path = dir.join(ferry_coordinator::ENDPOINT_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: no running coordinator recorded here", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    match v.get("grpc").and_then(|g| g.as_str()) {
-        Some(addr) => Ok(addr.to_string()),
-        None => bail!("{}: field \"grpc\" is missing", path.display()),
-    }
-}
-
-/// Waits for the coordinator started as `child` to write its endpoint into `state` (the pid
-/// must match, so a stale file from an earlier run is not taken); returns its gRPC address.
-pub fn wait_for_endpoint(state: &Path, child: &mut std::process::Child) -> Result<String> {
-    let path = state.join(ferry_coordinator::ENDPOINT_FILE);
-    let pid = u64::from(child.id());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let endpoint = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .filter(|v| v["pid"].as_u64() == Some(pid))
-            .and_then(|v| v["grpc"].as_str().map(str::to_string));
-        if let Some(addr) = endpoint {
-            return Ok(addr);
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("the coordinator exited ({status})");
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "{}: the coordinator did not start within 60 s",
-                path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn clients(c: &ConnectArgs) -> Result<(Clients, String)> {
+/// An admin client for the coordinator these arguments name.
+fn admin(c: &ConnectArgs) -> Result<AdminClient> {
     let address = match &c.state {
         Some(dir) => endpoint_from_state(dir)?,
         None => c.coordinator.clone(),
     };
-    let cfg = ClientConfig {
-        address: address.clone(),
+    AdminClient::connect(&ClientConfig {
+        address,
         token: load_token(c.token_file.as_deref())?,
         tls_ca: c.tls_ca.clone(),
         tls_domain: None,
-    };
-    Ok((Clients::connect_lazy(&cfg)?, address))
-}
-
-fn rpc_error(address: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "coordinator {address}: {} ({:?})",
-        status.message(),
-        status.code()
-    )
-}
-
-/// Admin calls wait a little for a coordinator that is restarting, then give up.
-const ADMIN_PATIENCE: Duration = Duration::from_secs(10);
-
-pub fn run_status(a: StatusArgs) -> Result<()> {
-    let rt = runtime()?;
-    let _in_runtime = rt.enter();
-    let (clients, address) = clients(&a.connect)?;
-    let st = rt.block_on(with_backoff(ADMIN_PATIENCE, || {
-        let mut admin = clients.admin.clone();
-        async move {
-            admin
-                .status(proto::StatusRequest {})
-                .await
-                .map(|r| r.into_inner())
-        }
-    }));
-    let st = st.map_err(|s| rpc_error(&address, s))?;
-    if a.json {
-        println!("{}", status_json(&st));
-        return Ok(());
-    }
-    print!("{}", status_table(&st));
-    Ok(())
-}
-
-pub fn status_json(st: &proto::StatusReply) -> serde_json::Value {
-    serde_json::json!({
-        "job_id": st.job_id, "job_name": st.job_name, "phase": st.phase,
-        "generation": st.generation, "world_size": st.world_size,
-        "committed_steps": st.committed_steps, "total_steps": st.total_steps,
-        "target_workers": st.target_workers, "min_workers": st.min_workers,
-        "max_workers": st.max_workers, "tokens_per_s": st.tokens_per_s,
-        "latest_checkpoint_step": st.latest_checkpoint_step,
-        "latest_checkpoint_path": st.latest_checkpoint_path,
-        "rollbacks": st.rollbacks, "redone_steps": st.redone_steps,
-        "last_loss": st.recent_loss.last().map(|p| p.loss),
-        "workers": st.workers.iter().map(|w| serde_json::json!({
-            "worker_id": w.worker_id, "host": w.host, "data_addr": w.data_addr,
-            "metrics_addr": w.metrics_addr,
-            "rank": w.rank, "state": w.state, "generation": w.generation, "step": w.step,
-            "loss": if w.loss.is_finite() { Some(w.loss) } else { None },
-            "tokens_per_s": w.tokens_per_s, "last_seen_s": w.last_seen_s,
-        })).collect::<Vec<_>>(),
     })
 }
 
-pub fn status_table(st: &proto::StatusReply) -> String {
-    let mut out = format!(
-        "job {} ({})  phase {}  step {}/{}  generation {}  world {} (target {}, {}..{})  {:.0} tokens/s\n",
-        st.job_name,
-        st.job_id,
-        st.phase,
-        st.committed_steps,
-        st.total_steps,
-        st.generation,
-        st.world_size,
-        st.target_workers,
-        st.min_workers,
-        st.max_workers,
-        st.tokens_per_s
-    );
-    if st.rollbacks > 0 {
-        out.push_str(&format!(
-            "rolled back to a checkpoint {} time(s): {} committed step(s) trained again\n",
-            st.rollbacks, st.redone_steps
-        ));
+pub fn run_status(a: StatusArgs) -> Result<()> {
+    let st = admin(&a.connect)?.status()?;
+    if a.json {
+        println!("{}", status_json(&st));
+    } else {
+        print!("{}", status_table(&st));
     }
-    out.push_str(&format!(
-        "{:<18} {:<20} {:>4} {:<8} {:>4} {:>7} {:>8} {:>9} {:>9}\n",
-        "WORKER", "HOST", "RANK", "STATE", "GEN", "STEP", "LOSS", "TOKENS/S", "SEEN"
-    ));
-    for w in &st.workers {
-        out.push_str(&format!(
-            "{:<18} {:<20} {:>4} {:<8} {:>4} {:>7} {:>8} {:>9.0} {:>8.1}s\n",
-            w.worker_id,
-            w.host.chars().take(20).collect::<String>(),
-            if w.rank < 0 {
-                "-".to_string()
-            } else {
-                w.rank.to_string()
-            },
-            w.state,
-            w.generation,
-            w.step,
-            if w.loss.is_finite() {
-                format!("{:.4}", w.loss)
-            } else {
-                "-".into()
-            },
-            w.tokens_per_s,
-            w.last_seen_s
-        ));
-    }
-    if st.workers.is_empty() {
-        out.push_str("(no workers)\n");
-    }
-    out
+    Ok(())
 }
 
 pub fn run_scale(a: ScaleArgs) -> Result<()> {
-    let rt = runtime()?;
-    let _in_runtime = rt.enter();
-    let (clients, address) = clients(&a.connect)?;
-    let reply = rt.block_on(with_backoff(ADMIN_PATIENCE, || {
-        let mut admin = clients.admin.clone();
-        async move {
-            admin
-                .scale(proto::ScaleRequest { workers: a.workers })
-                .await
-                .map(|r| r.into_inner())
-        }
-    }));
-    let reply = reply.map_err(|s| rpc_error(&address, s))?;
+    let reply = admin(&a.connect)?.scale(a.workers)?;
     println!(
         "target set to {} workers ({} live); the change takes effect at the next step boundary",
         reply.target_workers, reply.live_workers
@@ -294,19 +141,7 @@ pub fn run_scale(a: ScaleArgs) -> Result<()> {
 }
 
 pub fn run_stop(a: StopArgs) -> Result<()> {
-    let rt = runtime()?;
-    let _in_runtime = rt.enter();
-    let (clients, address) = clients(&a.connect)?;
-    let reply = rt.block_on(with_backoff(ADMIN_PATIENCE, || {
-        let mut admin = clients.admin.clone();
-        async move {
-            admin
-                .stop(proto::StopRequest {})
-                .await
-                .map(|r| r.into_inner())
-        }
-    }));
-    let reply = reply.map_err(|s| rpc_error(&address, s))?;
+    let reply = admin(&a.connect)?.stop()?;
     println!(
         "job stopped after {} committed steps",
         reply.committed_steps

@@ -7,11 +7,16 @@
 //! * [`service`]: the gRPC services and the job-token check; `convert` translates between
 //!   `proto/ferry.proto` and the state machine's types;
 //! * [`http`]: `/metrics` and the status page;
+//! * [`admin`]: finding a running coordinator and calling its admin service (status, scale,
+//!   stop), and printing a status;
+//! * [`loadgen`]: `ferry bench coordinator`, a real coordinator under many simulated workers;
 //! * [`server`]: `ferry coordinator`, wiring it all together.
 
+pub mod admin;
 mod convert;
 pub mod http;
 pub mod links;
+pub mod loadgen;
 pub mod server;
 pub mod service;
 pub mod state;

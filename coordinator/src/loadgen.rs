@@ -129,7 +129,7 @@ heartbeat_timeout_s = {hb_timeout}
         hb_timeout = (a.heartbeat_s * 30.0).max(30.0),
     );
     std::fs::write(dir.join("job.toml"), job)?;
-    let token = ferry_coordinator::state::new_id();
+    let token = crate::state::new_id();
     std::fs::write(dir.join("token"), &token)?;
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
     let child = std::process::Command::new(std::env::current_exe()?)
@@ -145,10 +145,9 @@ heartbeat_timeout_s = {hb_timeout}
         .spawn()
         .context("cannot start the coordinator")?;
     let mut child = CoordinatorChild { child };
-    let addr = crate::cluster::wait_for_endpoint(&dir.join("state"), &mut child.child)
-        .with_context(|| {
-            std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
-        })?;
+    let addr = crate::admin::wait_for_endpoint(&dir.join("state"), &mut child.child).with_context(
+        || std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default(),
+    )?;
     Ok((child, addr, token))
 }
 
