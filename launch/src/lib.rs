@@ -213,11 +213,11 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .arg("--state")
         .arg(&state)
         .env(
-            crate::cluster::LOG_ENV,
-            std::env::var(crate::cluster::LOG_ENV).unwrap_or_else(|_| "warn".into()),
+            ferry_coordinator::admin::LOG_ENV,
+            std::env::var(ferry_coordinator::admin::LOG_ENV).unwrap_or_else(|_| "warn".into()),
         );
     let mut coordinator = spawn(&console, "coordinator", cmd, &token)?;
-    let address = crate::cluster::wait_for_endpoint(&state, &mut coordinator.child)
+    let address = ferry_coordinator::admin::wait_for_endpoint(&state, &mut coordinator.child)
         .context("starting the coordinator (its messages are above)")?;
     let mut procs = Procs(vec![coordinator]);
     console.line(format!(
