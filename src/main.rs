@@ -9,19 +9,14 @@ use ferry_common::tokenizer::TokenizerKind;
 use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
 use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
 use ferry_worker::collective::Transport;
-use ferry_worker::generate::{generate, SamplingConfig};
+use ferry_worker::generate::{continue_text, SamplingConfig};
 use ferry_worker::models::Family;
-use ferry_worker::schedule::Decay;
-use ferry_worker::train::{self, TrainConfig};
-use ferry_worker::{pretrained, runtime};
+use ferry_worker::runtime;
 use std::io::IsTerminal;
 
-mod bench_coordinator;
 mod cli_spec;
 mod cluster;
 mod examples;
-mod finetune_cli;
-mod launch;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -45,14 +40,14 @@ enum Command {
     /// Tokenize corpora (WikiText files, plain-text books, a labelled CSV's texts) into token shards.
     Prepare(PrepareArgs),
     /// Pretrain a model in this process.
-    Train(TrainArgs),
+    Train(ferry_worker::train::cli::TrainArgs),
     /// Sample text from a trained model (GPT-2 or GPT).
     Generate(GenerateArgs),
     /// Fine-tune a pretrained checkpoint (or the same architecture from scratch) on a labelled
     /// CSV: stratified split, dev evaluation, report (JSON, table, SVG), transformers-format model.
-    Finetune(finetune_cli::FinetuneArgs),
+    Finetune(ferry_worker::finetune::cli::FinetuneArgs),
     /// Classify texts with a fine-tuned model.
-    Predict(finetune_cli::PredictArgs),
+    Predict(ferry_worker::finetune::cli::PredictArgs),
     /// Show the training examples a model family builds from prepared data (BERT's sentence
     /// pairs and masks, GPT windows), exactly as every worker builds them.
     Examples(ExamplesArgs),
@@ -61,7 +56,7 @@ enum Command {
     /// Train as one data-parallel rank of a coordinator's job.
     Worker(cluster::WorkerArgs),
     /// Run a whole job on this machine: coordinator plus N worker processes.
-    Launch(launch::LaunchArgs),
+    Launch(ferry_launch::LaunchArgs),
     /// Show a running job: phase, step, generation and a table of workers.
     Status(cluster::StatusArgs),
     /// Change the number of workers of a running job (at the next step boundary).
@@ -123,156 +118,6 @@ struct PrepareArgs {
     no_progress: bool,
 }
 
-/// Options left out take the saved run's values with --resume, else the defaults shown.
-#[derive(Args)]
-struct TrainArgs {
-    /// Run directory: train.json, metrics.jsonl, checkpoints/.
-    #[arg(long)]
-    run_dir: PathBuf,
-    /// Continue the run directory from its newest checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// Prepared data directory (from `ferry prepare`).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Model family: gpt2, gpt or bert [default: gpt2].
-    #[arg(long)]
-    model: Option<String>,
-    /// Named size: tiny, mini, small, base, medium, large [default: tiny].
-    #[arg(long)]
-    size: Option<String>,
-    /// Override a model config field, e.g. --set n_layer=4 (repeatable).
-    #[arg(long = "set", value_name = "FIELD=VALUE")]
-    overrides: Vec<String>,
-    /// Tokens per sequence [default: the model's context].
-    #[arg(long)]
-    seq_len: Option<i64>,
-    /// Start from this checkpoint's (or run directory's newest) weights instead of a fresh
-    /// initialisation, e.g. to go on pretraining on a task's texts; same architecture and
-    /// tokenizer. The optimizer and step count start anew.
-    #[arg(long)]
-    init_from: Option<PathBuf>,
-    /// Sequences per optimizer step [default: 16].
-    #[arg(long)]
-    global_batch: Option<u64>,
-    /// Sequences per forward/backward pass [default: 8].
-    #[arg(long)]
-    micro_batch: Option<u64>,
-    /// Optimizer steps in total [default: 300].
-    #[arg(long)]
-    steps: Option<u64>,
-    /// Peak learning rate [default: 1e-3].
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Final learning rate [default: 1e-4].
-    #[arg(long)]
-    min_lr: Option<f64>,
-    /// Linear warmup steps [default: 30].
-    #[arg(long)]
-    warmup_steps: Option<u64>,
-    /// Decay after warmup [default: cosine].
-    #[arg(long, value_enum)]
-    decay: Option<Decay>,
-    /// AdamW weight decay on matrices and embeddings [default: 0.1].
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Global gradient-norm clip, 0 = off [default: 1.0].
-    #[arg(long)]
-    grad_clip: Option<f64>,
-    /// Held-out evaluation every N steps [default: 100].
-    #[arg(long)]
-    eval_interval: Option<u64>,
-    /// Held-out sequences per evaluation [default: 64].
-    #[arg(long)]
-    eval_sequences: Option<u64>,
-    /// Checkpoint every N steps [default: 100].
-    #[arg(long)]
-    checkpoint_interval: Option<u64>,
-    /// Checkpoints kept [default: 3].
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// Seed for initialisation, sample order and dropout [default: 1234].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// libtorch threads, 0 = one per core [default: 0].
-    #[arg(long)]
-    threads: Option<usize>,
-    /// auto, cpu, cuda or cuda:N [default: auto].
-    #[arg(long)]
-    device: Option<String>,
-    /// Hide the progress bar.
-    #[arg(long)]
-    no_progress: bool,
-}
-
-impl TrainArgs {
-    /// Builds the run's config. Resuming keeps the saved config; only settings that do not
-    /// change the math (length, intervals, threads, device) may be changed then.
-    fn config(&self) -> Result<TrainConfig> {
-        let mut c = if self.resume {
-            train::load_run_config(&self.run_dir).context("--resume needs the run's train.json")?
-        } else {
-            TrainConfig::default()
-        };
-        let mut fixed = Vec::new();
-        macro_rules! set {
-            ($field:ident, $flag:literal, $changeable:expr) => {
-                if let Some(v) = self.$field.clone() {
-                    if self.resume && !$changeable && c.$field != v {
-                        fixed.push($flag);
-                    }
-                    c.$field = v;
-                }
-            };
-        }
-        set!(data, "--data", false);
-        set!(model, "--model", false);
-        set!(size, "--size", false);
-        set!(global_batch, "--global-batch", false);
-        set!(micro_batch, "--micro-batch", false);
-        set!(steps, "--steps", true);
-        set!(lr, "--lr", false);
-        set!(min_lr, "--min-lr", false);
-        set!(warmup_steps, "--warmup-steps", false);
-        set!(decay, "--decay", false);
-        set!(weight_decay, "--weight-decay", false);
-        set!(grad_clip, "--grad-clip", false);
-        set!(eval_interval, "--eval-interval", true);
-        set!(eval_sequences, "--eval-sequences", true);
-        set!(checkpoint_interval, "--checkpoint-interval", true);
-        set!(keep_checkpoints, "--keep-checkpoints", true);
-        set!(seed, "--seed", false);
-        set!(threads, "--threads", true);
-        set!(device, "--device", true);
-        if self.init_from.is_some() {
-            if self.resume && c.init_from != self.init_from {
-                fixed.push("--init-from");
-            }
-            c.init_from = self.init_from.clone();
-        }
-        if self.seq_len.is_some() {
-            if self.resume && c.seq_len != self.seq_len {
-                fixed.push("--seq-len");
-            }
-            c.seq_len = self.seq_len;
-        }
-        if !self.overrides.is_empty() {
-            if self.resume && c.overrides != self.overrides {
-                fixed.push("--set");
-            }
-            c.overrides = self.overrides.clone();
-        }
-        if !fixed.is_empty() {
-            anyhow::bail!(
-                "{}: {} cannot change when resuming (the run's train.json fixes them)",
-                self.run_dir.join(train::TRAIN_CONFIG_FILE).display(),
-                fixed.join(", ")
-            );
-        }
-        Ok(c)
-    }
-}
-
 #[derive(Args)]
 struct GenerateArgs {
     /// A checkpoint directory, a run directory (newest checkpoint) or a transformers model dir.
@@ -314,7 +159,7 @@ enum BenchCommand {
     /// GPT-2 training tokens/s on random tokens, as shared/bench/torch_gpt2_bench.py measures it.
     Train(BenchTrainArgs),
     /// Load-test a coordinator with many simulated workers: RPC latency, CPU and memory.
-    Coordinator(bench_coordinator::BenchCoordinatorArgs),
+    Coordinator(ferry_coordinator::loadgen::BenchCoordinatorArgs),
     /// All-reduce bandwidth of the CPU ring, as shared/bench/allreduce_bench.py measures gloo.
     /// Start one process per rank; rank 0 prints the JSON lines.
     Allreduce(BenchAllreduceArgs),
@@ -420,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(a) => cluster::run_coordinator(a)?,
         Command::Worker(a) => cluster::run_worker(a)?,
-        Command::Launch(a) => launch::run(a)?,
+        Command::Launch(a) => ferry_launch::run(a)?,
         Command::Status(a) => cluster::run_status(a)?,
         Command::Scale(a) => cluster::run_scale(a)?,
         Command::Stop(a) => cluster::run_stop(a)?,
@@ -471,9 +316,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Train(a) => {
-            let cfg = a.config()?;
-            let progress = !a.no_progress && std::io::stderr().is_terminal();
-            let s = train::run(&cfg, &a.run_dir, a.resume, progress)?;
+            let s = a.run()?;
             println!(
                 "done: {} steps, train loss {:.4}, val loss {} -> {}, {:.0} tokens/s{}",
                 s.steps,
@@ -486,34 +329,6 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Generate(a) => {
-            if !(a.temperature.is_finite() && a.temperature >= 0.0) {
-                anyhow::bail!(
-                    "--temperature {}: must be a finite number >= 0 (0 = greedy)",
-                    a.temperature
-                );
-            }
-            if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-                anyhow::bail!("--top-p {}: must be in (0, 1] (1 = no limit)", a.top_p);
-            }
-            let device = runtime::select_device(&a.device)?;
-            let loaded = pretrained::load_model(&a.model, device)?;
-            let Some(lm) = loaded.model.as_causal() else {
-                anyhow::bail!(
-                    "{}: a {} model does not generate text; use a gpt2 or gpt model",
-                    loaded.dir.display(),
-                    loaded.config.family().name()
-                );
-            };
-            let tok_path = loaded.dir.join("tokenizer.json");
-            let tokenizer = pretrained::load_tokenizer_for(&loaded.dir, &loaded.config)?;
-            let enc = tokenizer.encode(a.prompt.as_str(), false).map_err(|e| {
-                anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display())
-            })?;
-            let mut prompt: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
-            let eos = lm.eos_token_id();
-            if prompt.is_empty() {
-                prompt.push(eos.unwrap_or(0));
-            }
             let sampling = SamplingConfig {
                 max_new_tokens: a.max_new_tokens,
                 min_new_tokens: a.min_new_tokens,
@@ -521,26 +336,14 @@ fn run(cli: Cli) -> Result<()> {
                 top_k: a.top_k,
                 top_p: a.top_p,
                 seed: a.seed,
-                // A sample made of `<unk>` reads as nothing: never produce it.
-                suppress: tokenizer
-                    .token_to_id(TokenizerKind::of(&tokenizer).unknown_token())
-                    .map(|id| vec![i64::from(id)])
-                    .unwrap_or_default(),
+                suppress: Vec::new(),
             };
-            let new = generate(lm, &prompt, &sampling, eos);
-            let ids: Vec<u32> = new
-                .iter()
-                .filter(|&&t| Some(t) != eos)
-                .map(|&t| t as u32)
-                .collect();
-            // Special tokens are kept, so that one sampled despite `suppress` would show.
-            let text = tokenizer
-                .decode(&ids, false)
-                .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))?;
+            let device = runtime::select_device(&a.device)?;
+            let text = continue_text(&a.model, &a.prompt, sampling, device)?;
             println!("{}{}", a.prompt, text);
         }
-        Command::Finetune(a) => finetune_cli::run_finetune(a)?,
-        Command::Predict(a) => finetune_cli::run_predict(a)?,
+        Command::Finetune(a) => ferry_worker::finetune::cli::run_finetune(a)?,
+        Command::Predict(a) => ferry_worker::finetune::cli::run_predict(a)?,
         Command::Examples(a) => examples::run(&examples::ExamplesRequest {
             data: a.data,
             family: Family::parse(&a.model)?,
@@ -551,7 +354,7 @@ fn run(cli: Cli) -> Result<()> {
             count: a.count,
             json: a.json,
         })?,
-        Command::Bench(BenchCommand::Coordinator(a)) => bench_coordinator::run(a)?,
+        Command::Bench(BenchCommand::Coordinator(a)) => ferry_coordinator::loadgen::run(a)?,
         Command::Bench(BenchCommand::Train(a)) => {
             let r = run_train_bench(&TrainBenchConfig {
                 family: Family::parse(&a.model)?,

@@ -1,7 +1,11 @@
 //! Sampling text from a causal language model: temperature, top-k and nucleus (top-p).
 
 use crate::models::CausalLm;
+use crate::pretrained;
+use anyhow::{bail, Result};
+use ferry_common::tokenizer::TokenizerKind;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use tch::{Kind, Tensor};
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -21,6 +25,60 @@ pub struct SamplingConfig {
     /// for single tokens): the unknown token, which stands for no word in particular.
     #[serde(default)]
     pub suppress: Vec<i64>,
+}
+
+/// `ferry generate`: loads the model directory `model_dir` (a causal LM and its tokenizer)
+/// and continues `prompt`; returns the new text. The tokenizer's unknown token is added to
+/// `sampling.suppress`: a sample made of `<unk>` reads as nothing.
+pub fn continue_text(
+    model_dir: &Path,
+    prompt: &str,
+    mut sampling: SamplingConfig,
+    device: tch::Device,
+) -> Result<String> {
+    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
+        bail!(
+            "--temperature {}: must be a finite number >= 0 (0 = greedy)",
+            sampling.temperature
+        );
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        bail!(
+            "--top-p {}: must be in (0, 1] (1 = no limit)",
+            sampling.top_p
+        );
+    }
+    let loaded = pretrained::load_model(model_dir, device)?;
+    let Some(lm) = loaded.model.as_causal() else {
+        bail!(
+            "{}: a {} model does not generate text; use a gpt2 or gpt model",
+            loaded.dir.display(),
+            loaded.config.family().name()
+        );
+    };
+    let tok_path = loaded.dir.join("tokenizer.json");
+    let tokenizer = pretrained::load_tokenizer_for(&loaded.dir, &loaded.config)?;
+    let enc = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("{}: cannot encode the prompt: {e}", tok_path.display()))?;
+    let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+    let eos = lm.eos_token_id();
+    if ids.is_empty() {
+        ids.push(eos.unwrap_or(0));
+    }
+    if let Some(unk) = tokenizer.token_to_id(TokenizerKind::of(&tokenizer).unknown_token()) {
+        sampling.suppress.push(i64::from(unk));
+    }
+    let new = generate(lm, &ids, &sampling, eos);
+    let new: Vec<u32> = new
+        .iter()
+        .filter(|&&t| Some(t) != eos)
+        .map(|&t| t as u32)
+        .collect();
+    // Special tokens are kept, so that one sampled despite `suppress` would show.
+    tokenizer
+        .decode(&new, false)
+        .map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", tok_path.display()))
 }
 
 /// Continues `prompt` and returns only the new tokens; stops early at `stop_token`.

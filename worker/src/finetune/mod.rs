@@ -4,6 +4,7 @@
 //! prediction ([`predict`]).
 mod checks;
 pub mod classifier;
+pub mod cli;
 pub mod encode;
 pub mod predict;
 pub mod run;

@@ -5,6 +5,7 @@
 //! an AdamW step. Every random choice derives from (seed, step, micro-batch index), so a run
 //! resumed from a checkpoint retraces the uninterrupted one exactly.
 
+pub mod cli;
 mod config;
 
 pub use config::TrainConfig;

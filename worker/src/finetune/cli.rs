@@ -1,14 +1,14 @@
-//! `ferry finetune` and `ferry predict`: argument parsing and file I/O around
-//! `ferry_worker::finetune`.
+//! `ferry finetune` and `ferry predict`: their arguments, and the file I/O around the
+//! fine-tuning loop ([`super::run`]) and prediction ([`super::predict`]).
 
+use crate::finetune::classifier::Pooling;
+use crate::finetune::predict::predict;
+use crate::finetune::run::{self, FinetuneConfig, Schedule, Source};
+use crate::finetune::saved;
+use crate::{fsutil, runtime};
 use anyhow::{bail, Result};
 use clap::Args;
 use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding, Metrics, SplitFractions};
-use ferry_worker::finetune::classifier::Pooling;
-use ferry_worker::finetune::predict::predict;
-use ferry_worker::finetune::run::{self, FinetuneConfig, Schedule, Source};
-use ferry_worker::finetune::saved;
-use ferry_worker::{fsutil, runtime};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
