@@ -5,7 +5,9 @@ Both fine-tune the same model directory on the same train/dev/test split (ferry'
 split.json, stratified 80/10/10, seed 0) with the same recipe: AdamW (lr 1e-4, betas
 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices and embeddings only), warm-up over 10% of
 the steps then linear decay, gradient-norm clip 1.0, batches of 32 padded to their longest
-row, texts cut at 96 tokens, dropout 0.1 (BERT's config; the GPTs' configs say 0), dev
+row, texts cut at 96 tokens, dropout as the model's config.json says (transformers reads it
+there; ferry's body does too, and its head gets the value transformers' head uses: BERT's
+classifier_dropout, else hidden_dropout_prob; none for GPT-2's score), dev
 evaluated at the end of each epoch with the best dev weights kept, test evaluated once.
 The transformers side is the loop a user writes: AutoModelForSequenceClassification,
 torch.optim.AdamW with its defaults, get_linear_schedule_with_warmup, clip_grad_norm_.
@@ -162,6 +164,15 @@ def transformers_run(spec):
 
 # ---- running both sides ------------------------------------------------------------------
 
+def head_dropout(model_dir):
+    """The dropout transformers puts before the classification head for this model."""
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    if config.get("model_type") != "bert":
+        return 0.0  # GPT2ForSequenceClassification's score reads the hidden state as it is
+    p = config.get("classifier_dropout")
+    return float(p if p is not None else config.get("hidden_dropout_prob", 0.1))
+
+
 def run(cmd, **kw):
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
@@ -243,7 +254,7 @@ def main():
                         run([args.ferry, "finetune", "--from", model_dir, "--data", args.data,
                              "--split", split, "--output", out, "--overwrite", "--epochs", str(args.epochs),
                              "--max-steps", str(args.max_steps), "--threads", str(args.threads),
-                             "--seed", str(seed)], env=env)
+                             "--seed", str(seed), "--dropout", str(head_dropout(model_dir))], env=env)
                         report = json.load(open(os.path.join(out, "report.json")))
                         got = {"steps": report["steps"], "dev_accuracy": report["dev"]["accuracy"],
                                "test_accuracy": report["test"]["accuracy"]}
