@@ -4,9 +4,12 @@
 //! [`worker`] is the elastic rank that the coordinator drives; [`telemetry`] serves its
 //! Prometheus metrics and health probes.
 
+mod coordinator_link;
 pub mod flat;
 mod group;
 mod overlap;
+mod rank0;
+mod rendezvous;
 mod shutdown;
 pub mod telemetry;
 pub mod worker;

@@ -6,27 +6,23 @@
 //! collective fail within its timeout; the worker reports it and goes back to rendezvous with
 //! its weights at the last step it applied, so nothing is lost and nothing hangs.
 
-use super::flat::{
-    all_reduce_bytes, all_reduce_grads, broadcast_state, parameter_checksum, Buckets,
-};
-use super::group::group_peers;
+use super::coordinator_link::{rpc, spawn_heartbeats, Failure};
+use super::flat::{all_reduce_bytes, all_reduce_grads, parameter_checksum, Buckets};
 use super::overlap::{self, Overlapped};
+use super::rank0::StepRecord;
 use super::telemetry::{self, TelemetryOptions};
-use crate::checkpoint::{self, TrainerState};
-use crate::collective::{nccl, Collective, CollectiveError, GroupSpec, RingAllReduce};
+use crate::collective::{nccl, Collective};
 use crate::metrics::MetricsLog;
 use crate::train::{Engine, TrainConfig, METRICS_FILE};
 use anyhow::{bail, Context, Result};
 use ferry_common::client::{with_backoff, ClientConfig, Clients};
 use ferry_common::job::{Backend, GradientDtype, JobSpec};
-use ferry_common::proto::{self, next_step_reply, rendezvous_reply, StateSource};
+use ferry_common::proto::{self, next_step_reply, rendezvous_reply};
 use ferry_common::sampler::sequences_digest;
-use serde_json::json;
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::{Code, Status};
+use tonic::Code;
 
 /// How a worker process may end without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +47,11 @@ pub struct WorkerOptions {
 
 /// What heartbeats report, updated after every step.
 #[derive(Default, Clone)]
-struct Progress {
-    generation: u64,
-    step: u64,
-    loss: f64,
-    tokens_per_s: f64,
+pub(super) struct Progress {
+    pub(super) generation: u64,
+    pub(super) step: u64,
+    pub(super) loss: f64,
+    pub(super) tokens_per_s: f64,
 }
 
 /// One step's outcome that sends the worker back to rendezvous.
@@ -64,38 +60,6 @@ enum Regroup {
     Asked,
     /// The collective failed (dead or wedged peer, cut link); reported to the coordinator.
     Failed(Failure),
-}
-
-/// A failed collective as the coordinator hears of it.
-struct Failure {
-    why: String,
-    /// The rank whose link failed, when the error names one (see `CollectiveError::suspect`).
-    suspect: Option<usize>,
-}
-
-impl Failure {
-    fn of(what: &str, e: &CollectiveError) -> Failure {
-        Failure {
-            why: format!("{what}: {e}"),
-            suspect: e.suspect(),
-        }
-    }
-}
-
-/// What rank 0 logs of a step once it counts: `step` is the number of steps committed with it.
-#[derive(Clone, Debug)]
-struct StepRecord {
-    step: u64,
-    generation: u64,
-    loss: f64,
-    lr: f64,
-    grad_norm: f64,
-    secs: f64,
-    tokens_per_s: f64,
-    allreduce_s: f64,
-    /// Waiting for the coordinator: the plan and the commit.
-    coordinator_s: f64,
-    world: u32,
 }
 
 enum Outcome {
@@ -107,29 +71,29 @@ enum Outcome {
 /// coordinator forgot it; heartbeats and the SIGTERM handler read the current one.
 pub(super) type SharedId = Arc<Mutex<String>>;
 
-struct Worker {
-    rt: tokio::runtime::Runtime,
-    clients: Clients,
+pub(super) struct Worker {
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) clients: Clients,
     /// The coordinator's address, for errors.
-    coordinator: String,
-    id: SharedId,
+    pub(super) coordinator: String,
+    pub(super) id: SharedId,
     /// What this worker says when it joins, kept to join again (see [`Worker::rejoin`]).
-    join_request: proto::JoinRequest,
-    job_id: String,
-    spec: JobSpec,
-    cfg: TrainConfig,
-    token: String,
-    listener: TcpListener,
-    engine: Engine,
+    pub(super) join_request: proto::JoinRequest,
+    pub(super) job_id: String,
+    pub(super) spec: JobSpec,
+    pub(super) cfg: TrainConfig,
+    pub(super) token: String,
+    pub(super) listener: TcpListener,
+    pub(super) engine: Engine,
     /// The CUDA device when the group talks NCCL; `None` for the CPU ring.
-    nccl_device: Option<usize>,
-    watchdog: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(super) nccl_device: Option<usize>,
+    pub(super) watchdog: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Steps applied to the weights this worker holds; `None` until it holds a group's state.
-    state_step: Option<u64>,
-    generation: u64,
+    pub(super) state_step: Option<u64>,
+    pub(super) generation: u64,
     progress: Arc<Mutex<Progress>>,
-    patience: Duration,
-    metrics: Option<MetricsLog>,
+    pub(super) patience: Duration,
+    pub(super) metrics: Option<MetricsLog>,
     /// The last step this worker applied. If the next group starts right after it and this
     /// worker is that group's rank 0, the step may still lack its metrics line: its commit was
     /// refused while the group changed (the coordinator then records it from the held state),
@@ -156,16 +120,6 @@ fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
         Some((step, ms)) => Ok(Some((step, Duration::from_millis(ms)))),
         None => bail!("{PAUSE_BEFORE_STEP_LINE}={value:?}: expected STEP:MS, e.g. 5:2000"),
     }
-}
-
-/// A failed coordinator call, naming the coordinator: after `--patience-s` of an unreachable
-/// coordinator this is the line the worker exits with.
-fn rpc(coordinator: &str, what: &str, s: Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "coordinator {coordinator} {what}: {} ({:?})",
-        s.message(),
-        s.code()
-    )
 }
 
 pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
@@ -301,56 +255,6 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     Ok(exit)
 }
 
-/// Heartbeats, at the interval the coordinator asked for, on the async runtime. A worker the
-/// coordinator no longer knows (declared lost while unreachable, or forgotten in a restart)
-/// keeps its process and its weights: the training loop finds out at its next call and joins
-/// again ([`Worker::rejoin`]); heartbeats follow the new id.
-fn spawn_heartbeats(
-    rt: &tokio::runtime::Runtime,
-    clients: &Clients,
-    id: SharedId,
-    interval_s: f64,
-    progress: Arc<Mutex<Progress>>,
-) {
-    let mut c = clients.coordinator.clone();
-    let every = Duration::from_secs_f64(if interval_s.is_finite() {
-        interval_s.clamp(0.05, 60.0)
-    } else {
-        1.0
-    });
-    rt.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        let mut reported = String::new();
-        loop {
-            tick.tick().await;
-            let p = progress.lock().map(|p| p.clone()).unwrap_or_default();
-            let worker_id = id.lock().map(|id| id.clone()).unwrap_or_default();
-            // A heartbeat that gets no answer within its interval is skipped, not queued.
-            let r = tokio::time::timeout(
-                every.max(Duration::from_secs(1)),
-                c.heartbeat(proto::HeartbeatRequest {
-                    worker_id: worker_id.clone(),
-                    generation: p.generation,
-                    step: p.step,
-                    loss: p.loss,
-                    tokens_per_s: p.tokens_per_s,
-                }),
-            )
-            .await;
-            if let Ok(Err(s)) = r {
-                if s.code() == Code::NotFound && reported != worker_id {
-                    eprintln!(
-                        "heartbeat: the coordinator no longer knows worker {worker_id} ({}); \
-                         it joins again at its next call",
-                        s.message()
-                    );
-                    reported = worker_id;
-                }
-            }
-        }
-    });
-}
-
 impl Worker {
     /// Whether this step reduces gradients while backward runs: asked for, with peers to
     /// sum with (the ring on the host, NCCL on a side stream).
@@ -358,195 +262,8 @@ impl Worker {
         self.spec.cluster.overlap_backward && coll.world_size() > 1
     }
 
-    fn id(&self) -> String {
+    pub(super) fn id(&self) -> String {
         self.id.lock().map(|id| id.clone()).unwrap_or_default()
-    }
-
-    /// A unary call with retries while the coordinator is unreachable.
-    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
-    where
-        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        self.call_status(f)
-            .map_err(|s| rpc(&self.coordinator, what, s))
-    }
-
-    /// [`call`](Self::call), keeping the coordinator's answer for callers that act on its code.
-    fn call_status<T, F, Fut>(&self, f: F) -> Result<T, Status>
-    where
-        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        let c = self.clients.coordinator.clone();
-        self.rt.block_on(with_backoff(self.patience, || {
-            let fut = f(c.clone());
-            async move { fut.await.map(|r| r.into_inner()) }
-        }))
-    }
-
-    /// The coordinator answered that it does not know this worker: it declared it lost while
-    /// its link was down (or forgot it in a restart). The process and its weights are still
-    /// here, so it joins again as a new member and offers the step it holds at rendezvous: the
-    /// new group takes it if nobody holds a newer one, and otherwise broadcasts the group's
-    /// state over it. Nothing it did under its old id is committed after it was declared lost:
-    /// the coordinator refuses every call of a forgotten id.
-    fn rejoin(&mut self, why: &str) -> Result<()> {
-        let old = self.id();
-        let joined = self.call("join", |mut c| {
-            let req = self.join_request.clone();
-            async move { c.join(req).await }
-        })?;
-        if joined.job_id != self.job_id {
-            bail!(
-                "the coordinator now runs job {} instead of {}: this worker's state belongs to \
-                 another job; start a new worker",
-                joined.job_id,
-                self.job_id
-            );
-        }
-        let holds = match self.state_step {
-            Some(step) => format!("offering the state of step {step}"),
-            None => "holding no state yet".to_string(),
-        };
-        eprintln!(
-            "the coordinator no longer knows worker {old} ({why}); joined again as {}, {holds}",
-            joined.worker_id
-        );
-        telemetry::joined(&joined.worker_id, &joined.job_id);
-        if let Ok(mut id) = self.id.lock() {
-            *id = joined.worker_id;
-        }
-        Ok(())
-    }
-
-    fn rendezvous(&mut self) -> Result<proto::RendezvousReply> {
-        let mut last_message = String::new();
-        loop {
-            // With NCCL every worker offers a unique id; the coordinator hands rank 0's to all.
-            let blob = match self.nccl_device {
-                Some(_) => nccl::unique_id().map_err(|e| anyhow::anyhow!("NCCL unique id: {e}"))?,
-                None => Vec::new(),
-            };
-            let req = proto::RendezvousRequest {
-                worker_id: self.id(),
-                known_generation: self.generation,
-                has_state: self.state_step.is_some(),
-                state_step: self.state_step.unwrap_or(0),
-                blob,
-            };
-            let reply = match self.call_status(|mut c| {
-                let req = req.clone();
-                async move { c.rendezvous(req).await }
-            }) {
-                Ok(reply) => reply,
-                Err(s) if s.code() == Code::NotFound => {
-                    self.rejoin(s.message())?;
-                    continue;
-                }
-                Err(s) => return Err(rpc(&self.coordinator, "rendezvous", s)),
-            };
-            telemetry::beat();
-            if reply.status() != rendezvous_reply::Status::Wait {
-                return Ok(reply);
-            }
-            if reply.message != last_message {
-                eprintln!("rendezvous: {}", reply.message);
-                last_message = reply.message;
-            }
-        }
-    }
-
-    fn connect(&self, reply: &proto::RendezvousReply) -> Result<Box<dyn Collective>, Failure> {
-        let peers = group_peers(reply, self.spec.max_workers()).map_err(|why| Failure {
-            why: format!("the coordinator's rendezvous reply is malformed: {why}"),
-            suspect: None,
-        })?;
-        let spec = GroupSpec {
-            rank: reply.rank as usize,
-            world_size: reply.world_size as usize,
-            peers,
-            generation: reply.generation,
-            job_token: self.token.clone(),
-            timeout: Duration::from_secs_f64(self.spec.cluster.collective_timeout_s),
-        };
-        match self.nccl_device {
-            None => RingAllReduce::connect(&self.listener, &spec)
-                .map(|r| Box::new(r) as Box<dyn Collective>)
-                .map_err(|e| Failure::of("cannot connect the ring", &e)),
-            Some(device) => {
-                let comm = nccl::NcclCollective::new(&spec, &reply.blob, device)
-                    .map_err(|e| Failure::of("cannot create the NCCL communicator", &e))?;
-                self.watch_for_regroup(reply.generation, comm.abort_handle());
-                Ok(Box::new(comm))
-            }
-        }
-    }
-
-    /// NCCL's watchdog: a membership change announced while a collective is blocked aborts the
-    /// communicator, so the rank goes back to rendezvous instead of waiting out the timeout.
-    fn watch_for_regroup(&self, generation: u64, abort: nccl::NcclAbortHandle) {
-        let mut c = self.clients.coordinator.clone();
-        let id = self.id();
-        let task = self.rt.spawn(async move {
-            let Ok(stream) = c.watch(proto::WatchRequest { worker_id: id }).await else {
-                return;
-            };
-            let mut stream = stream.into_inner();
-            while let Ok(Some(event)) = stream.message().await {
-                let membership = event.kind() == proto::watch_event::Kind::Membership
-                    || event.kind() == proto::watch_event::Kind::WorkerLost;
-                if membership && event.generation > generation {
-                    abort.abort();
-                    return;
-                }
-            }
-        });
-        // One watchdog per generation: the previous one's communicator is gone.
-        if let Some(old) = self.watchdog.lock().ok().and_then(|mut w| w.replace(task)) {
-            old.abort();
-        }
-    }
-
-    /// Rank 0 makes its state the group's starting point; everyone else receives it.
-    fn take_group_state(
-        &mut self,
-        reply: &proto::RendezvousReply,
-        coll: &mut dyn Collective,
-    ) -> Result<Option<Failure>> {
-        let start = reply.start_step;
-        if reply.rank == 0 {
-            match reply.state_source() {
-                StateSource::Held => {
-                    if self.state_step != Some(start) {
-                        bail!("coordinator made this worker rank 0 holding step {start}, but it holds {:?}", self.state_step);
-                    }
-                }
-                StateSource::Checkpoint => {
-                    let dir = PathBuf::from(&reply.checkpoint_path);
-                    eprintln!("restoring {} for step {start}", dir.display());
-                    let st = self.engine.restore(&dir)?;
-                    if st.step != start {
-                        bail!(
-                            "{}: holds step {}, the coordinator resumes at {start}",
-                            dir.display(),
-                            st.step
-                        );
-                    }
-                }
-                StateSource::Init | StateSource::Unspecified => {
-                    if self.state_step.is_some() {
-                        self.engine = Engine::new(&self.cfg)?;
-                    }
-                }
-            }
-        }
-        if let Err(e) = broadcast_state(&self.engine.ps, &self.engine.opt, 0, coll) {
-            return Ok(Some(Failure::of("state broadcast failed", &e)));
-        }
-        self.engine.opt.set_steps(start as i64);
-        self.state_step = Some(start);
-        Ok(None)
     }
 
     fn run_generation(&mut self, reply: &proto::RendezvousReply) -> Result<Outcome> {
@@ -803,123 +520,5 @@ impl Worker {
             );
         }
         Ok(None)
-    }
-
-    /// Rank 0, once a step counts: its metrics line, and the evaluation and checkpoint due.
-    fn after_step(&mut self, r: &StepRecord) -> Result<()> {
-        let StepRecord {
-            step,
-            loss,
-            lr,
-            world,
-            ..
-        } = *r;
-        let tps = r.tokens_per_s;
-        let mfu = telemetry::model_flops_utilization(
-            self.engine.flops_per_token,
-            tps,
-            self.engine.peak_gflops,
-            world,
-        );
-        if let Some(log) = &mut self.metrics {
-            log.write(&json!({
-                "event": "step", "step": step, "loss": loss, "lr": lr, "grad_norm": r.grad_norm,
-                "tokens": step * self.spec.batch.global * self.spec.data.seq_len,
-                "step_ms": r.secs * 1e3, "allreduce_ms": r.allreduce_s * 1e3,
-                "coordinator_ms": r.coordinator_s * 1e3, "tokens_per_s": tps,
-                "mfu": mfu, "world_size": world, "generation": r.generation,
-            }))?;
-        }
-        if step % 10 == 0 || step == self.spec.job.steps {
-            eprintln!(
-                "step {step:>6}/{}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s  world {world}",
-                self.spec.job.steps
-            );
-        }
-        let eval_every = self.spec.eval.every;
-        if eval_every > 0 && step % eval_every == 0 {
-            self.evaluate(step)?;
-        }
-        let ck = self.spec.checkpoint.every;
-        if ck > 0 && step % ck == 0 {
-            self.checkpoint(step)?;
-        }
-        Ok(())
-    }
-
-    /// Rank 0's held-out evaluation, printed and logged.
-    fn evaluate(&mut self, step: u64) -> Result<()> {
-        let report = self.engine.evaluate()?;
-        eprintln!("{}", report.summary(step));
-        if let Some(log) = &mut self.metrics {
-            log.write(&report.record(step))?;
-        }
-        Ok(())
-    }
-
-    fn checkpoint(&mut self, step: u64) -> Result<()> {
-        let state = TrainerState {
-            step,
-            samples_seen: step * self.spec.batch.global,
-            tokens_seen: step * self.spec.batch.global * self.spec.data.seq_len,
-            seed: self.spec.job.seed,
-            rng_derivation:
-                "splitmix64(seed, epoch) sample order; dropout seed = mix(seed, step, micro_batch)"
-                    .into(),
-            optimizer_steps: self.engine.opt.steps(),
-            last_loss: None,
-        };
-        let run_dir = self.spec.job.run_dir.clone();
-        let dir = self.engine.save_checkpoint(&run_dir, &state)?;
-        checkpoint::prune(&run_dir, self.spec.checkpoint.keep as usize)?;
-        if let Some(log) = &mut self.metrics {
-            log.write(&json!({"event": "checkpoint", "step": step, "path": dir}))?;
-        }
-        let req = proto::CheckpointReport {
-            worker_id: self.id(),
-            generation: self.generation,
-            step,
-            path: dir.display().to_string(),
-        };
-        let reported = self.call_status(|mut c| {
-            let req = req.clone();
-            async move { c.report_checkpoint(req).await }
-        });
-        match reported {
-            Ok(_) => Ok(()),
-            // Refused, e.g. the group changed since this step: the checkpoint stays on disk
-            // and the next one is reported; the coordinator restores only what it recorded.
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::PermissionDenied | Code::FailedPrecondition | Code::OutOfRange
-                ) =>
-            {
-                eprintln!(
-                    "checkpoint of step {step} not recorded by the coordinator: {}",
-                    s.message()
-                );
-                Ok(())
-            }
-            Err(s) => Err(rpc(&self.coordinator, "report_checkpoint", s)),
-        }
-    }
-
-    /// At the end (finished or stopped), rank 0 leaves a checkpoint of the last step.
-    fn finish(&mut self, rank: u32, step: u64) -> Result<()> {
-        if rank != 0 || step == 0 {
-            return Ok(());
-        }
-        let every = self.spec.eval.every;
-        if every > 0 && step % every != 0 {
-            self.evaluate(step)?;
-        }
-        let exists = checkpoint::list(&self.spec.job.run_dir)?
-            .iter()
-            .any(|(s, _)| *s == step);
-        if !exists {
-            self.checkpoint(step)?;
-        }
-        Ok(())
     }
 }
