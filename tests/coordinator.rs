@@ -654,6 +654,76 @@ async fn steps_redone_after_a_rollback_are_counted() {
     assert_eq!((ledger.rollbacks, ledger.redone_steps), (1, 3));
 }
 
+/// The coordinator never holds its state lock across a disk sync. With every durable commit
+/// taking 1.5 s (a slow disk, injected), a commit waits for its record to reach the disk
+/// before it answers, and meanwhile heartbeats and status answer at once.
+#[tokio::test]
+async fn a_slow_disk_sync_holds_up_no_other_call() {
+    let slow = || {
+        let mut cmd = support::ferry();
+        cmd.env("FERRY_TEST_STORE_SYNC_DELAY_MS", "1500");
+        cmd
+    };
+    let c = CoordinatorProc::start_with(
+        "slow-disk",
+        &job("slow-disk", "min_workers = 2\nsettle_s = 0.0"),
+        &[],
+        Box::new(slow),
+        "127.0.0.1:0",
+    );
+    let mut workers = join_n(&c, 2, "d").await;
+    rendezvous_all(&mut workers).await;
+    let mut a = workers.remove(0);
+    let b = workers.remove(0);
+    assert_eq!(a.next_step().await.unwrap(), Next::Plan);
+    let committing = tokio::spawn(async move {
+        let t = Instant::now();
+        a.commit().await.unwrap();
+        t.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    b.heartbeat().await.unwrap();
+    let heartbeat = t.elapsed();
+    let t = Instant::now();
+    c.status().await;
+    let status = t.elapsed();
+    let commit = committing.await.unwrap();
+    assert!(
+        heartbeat < Duration::from_millis(500) && status < Duration::from_millis(500),
+        "held up behind the disk: heartbeat {heartbeat:?}, status {status:?} (commit {commit:?})"
+    );
+    assert!(
+        commit >= Duration::from_millis(1400),
+        "the commit answered before its record was on disk ({commit:?})"
+    );
+}
+
+/// A worker the coordinator answered is on disk: after a kill -9 right after its join, the
+/// restarted coordinator still knows it.
+#[tokio::test]
+async fn a_joined_worker_is_known_after_a_coordinator_kill_9() {
+    let mut c =
+        CoordinatorProc::start("join-durable", &job("join-durable", "min_workers = 3"), &[]);
+    let a = SimWorker::join(&c.clients(), "a").await;
+    c.kill9();
+    c.restart();
+    let since = Instant::now();
+    loop {
+        match a.heartbeat().await {
+            Ok(_) => break,
+            // The old connection breaks with the restart: retried until the new one is up.
+            Err(e)
+                if matches!(e.code(), Code::Unavailable | Code::Unknown)
+                    && since.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the restarted coordinator forgot worker {}: {e:?}", a.id),
+        }
+    }
+}
+
 #[tokio::test]
 async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     let c = CoordinatorProc::start(

@@ -247,6 +247,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         loop {
             interval.tick().await;
             let mut s = ticker_state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(why) = s.store_failed() {
+                // Memory may be ahead of the disk now: stop, and let a restart continue from
+                // what is on disk (no call was answered beyond it).
+                tracing::error!("the state store failed ({why}); the coordinator stops");
+                std::process::exit(1);
+            }
             if let Err(e) = s.tick(Instant::now()) {
                 tracing::error!("periodic check failed: {e}");
             }

@@ -2,6 +2,7 @@
 //! per-method latency metrics. All logic lives in the state machine.
 
 use crate::state::{JobState, NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError};
+use crate::store::DurableWaiter;
 use ferry_common::proto::{
     self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply, rendezvous_reply,
 };
@@ -18,17 +19,34 @@ const RENDEZVOUS_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Service {
     state: Arc<Mutex<JobState>>,
+    durable: DurableWaiter,
 }
 
 impl Service {
     pub fn new(state: Arc<Mutex<JobState>>) -> Service {
-        Service { state }
+        let durable = state.lock().unwrap_or_else(|p| p.into_inner()).durability();
+        Service { state, durable }
     }
 
     fn lock(&self) -> MutexGuard<'_, JobState> {
-        // A panic while holding the lock would be a bug; the state itself is still consistent
-        // because every mutation persists before it changes memory, so keep serving.
+        // A panic while holding the lock would be a bug; keep serving what the state holds.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state, then, with the lock released, waits until every change made so
+    /// far is on disk: an answer never runs ahead of what a restarted coordinator would know,
+    /// and no lock is held while the disk syncs.
+    async fn durably<T>(
+        &self,
+        f: impl FnOnce(&mut JobState) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let (result, seq) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            (result, state.store_queued())
+        };
+        self.durable.wait(seq).await?;
+        result
     }
 }
 
@@ -80,8 +98,8 @@ impl Coordinator for Service {
         let start = Instant::now();
         let r = req.into_inner();
         let result = self
-            .lock()
-            .join(r.into(), Instant::now())
+            .durably(|s| s.join(r.into(), Instant::now()))
+            .await
             .map(proto::JoinReply::from);
         observe("join", start, result)
     }
@@ -121,7 +139,7 @@ impl Coordinator for Service {
         let mut changes = self.lock().subscribe_changes();
         let result = loop {
             changes.borrow_and_update();
-            let outcome = self.lock().rendezvous(&req, Instant::now());
+            let outcome = self.durably(|s| s.rendezvous(&req, Instant::now())).await;
             let status = match outcome {
                 Err(e) => break Err(e),
                 Ok(RendezvousOutcome::Ready(assignment)) => break Ok(assignment.into()),
@@ -156,9 +174,10 @@ impl Coordinator for Service {
         req: Request<proto::NextStepRequest>,
     ) -> Result<Response<proto::NextStepReply>, Status> {
         let start = Instant::now();
+        let req = req.get_ref().into();
         let result = self
-            .lock()
-            .next_step(&req.get_ref().into(), Instant::now())
+            .durably(|s| s.next_step(&req, Instant::now()))
+            .await
             .map(|o| {
                 let (status, plan) = match o {
                     NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p.into())),
@@ -180,9 +199,10 @@ impl Coordinator for Service {
         req: Request<proto::CommitStepRequest>,
     ) -> Result<Response<proto::CommitStepReply>, Status> {
         let start = Instant::now();
+        let req = req.get_ref().into();
         let result = self
-            .lock()
-            .commit(&req.get_ref().into(), Instant::now())
+            .durably(|s| s.commit(&req, Instant::now()))
+            .await
             .map(|committed_steps| proto::CommitStepReply { committed_steps });
         observe("commit_step", start, result)
     }
@@ -192,9 +212,10 @@ impl Coordinator for Service {
         req: Request<proto::CheckpointReport>,
     ) -> Result<Response<proto::CheckpointReply>, Status> {
         let start = Instant::now();
+        let req = req.get_ref().into();
         let result = self
-            .lock()
-            .report_checkpoint(&req.get_ref().into(), Instant::now())
+            .durably(|s| s.report_checkpoint(&req, Instant::now()))
+            .await
             .map(|()| proto::CheckpointReply {});
         observe("report_checkpoint", start, result)
     }
@@ -204,9 +225,10 @@ impl Coordinator for Service {
         req: Request<proto::FailureReport>,
     ) -> Result<Response<proto::FailureReply>, Status> {
         let start = Instant::now();
+        let req = req.get_ref().into();
         let result = self
-            .lock()
-            .report_failure(&req.get_ref().into(), Instant::now())
+            .durably(|s| s.report_failure(&req, Instant::now()))
+            .await
             .map(|generation| proto::FailureReply { generation });
         observe("report_failure", start, result)
     }
@@ -216,9 +238,10 @@ impl Coordinator for Service {
         req: Request<proto::LeaveRequest>,
     ) -> Result<Response<proto::LeaveReply>, Status> {
         let start = Instant::now();
+        let id = req.get_ref().worker_id.clone();
         let result = self
-            .lock()
-            .leave(&req.get_ref().worker_id, Instant::now())
+            .durably(|s| s.leave(&id, Instant::now()))
+            .await
             .map(|left| proto::LeaveReply { left });
         observe("leave", start, result)
     }
@@ -240,9 +263,10 @@ impl Admin for Service {
         req: Request<proto::ScaleRequest>,
     ) -> Result<Response<proto::ScaleReply>, Status> {
         let start = Instant::now();
+        let workers = req.get_ref().workers;
         let result = self
-            .lock()
-            .scale(req.get_ref().workers, Instant::now())
+            .durably(|s| s.scale(workers, Instant::now()))
+            .await
             .map(proto::ScaleReply::from);
         observe("scale", start, result)
     }
@@ -253,8 +277,8 @@ impl Admin for Service {
     ) -> Result<Response<proto::StopReply>, Status> {
         let start = Instant::now();
         let result = self
-            .lock()
-            .stop()
+            .durably(|s| s.stop())
+            .await
             .map(|committed_steps| proto::StopReply { committed_steps });
         observe("stop", start, result)
     }
@@ -265,6 +289,10 @@ impl Admin for Service {
     ) -> Result<Response<proto::LedgerReply>, Status> {
         let start = Instant::now();
         let r = req.get_ref();
+        // The ledger is read from the store: first let every commit made so far reach it.
+        if let Err(e) = self.durably(|_| Ok(())).await {
+            return observe("ledger", start, Err(e));
+        }
         let state = self.lock();
         let result = state.ledger(r.from_step, r.to_step).map(|entries| {
             let meta = state.ledger_meta();

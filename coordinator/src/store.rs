@@ -1,11 +1,11 @@
 //! Durable job state in an embedded redb database (`<state dir>/state.redb`).
 //!
 //! What must survive a `kill -9` of the coordinator: the job spec, the committed step count and
-//! the ledger of committed steps (written in one transaction, fsynced), the current generation
-//! and its ranks, the scale target, the stop flag and the latest checkpoint. Worker records
-//! are written without a flush of their own (they reach the disk with the next durable
-//! commit): losing one in a crash only makes that worker join again, and a join storm of
-//! thousands of workers does not cost thousands of disk flushes.
+//! the ledger of committed steps, the current generation and its ranks, the scale target, the
+//! stop flag, the latest checkpoint and the workers it knows. Every change is written by one
+//! writer thread in durable transactions that batch whatever is queued ([`Store`]); the gRPC
+//! services answer a call only once its changes are on disk, so nothing a worker was told is
+//! lost in a crash, and a join storm of thousands of workers costs a few disk flushes.
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -134,9 +134,55 @@ pub struct Loaded {
     pub ledger: Vec<LedgerRecord>,
 }
 
+/// Fault injection for tests: every durable commit first waits this many milliseconds, as a
+/// slow disk's fsync would.
+pub const SYNC_DELAY_ENV: &str = "FERRY_TEST_STORE_SYNC_DELAY_MS";
+
+/// How far the writer has gone: every change up to this sequence number is on disk, or the
+/// store failed and takes no more.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Durable {
+    Through(u64),
+    Failed(String),
+}
+
+/// One change, queued by the state machine and applied by the writer thread.
+enum Change {
+    Meta { key: &'static str, value: Vec<u8> },
+    Ledger { step: u64, value: Vec<u8> },
+    TruncateLedger { from_step: u64 },
+    PutWorker { id: String, value: Vec<u8> },
+    RemoveWorker { id: String },
+}
+
+#[derive(Default)]
+struct Queue {
+    changes: Vec<Change>,
+    /// Sequence number of the newest change queued (0: none yet).
+    queued: u64,
+    closing: bool,
+}
+
+struct Shared {
+    queue: std::sync::Mutex<Queue>,
+    wake: std::sync::Condvar,
+    durable: std::sync::Mutex<Durable>,
+    durable_changed: std::sync::Condvar,
+    /// The same, for async callers.
+    durable_watch: tokio::sync::watch::Sender<Durable>,
+}
+
+/// The job's durable state. Changes are queued in memory, in order, by the state machine
+/// (under its lock, never touching the disk) and written by one writer thread, which puts
+/// everything queued so far into one transaction and fsyncs it: a burst of joins or commits
+/// costs one disk flush, and no lock of the state machine is held while the disk syncs. A
+/// caller that must not answer before its change is on disk waits with [`Store::wait_durable`]
+/// after releasing the state lock.
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
     path: PathBuf,
+    shared: std::sync::Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Store {
@@ -150,37 +196,106 @@ impl Store {
             path: path.clone(),
             message: format!("cannot open the state database: {e}"),
         })?;
-        let store = Store { db, path };
         // Create the tables so that reads never meet a missing table.
-        store.write(Durability::Immediate, |txn| {
-            txn.open_table(META)?;
-            txn.open_table(WORKERS)?;
-            txn.open_table(LEDGER)?;
-            Ok(())
-        })?;
-        Ok(store)
+        let txn = db.begin_write().map_err(|e| store_err(&path, e))?;
+        for result in [
+            txn.open_table(META).map(drop),
+            txn.open_table(WORKERS).map(drop),
+            txn.open_table(LEDGER).map(drop),
+        ] {
+            result.map_err(|e| store_err(&path, e))?;
+        }
+        txn.commit().map_err(|e| store_err(&path, e))?;
+        let sync_delay = std::env::var(SYNC_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+        let db = std::sync::Arc::new(db);
+        let shared = std::sync::Arc::new(Shared {
+            queue: Default::default(),
+            wake: Default::default(),
+            durable: std::sync::Mutex::new(Durable::Through(0)),
+            durable_changed: Default::default(),
+            durable_watch: tokio::sync::watch::channel(Durable::Through(0)).0,
+        });
+        let writer = {
+            let (db, shared, at) = (db.clone(), shared.clone(), path.clone());
+            std::thread::Builder::new()
+                .name("state-writer".into())
+                .spawn(move || write_loop(&db, &shared, &at, sync_delay))
+                .map_err(|e| store_err(&path, format!("cannot start the writer thread: {e}")))?
+        };
+        Ok(Store {
+            db,
+            path,
+            shared,
+            writer: Some(writer),
+        })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError {
+        store_err(&self.path, e)
+    }
+
+    /// Queues changes to be written together; returns the sequence number of the last.
+    /// Refused once the store has failed: memory must not run ahead of a disk that stopped.
+    fn queue(&self, changes: impl IntoIterator<Item = Change>) -> Result<u64, StoreError> {
+        if let Durable::Failed(why) = &*lock(&self.shared.durable) {
+            return Err(self.err(format!("an earlier write failed: {why}")));
+        }
+        let mut q = lock(&self.shared.queue);
+        for c in changes {
+            q.changes.push(c);
+            q.queued += 1;
+        }
+        self.shared.wake.notify_one();
+        Ok(q.queued)
+    }
+
+    /// The sequence number of the newest change queued: waiting for it makes every change
+    /// made so far durable.
+    pub fn queued(&self) -> u64 {
+        lock(&self.shared.queue).queued
+    }
+
+    /// A handle to wait for durability without holding the store (or the state around it).
+    pub fn durability(&self) -> DurableWaiter {
+        DurableWaiter {
+            rx: self.shared.durable_watch.subscribe(),
             path: self.path.clone(),
-            message: e.to_string(),
         }
     }
 
-    fn write(
-        &self,
-        durability: Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(durability);
-        f(&txn).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+    /// Blocks until everything queued so far is on disk.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let seq = self.queued();
+        let mut d = lock(&self.shared.durable);
+        loop {
+            match &*d {
+                Durable::Through(n) if *n >= seq => return Ok(()),
+                Durable::Failed(why) => return Err(self.err(why)),
+                Durable::Through(_) => {
+                    d = self
+                        .shared
+                        .durable_changed
+                        .wait(d)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
+            }
+        }
+    }
+
+    /// Whether a write failed; the coordinator then stops taking changes.
+    pub fn failed(&self) -> Option<String> {
+        match &*lock(&self.shared.durable) {
+            Durable::Failed(why) => Some(why.clone()),
+            Durable::Through(_) => None,
+        }
     }
 
     /// The stored job, if this directory holds one.
     pub fn load(&self) -> Result<Option<Loaded>, StoreError> {
+        self.sync()?;
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let Some(spec) = meta.get(SPEC_KEY).map_err(|e| self.err(e))? else {
@@ -227,57 +342,44 @@ impl Store {
         }))
     }
 
-    pub fn init(&self, spec_toml: &str, job: &JobRecord) -> Result<(), StoreError> {
-        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
-        self.write(Durability::Immediate, |txn| {
-            let mut meta = txn.open_table(META)?;
-            meta.insert(SPEC_KEY, spec_toml.as_bytes())?;
-            meta.insert(JOB_KEY, job.as_slice())?;
-            Ok(())
+    fn job_change(&self, job: &JobRecord) -> Result<Change, StoreError> {
+        Ok(Change::Meta {
+            key: JOB_KEY,
+            value: serde_json::to_vec(job).map_err(|e| self.err(e))?,
         })
+    }
+
+    /// Stores a new job and waits until it is on disk.
+    pub fn init(&self, spec_toml: &str, job: &JobRecord) -> Result<(), StoreError> {
+        let spec = Change::Meta {
+            key: SPEC_KEY,
+            value: spec_toml.as_bytes().to_vec(),
+        };
+        self.queue([spec, self.job_change(job)?])?;
+        self.sync()
     }
 
     pub fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
-        self.write(Durability::Immediate, |txn| {
-            txn.open_table(META)?.insert(JOB_KEY, job.as_slice())?;
-            Ok(())
-        })
+        self.queue([self.job_change(job)?]).map(drop)
     }
 
-    /// Like [`Store::save_job`] but without a flush; for changes whose loss in a crash is
-    /// harmless (the join counter). They reach the disk with the next durable commit.
-    pub fn save_job_lazily(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
-        self.write(Durability::None, |txn| {
-            txn.open_table(META)?.insert(JOB_KEY, job.as_slice())?;
-            Ok(())
-        })
-    }
-
-    /// Records a committed step and the new job record atomically.
+    /// Records a committed step and the new job record, in one transaction.
     pub fn commit_step(&self, entry: &LedgerRecord, job: &JobRecord) -> Result<(), StoreError> {
-        let entry_bytes = serde_json::to_vec(entry).map_err(|e| self.err(e))?;
-        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
-        self.write(Durability::Immediate, |txn| {
-            txn.open_table(LEDGER)?
-                .insert(entry.step, entry_bytes.as_slice())?;
-            txn.open_table(META)?.insert(JOB_KEY, job.as_slice())?;
-            Ok(())
-        })
+        let ledger = Change::Ledger {
+            step: entry.step,
+            value: serde_json::to_vec(entry).map_err(|e| self.err(e))?,
+        };
+        self.queue([ledger, self.job_change(job)?]).map(drop)
     }
 
     /// Forgets committed steps from `from_step` on (a fall-back to an older checkpoint).
     pub fn truncate_ledger(&self, from_step: u64, job: &JobRecord) -> Result<(), StoreError> {
-        let job = serde_json::to_vec(job).map_err(|e| self.err(e))?;
-        self.write(Durability::Immediate, |txn| {
-            txn.open_table(LEDGER)?.retain(|step, _| step < from_step)?;
-            txn.open_table(META)?.insert(JOB_KEY, job.as_slice())?;
-            Ok(())
-        })
+        self.queue([Change::TruncateLedger { from_step }, self.job_change(job)?])
+            .map(drop)
     }
 
-    /// Committed steps in `[from, to)`.
+    /// Committed steps in `[from, to)`, as written so far (wait for durability first to
+    /// include the newest).
     pub fn read_ledger(&self, from: u64, to: u64) -> Result<Vec<LedgerRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(LEDGER).map_err(|e| self.err(e))?;
@@ -293,20 +395,133 @@ impl Store {
     }
 
     pub fn put_worker(&self, worker: &WorkerRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(worker).map_err(|e| self.err(e))?;
-        self.write(Durability::None, |txn| {
-            txn.open_table(WORKERS)?
-                .insert(worker.id.as_str(), bytes.as_slice())?;
-            Ok(())
-        })
+        let value = serde_json::to_vec(worker).map_err(|e| self.err(e))?;
+        self.queue([Change::PutWorker {
+            id: worker.id.clone(),
+            value,
+        }])
+        .map(drop)
     }
 
     pub fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
-        self.write(Durability::None, |txn| {
-            txn.open_table(WORKERS)?.remove(id)?;
-            Ok(())
-        })
+        self.queue([Change::RemoveWorker { id: id.into() }])
+            .map(drop)
     }
+}
+
+impl Drop for Store {
+    /// Writes what is queued, then stops the writer.
+    fn drop(&mut self) {
+        lock(&self.shared.queue).closing = true;
+        self.shared.wake.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Waits for durability of a [`Store`] without borrowing it.
+#[derive(Clone)]
+pub struct DurableWaiter {
+    rx: tokio::sync::watch::Receiver<Durable>,
+    path: PathBuf,
+}
+
+impl DurableWaiter {
+    /// Returns once every change up to `seq` is on disk, or the error that stopped the writer.
+    pub async fn wait(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.rx.clone();
+        let reached = rx
+            .wait_for(|d| !matches!(d, Durable::Through(n) if *n < seq))
+            .await
+            .map(|d| d.clone());
+        match reached {
+            Ok(Durable::Through(_)) => Ok(()),
+            Ok(Durable::Failed(why)) => Err(store_err(&self.path, why)),
+            Err(_) => Err(store_err(&self.path, "the writer thread is gone")),
+        }
+    }
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer thread: takes everything queued, writes it in one durable transaction, tells
+/// the waiters, and goes on until the store is dropped; after a failed write it writes
+/// nothing more.
+fn write_loop(db: &Database, shared: &Shared, path: &Path, sync_delay: std::time::Duration) {
+    loop {
+        let (changes, through) = {
+            let mut q = lock(&shared.queue);
+            while q.changes.is_empty() && !q.closing {
+                q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.changes.is_empty() {
+                return;
+            }
+            (std::mem::take(&mut q.changes), q.queued)
+        };
+        let written = apply(db, &changes, sync_delay);
+        let state = match written {
+            Ok(()) => Durable::Through(through),
+            Err(e) => {
+                let why = format!("{}: {e}", path.display());
+                tracing::error!("state store write failed: {why}");
+                Durable::Failed(why)
+            }
+        };
+        let failed = matches!(state, Durable::Failed(_));
+        *lock(&shared.durable) = state.clone();
+        shared.durable_changed.notify_all();
+        shared.durable_watch.send_replace(state);
+        if failed {
+            return;
+        }
+    }
+}
+
+fn apply(
+    db: &Database,
+    changes: &[Change],
+    sync_delay: std::time::Duration,
+) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut meta = txn.open_table(META)?;
+        let mut ledger = txn.open_table(LEDGER)?;
+        let mut workers = txn.open_table(WORKERS)?;
+        for c in changes {
+            match c {
+                Change::Meta { key, value } => {
+                    meta.insert(*key, value.as_slice())?;
+                }
+                Change::Ledger { step, value } => {
+                    ledger.insert(*step, value.as_slice())?;
+                }
+                Change::TruncateLedger { from_step } => {
+                    ledger.retain(|step, _| step < *from_step)?;
+                }
+                Change::PutWorker { id, value } => {
+                    workers.insert(id.as_str(), value.as_slice())?;
+                }
+                Change::RemoveWorker { id } => {
+                    workers.remove(id.as_str())?;
+                }
+            }
+        }
+    }
+    std::thread::sleep(sync_delay);
+    txn.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]

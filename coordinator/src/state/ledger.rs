@@ -300,7 +300,8 @@ impl JobState {
         Ok(())
     }
 
-    /// Committed ledger entries in `[from, to)`; `to == 0` means up to the last one.
+    /// Committed ledger entries in `[from, to)`; `to == 0` means up to the last one. Read
+    /// from the store: what its writer has written (the service waits for it first).
     pub fn ledger(&self, from: u64, to: u64) -> Result<Vec<LedgerRecord>, StateError> {
         let to = if to == 0 {
             self.job.committed

@@ -1,6 +1,7 @@
 //! The job's state machine: membership, generations, the sample schedule and the ledger.
 //!
-//! Pure logic behind one mutex: no I/O except the store, time passed in as `now`. The rules:
+//! Pure logic behind one mutex, time passed in as `now`. Its changes go to the store's queue
+//! and reach the disk on the store's writer thread, never under this mutex. The rules:
 //!
 //! * **Generations.** A generation is a fixed group of workers with ranks. It is *proposed*
 //!   (members chosen), then *formed* once every member has called `Rendezvous`. Joins, graceful
@@ -210,6 +211,22 @@ impl JobState {
 
     pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// The sequence number of the newest change queued for the store: a reply that must not
+    /// run ahead of the disk waits until it is durable (see [`crate::store::Store`]).
+    pub fn store_queued(&self) -> u64 {
+        self.store.queued()
+    }
+
+    /// Waits for the store's writes without holding the state.
+    pub fn durability(&self) -> crate::store::DurableWaiter {
+        self.store.durability()
+    }
+
+    /// Why the store stopped taking changes, if it did.
+    pub fn store_failed(&self) -> Option<String> {
+        self.store.failed()
     }
 
     pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -50,9 +50,10 @@ impl JobState {
             join_seq: self.job.next_join_seq,
         };
         self.job.next_join_seq += 1;
-        // No flush: a join lost in a crash only makes that worker join again.
+        // On disk before the worker hears its id (the service waits), so a restarted
+        // coordinator still knows it.
         self.store.put_worker(&rec).map_err(store_err)?;
-        self.store.save_job_lazily(&self.job).map_err(store_err)?;
+        self.store.save_job(&self.job).map_err(store_err)?;
         tracing::info!(worker = %rec.id, host = %rec.host, addr = %rec.data_addr, "worker joined");
         let id = rec.id.clone();
         self.workers.insert(id.clone(), Worker::new(rec, now));

@@ -144,6 +144,12 @@ impl Harness {
         trained
     }
 
+    /// The ledger as the service reads it: after the store's writer has caught up.
+    fn ledger(&self, from: u64, to: u64) -> Vec<LedgerRecord> {
+        self.state.store.sync().unwrap();
+        self.state.ledger(from, to).unwrap()
+    }
+
     fn later(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
     }
@@ -187,7 +193,7 @@ fn every_sequence_of_a_step_is_planned_to_exactly_one_rank_and_committed_once() 
     }
     let all: BTreeSet<u64> = trained.iter().flatten().copied().collect();
     assert_eq!(all.len() as u64, 4 * GLOBAL, "a sequence was trained twice");
-    let ledger = h.state.ledger(0, 0).unwrap();
+    let ledger = h.ledger(0, 0);
     assert_eq!(ledger.len(), 4);
     assert!(ledger
         .iter()
@@ -253,7 +259,7 @@ fn a_join_regroups_at_the_next_step_boundary_and_the_holder_becomes_rank_0() {
     );
     h.run(&[(&a, &second[1]), (&b, &second[0])], 1);
     assert_eq!(h.state.committed(), 3);
-    assert_eq!(h.state.ledger(2, 3).unwrap()[0].world_size, 2);
+    assert_eq!(h.ledger(2, 3)[0].world_size, 2);
 }
 
 #[test]
@@ -310,11 +316,7 @@ fn with_no_holder_the_job_rolls_back_to_its_checkpoint_and_counts_the_redone_ste
     assert_eq!(back[0].source, StateSourceRecord::Checkpoint);
     assert_eq!(back[0].start_step, 3);
     assert_eq!(back[0].checkpoint_path, path.display().to_string());
-    assert_eq!(
-        h.state.ledger(0, 0).unwrap().len(),
-        3,
-        "the ledger was not cut back"
-    );
+    assert_eq!(h.ledger(0, 0).len(), 3, "the ledger was not cut back");
     let meta = h.state.ledger_meta();
     assert_eq!((meta.rollbacks, meta.redone_steps), (1, 2));
     // The redone steps train the same sequences as the first time: the order is the seed's.
@@ -357,9 +359,9 @@ fn a_restarted_machine_keeps_its_ledger_group_and_workers() {
     h.state.tick(h.now).unwrap();
     let got = h.form(&[&a, &b], 0, &[None, None]);
     h.run(&[(&a, &got[0]), (&b, &got[1])], 3);
-    let before = h.state.ledger(0, 0).unwrap();
+    let before = h.ledger(0, 0);
     let mut h = h.restart();
-    assert_eq!(h.state.ledger(0, 0).unwrap(), before);
+    assert_eq!(h.ledger(0, 0), before);
     // The group runs on: the next step is planned for the same generation.
     match h.next_step(&a, &got[0], 3) {
         NextStepOutcome::Plan(p) => assert_eq!((p.step, p.rank), (3, 0)),
