@@ -186,11 +186,25 @@ impl JobState {
                     // Every known worker gets a full timeout to reconnect after a restart.
                     state.workers.insert(rec.id.clone(), Worker::new(rec, now));
                 }
-                if let Some(formed) = &state.job.formed {
-                    state.phase = Phase::Formed;
-                    // The group may be mid-step: treat the next step as started, so that a
-                    // join waits for its commit instead of breaking the step in flight.
-                    state.handed_out = Some((formed.generation, state.job.committed));
+                let whole = state.job.formed.as_ref().map(|f| {
+                    let known = f.ranks.iter().all(|id| state.workers.contains_key(id));
+                    (known, f.generation)
+                });
+                match whole {
+                    Some((true, generation)) => {
+                        state.phase = Phase::Formed;
+                        // The group may be mid-step: treat the next step as started, so that a
+                        // join waits for its commit instead of breaking the step in flight.
+                        state.handed_out = Some((generation, state.job.committed));
+                    }
+                    Some((false, generation)) => {
+                        // A member left for good before the restart (while the job was
+                        // stopped, nobody re-formed the group): no heartbeat will ever time
+                        // it out, so the group cannot go on. The first tick proposes anew.
+                        tracing::info!(generation, "the stored group lost a member; it re-forms");
+                        state.previous = state.job.formed.take();
+                    }
+                    None => {}
                 }
                 state.loss_history = loaded.ledger.iter().map(|e| (e.step, e.loss)).collect();
                 state.ledger_tail = loaded.ledger.into_iter().last();

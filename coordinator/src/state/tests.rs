@@ -369,3 +369,28 @@ fn a_restarted_machine_keeps_its_ledger_group_and_workers() {
     }
     assert_eq!(h.state.status(h.now).workers.len(), 2);
 }
+
+/// A member that leaves while the job is stopped is removed at once, and nobody re-forms the
+/// group then. Restarted and resumed, the job must not keep that group: the member would
+/// never time out, and every new worker would stand by forever ("the group is full").
+#[test]
+fn a_group_whose_member_left_while_stopped_re_forms_after_a_restart() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a], 0, &[None]);
+    h.run(&[(&a, &got[0])], 2);
+    h.state.stop().unwrap();
+    assert!(
+        h.state.leave(&a, h.now).unwrap(),
+        "a stopped job lets a worker go at once"
+    );
+    let mut h = h.restart();
+    assert!(h.state.resume_if_stopped().unwrap());
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    let again = h.form(&[&b], got[0].generation, &[None]);
+    assert!(again[0].generation > got[0].generation);
+    assert_eq!((again[0].rank, again[0].world_size), (0, 1));
+    h.run(&[(&b, &again[0])], 1);
+}
