@@ -17,6 +17,7 @@ pub fn direct_env_vars() -> Vec<&'static str> {
         ferry_worker::collective::nccl::NCCL_LIB_ENV,
         // Test-only fault injection; listed so the manifest check sees every name.
         ferry_worker::data_parallel::worker::PAUSE_BEFORE_STEP_LINE,
+        ferry_coordinator::store::SYNC_DELAY_ENV,
     ]
 }
 

@@ -273,7 +273,14 @@ fn every_ferry_variable_the_sources_read_is_in_the_dump() {
     // `std::env::var("FERRY_...")` that is not listed would make the manifest check blind to it.
     let root = support::root();
     let mut found = BTreeSet::new();
-    for dir in ["src", "common/src", "coordinator/src", "worker/src"] {
+    for dir in [
+        "src",
+        "common/src",
+        "coordinator/src",
+        "worker/src",
+        "launch/src",
+        "fetch/src",
+    ] {
         for f in files_under(&root.join(dir)) {
             let name = f.file_name().unwrap().to_str().unwrap();
             // Unit-test helpers only (FERRY_RING_TEST_CHILD and the like).
