@@ -70,7 +70,11 @@ fn launched_job() -> Arc<LaunchedJob> {
 
 impl LaunchedJob {
     fn start() -> LaunchedJob {
-        let dir = support::scratch("observe");
+        // A directory of its own each time: the previous job may still be stopping (its Drop
+        // runs after the slot's last Arc is gone) and write its final checkpoint into it.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = support::scratch(&format!("observe-{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let run = dir.join("run");
         std::fs::write(dir.join("job.toml"), job(&run)).unwrap();
