@@ -469,7 +469,11 @@ fn write_loop(db: &Database, shared: &Shared, path: &Path, sync_delay: std::time
             }
             (std::mem::take(&mut q.changes), q.queued)
         };
-        let written = apply(db, &changes, sync_delay);
+        // A panic here would leave every waiting call waiting forever: it counts as a failure.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            apply(db, &changes, sync_delay).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| Err("the writer panicked".into()));
         let state = match written {
             Ok(()) => Durable::Through(through),
             Err(e) => {
