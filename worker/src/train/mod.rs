@@ -30,7 +30,8 @@ use std::time::Instant;
 use tch::Device;
 
 pub const TRAIN_CONFIG_FILE: &str = "train.json";
-pub const METRICS_FILE: &str = "metrics.jsonl";
+/// One JSON line per logged step, beside the checkpoints (the run directory's layout).
+pub use ferry_common::run_dir::METRICS_FILE;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
