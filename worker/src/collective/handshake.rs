@@ -54,6 +54,17 @@ struct Link {
 }
 
 impl Link {
+    /// The link from rank `from` to rank `to` of the group `spec` describes.
+    fn of(spec: &GroupSpec, from: usize, to: usize) -> Link {
+        Link {
+            token: spec.job_token.as_bytes().into(),
+            generation: spec.generation,
+            from: from as u32,
+            to: to as u32,
+            world: spec.world_size as u32,
+        }
+    }
+
     fn mac(&self, label: &[u8], first: &[u8], second: &[u8]) -> Result<Hmac<Sha256>, String> {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.token)
             .map_err(|e| format!("HMAC key: {e}"))?;
@@ -121,13 +132,7 @@ pub(crate) fn connect(
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<TcpStream, CollectiveError> {
-    let link = Link {
-        token: spec.job_token.as_bytes().into(),
-        generation: spec.generation,
-        from: spec.rank as u32,
-        to: to as u32,
-        world: spec.world_size as u32,
-    };
+    let link = Link::of(spec, spec.rank, to);
     let addr = &spec.peers[to];
     let mut backoff = Duration::from_millis(10);
     let mut last = String::from("no attempt");
@@ -194,13 +199,7 @@ pub(crate) fn accept(
     from: usize,
     deadline: Instant,
 ) -> Result<TcpStream, CollectiveError> {
-    let link = Link {
-        token: spec.job_token.as_bytes().into(),
-        generation: spec.generation,
-        from: from as u32,
-        to: spec.rank as u32,
-        world: spec.world_size as u32,
-    };
+    let link = Link::of(spec, from, spec.rank);
     let _restore = NonBlocking::set(listener).map_err(|e| CollectiveError::io("listener", e))?;
     // Handshake threads report here; they are detached and end by their own deadline, so
     // returning never waits for a slow stray.
@@ -464,13 +463,7 @@ mod tests {
             assert!(refused(s), "random bytes were not refused");
 
             // A well-formed hello gets a challenge; a forged answer is refused.
-            let link = Link {
-                token: b"secret".as_slice().into(),
-                generation: 9,
-                from: 1,
-                to: 0,
-                world: 2,
-            };
+            let link = Link::of(&spec(0, "secret", 9), 1, 0);
             let mut s = TcpStream::connect(&addr).expect("connect");
             s.write_all(&link.hello(&[7; NONCE_BYTES])).expect("hello");
             let mut challenge = [0u8; NONCE_BYTES + MAC_BYTES];
@@ -512,13 +505,7 @@ mod tests {
         let acceptor = spec(0, "secret", 9);
         let mut real_spec = spec(1, "secret", 9);
         real_spec.peers = vec![addr.clone(), addr.clone()];
-        let link = Link {
-            token: b"secret".as_slice().into(),
-            generation: 9,
-            from: 1,
-            to: 0,
-            world: 2,
-        };
+        let link = Link::of(&spec(0, "secret", 9), 1, 0);
         let hello = link.hello(&[7; NONCE_BYTES]);
         std::thread::scope(|scope| {
             let accepting = scope.spawn(|| {
