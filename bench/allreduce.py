@@ -3,7 +3,8 @@
 
 Alternates, for --rounds rounds: gloo (shared/bench/allreduce_bench.py under torchrun) and
 `ferry bench allreduce` with each transport in --transports (auto picks shared memory on one
-host; tcp is the pure TCP ring). Both measure the same way: per size, the median over
+host; tcp is the pure TCP ring), and each transport in --unauthenticated-transports once more
+with the ring's per-message MAC off (variant `ferry-tcp-nomac`), to show what the MAC costs. Both measure the same way: per size, the median over
 iterations of the max-over-ranks time of one in-place all-reduce after a barrier; busbw =
 2(n-1)/n * bytes / time. Prints one JSON line per size and run, then a table of medians over
 rounds and the ferry/gloo ratios.
@@ -92,12 +93,13 @@ def run_gloo(a):
     return records(out.stdout)
 
 
-def run_ferry(a, transport):
+def run_ferry(a, transport, message_mac=True):
     peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     def cmd(rank):
         return [a.ferry, "bench", "allreduce", "--rank", str(rank), "--world", "2", "--peers", peers,
                 "--sizes-mib", a.sizes_mib, "--transport", transport,
-                "--budget-s", str(a.budget_s), "--max-iters", str(a.max_iters)]
+                "--budget-s", str(a.budget_s), "--max-iters", str(a.max_iters),
+                "--message-mac", "true" if message_mac else "false"]
     other = subprocess.Popen(cmd(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = subprocess.run(cmd(0), capture_output=True, text=True)
     _, other_err = other.communicate()
@@ -111,6 +113,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sizes-mib", default="1,4,16,64,256")
     p.add_argument("--transports", default="auto,tcp")
+    p.add_argument("--unauthenticated-transports", default="tcp",
+                   help="also run these with the ring's message MAC off ('' for none)")
     p.add_argument("--budget-s", type=float, default=20.0, help="approx. time budget per size and run")
     p.add_argument("--max-iters", type=int, default=50)
     p.add_argument("--ferry", default=os.path.join(ROOT, "target/release/ferry"))
@@ -125,11 +129,13 @@ def main():
     for r in range(a.rounds):
         runs = [("gloo", lambda: run_gloo(a))]
         runs += [(None, lambda t=t: run_ferry(a, t)) for t in a.transports.split(",")]
+        runs += [(None, lambda t=t: run_ferry(a, t, message_mac=False))
+                 for t in a.unauthenticated_transports.split(",") if t]
         for name, run in runs:
             if a.quiet_wait_s > 0:
                 wait_quiet(a)
             for rec in measured(run):
-                variant = name or f"ferry-{rec['transport']}"
+                variant = name or f"ferry-{rec['transport']}" + ("" if rec.get("message_mac", True) else "-nomac")
                 rec.update(variant=variant, round=r)
                 print(json.dumps(rec), flush=True)
                 if variant not in variants:
@@ -145,17 +151,22 @@ def main():
     foreign = statistics.median(r for v in busy.values() for r in v)
     print(f"\nall-reduce busbw (GB/s), 2 processes, float32, medians of {a.rounds} rounds "
           f"(CPU used by other processes during the runs: median {foreign:.0f}%, max {max(max(v) for v in busy.values()):.0f}%)")
-    head = f"{'MiB':>5}{'gloo':>9}" + "".join(f"{v:>12}{'x gloo':>8}" for v in ferries)
+    head = f"{'MiB':>5}{'gloo':>9}" + "".join(f"{v:>17}{'x gloo':>8}" for v in ferries)
     print(head)
     for mib in sizes:
         g = med[("gloo", mib)]
         row = f"{mib:>5}{g:>9.3f}"
         for v in ferries:
             f = med[(v, mib)]
-            row += f"{f:>12.3f}{f / g:>8.2f}"
+            row += f"{f:>17.3f}{f / g:>8.2f}"
         print(row)
     lo = {v: min(med[(v, m)] / med[("gloo", m)] for m in sizes) for v in ferries}
     print("lowest ferry/gloo ratio over sizes: " + ", ".join(f"{v} {x:.2f}" for v, x in lo.items()))
+    for v in ferries:
+        if v.endswith("-nomac") and v[: -len("-nomac")] in ferries:
+            with_mac = v[: -len("-nomac")]
+            print(f"{with_mac} with the message MAC / without: " + ", ".join(
+                f"{m} MiB {med[(with_mac, m)] / med[(v, m)]:.2f}" for m in sizes))
 
 
 if __name__ == "__main__":

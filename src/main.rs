@@ -189,6 +189,10 @@ struct BenchAllreduceArgs {
     /// Seconds to wait for a peer before failing.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Authenticate every TCP ring message (as training always does); `false` measures the
+    /// ring without it, to show what the MAC costs. Every rank must pass the same value.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    message_mac: bool,
 }
 
 #[derive(Args)]
@@ -384,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_iters: a.max_iters,
                 budget_s: a.budget_s,
                 timeout: std::time::Duration::from_secs(a.timeout_s),
+                message_mac: a.message_mac,
             };
             let mut printed = Ok(());
             run_allreduce_bench(&config, |record| {

@@ -22,6 +22,8 @@ pub struct AllReduceBenchConfig {
     /// Approximate time budget per size, which sets the iteration count.
     pub budget_s: f64,
     pub timeout: Duration,
+    /// Every TCP ring message carries a MAC (see `GroupSpec::message_mac`).
+    pub message_mac: bool,
 }
 
 /// One size's result; the fields of allreduce_bench.py plus the transport.
@@ -31,6 +33,8 @@ pub struct AllReduceBenchRecord {
     pub bench: &'static str,
     pub backend: &'static str,
     pub transport: &'static str,
+    /// Whether TCP ring messages carried a MAC (shared memory sends none either way).
+    pub message_mac: bool,
     pub world: usize,
     pub dtype: &'static str,
     pub mib: usize,
@@ -84,6 +88,7 @@ pub fn run_allreduce_bench(
         generation: 1,
         job_token: "ferry-allreduce-bench".into(),
         timeout: c.timeout,
+        message_mac: c.message_mac,
     };
     let mut ring = RingAllReduce::connect_with(&listener, &spec, c.transport)?;
     let expected = (c.world * (c.world + 1) / 2) as f32;
@@ -144,6 +149,7 @@ fn record(
         bench: "allreduce",
         backend: "ferry-ring",
         transport,
+        message_mac: c.message_mac,
         world: c.world,
         dtype: "float32",
         mib,

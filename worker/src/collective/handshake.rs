@@ -3,14 +3,17 @@
 //! The connector (rank `from`) opens a TCP connection to its right neighbour (rank `to`):
 //!
 //! ```text
-//! C -> A  hello:     magic, version, generation, from, to, world, nonce_c
+//! C -> A  hello:     magic, version, generation, from, to, world, options, nonce_c
 //! A -> C  challenge: nonce_a, HMAC(token, "acceptor"  | nonce_c | nonce_a | gen | from | to | world)
 //! C -> A  answer:            HMAC(token, "connector" | nonce_a | nonce_c | gen | from | to | world)
 //! A -> C  ok byte
 //! ```
 //!
 //! Both sides prove they know the job token without sending it, bound to fresh nonces, so a
-//! recorded exchange cannot be replayed. A hello for another generation, rank or world size,
+//! recorded exchange cannot be replayed. Both then derive the key that authenticates every
+//! message on this link (`message_mac`): HMAC(token, "messages" | nonce_c | nonce_a | gen |
+//! from | to | world), which never crosses the network. `options` says whether the group
+//! authenticates messages, so ranks that disagree fail here rather than misread the stream. A hello for another generation, rank or world size,
 //! a wrong MAC or random bytes make the acceptor drop that connection and keep waiting for
 //! the right peer until the deadline; the connector retries with backoff until the deadline
 //! (peers start at slightly different times).
@@ -19,6 +22,7 @@
 //! within [`HANDSHAKE_TIMEOUT`] as a whole, not per read: a client that drips one byte at a
 //! time can neither hold the acceptor nor keep its own connection for long.
 
+use super::message_mac::LinkKey;
 use super::{wire, CollectiveError, GroupSpec};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -30,10 +34,13 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 const MAGIC: [u8; 8] = *b"FERRYRNG";
-const VERSION: u32 = 1;
+/// 2: the hello carries `options`, and messages after the handshake carry a MAC.
+const VERSION: u32 = 2;
 const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
-const HELLO_BYTES: usize = 8 + 4 + 8 + 4 + 4 + 4 + NONCE_BYTES;
+const HELLO_BYTES: usize = 8 + 4 + 8 + 4 + 4 + 4 + 4 + NONCE_BYTES;
+/// `options` bit: messages after the handshake carry a MAC.
+const OPTION_MESSAGE_MAC: u32 = 1;
 const ACCEPTED: u8 = 0xA5;
 /// How long one handshake may take as a whole (four small messages), on either side, so a
 /// silent or dripping connection cannot hold a socket and a thread for the whole deadline.
@@ -51,6 +58,7 @@ struct Link {
     from: u32,
     to: u32,
     world: u32,
+    options: u32,
 }
 
 impl Link {
@@ -62,7 +70,22 @@ impl Link {
             from: from as u32,
             to: to as u32,
             world: spec.world_size as u32,
+            options: if spec.message_mac {
+                OPTION_MESSAGE_MAC
+            } else {
+                0
+            },
         }
+    }
+
+    /// The key of this link's messages, from both nonces; None when the group sends them
+    /// without a MAC.
+    fn message_key(&self, nonce_c: &[u8], nonce_a: &[u8]) -> Result<Option<LinkKey>, String> {
+        if self.options & OPTION_MESSAGE_MAC == 0 {
+            return Ok(None);
+        }
+        let mac = self.mac(b"ferry-ring messages", nonce_c, nonce_a)?;
+        Ok(Some(mac.finalize().into_bytes().into()))
     }
 
     fn mac(&self, label: &[u8], first: &[u8], second: &[u8]) -> Result<Hmac<Sha256>, String> {
@@ -86,7 +109,8 @@ impl Link {
         b[20..24].copy_from_slice(&self.from.to_le_bytes());
         b[24..28].copy_from_slice(&self.to.to_le_bytes());
         b[28..32].copy_from_slice(&self.world.to_le_bytes());
-        b[32..].copy_from_slice(nonce);
+        b[32..36].copy_from_slice(&self.options.to_le_bytes());
+        b[36..].copy_from_slice(nonce);
         b
     }
 
@@ -118,11 +142,29 @@ impl Link {
                 self.from, self.to, self.world
             ));
         }
+        let options = u32_at(32);
+        if options != self.options {
+            let mac = |o: u32| {
+                if o & OPTION_MESSAGE_MAC != 0 {
+                    "on"
+                } else {
+                    "off"
+                }
+            };
+            return Err(format!(
+                "message MAC {} (this rank has it {})",
+                mac(options),
+                mac(self.options)
+            ));
+        }
         let mut nonce = [0u8; NONCE_BYTES];
-        nonce.copy_from_slice(&b[32..]);
+        nonce.copy_from_slice(&b[36..]);
         Ok(nonce)
     }
 }
+
+/// A connection that passed the handshake, with the key of its messages.
+pub(crate) type Authenticated = (TcpStream, Option<LinkKey>);
 
 /// Connects to rank `to` (this rank's right neighbour) and authenticates, retrying until
 /// `deadline` or until `cancel` is set.
@@ -131,7 +173,7 @@ pub(crate) fn connect(
     to: usize,
     deadline: Instant,
     cancel: &AtomicBool,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<Authenticated, CollectiveError> {
     let link = Link::of(spec, spec.rank, to);
     let addr = &spec.peers[to];
     let mut backoff = Duration::from_millis(10);
@@ -153,7 +195,7 @@ pub(crate) fn connect(
     }
 }
 
-fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<TcpStream, String> {
+fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<Authenticated, String> {
     let target = addr
         .to_socket_addrs()
         .map_err(|e| format!("resolve {addr}: {e}"))?
@@ -187,7 +229,7 @@ fn try_connect(link: &Link, addr: &str, remaining: Duration) -> Result<TcpStream
     if ok[0] != ACCEPTED {
         return Err("peer sent a bad acceptance byte".into());
     }
-    Ok(s)
+    Ok((s, link.message_key(&nonce_c, nonce_a)?))
 }
 
 /// Accepts connections on `listener` until one authenticates as rank `from`, this rank's
@@ -198,12 +240,12 @@ pub(crate) fn accept(
     spec: &GroupSpec,
     from: usize,
     deadline: Instant,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<Authenticated, CollectiveError> {
     let link = Link::of(spec, from, spec.rank);
     let _restore = NonBlocking::set(listener).map_err(|e| CollectiveError::io("listener", e))?;
     // Handshake threads report here; they are detached and end by their own deadline, so
     // returning never waits for a slow stray.
-    let (done, outcomes) = mpsc::channel::<Result<TcpStream, String>>();
+    let (done, outcomes) = mpsc::channel::<Result<Authenticated, String>>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut last = String::from("nobody connected");
     loop {
@@ -263,7 +305,7 @@ fn authenticate_connector(
     link: &Link,
     mut s: TcpStream,
     until: Instant,
-) -> Result<TcpStream, String> {
+) -> Result<Authenticated, String> {
     let io = |what: &str, e: io::Error| format!("{what}: {e}");
     s.set_nonblocking(false).map_err(|e| io("blocking", e))?;
     s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
@@ -285,7 +327,8 @@ fn authenticate_connector(
         .verify_slice(&answer)
         .map_err(|_| "connector does not know the job token".to_string())?;
     write_all_by(&mut s, &[ACCEPTED], until).map_err(|e| io("send acceptance", e))?;
-    Ok(s)
+    let key = link.message_key(&nonce_c, &nonce_a)?;
+    Ok((s, key))
 }
 
 /// The time left before `until`, as a socket timeout; an error once it has passed.
@@ -418,6 +461,7 @@ mod tests {
             generation,
             job_token: token.into(),
             timeout: Duration::from_secs(5),
+            message_mac: true,
         }
     }
 
@@ -552,6 +596,58 @@ mod tests {
                 "the dripper held its connection for {took:?}"
             );
         });
+    }
+
+    /// Both ends of a connection derive the same message key, never sent; each connection
+    /// gets a fresh one; ranks that disagree on the message MAC do not connect.
+    #[test]
+    fn both_ends_derive_one_fresh_message_key_and_a_mac_mismatch_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let mut connector = spec(1, "secret", 3);
+        connector.peers = vec![addr.clone(), addr];
+        let pair = |connector: &GroupSpec, acceptor: &GroupSpec| {
+            std::thread::scope(|scope| {
+                let accepting = scope.spawn(|| {
+                    accept(
+                        &listener,
+                        acceptor,
+                        1,
+                        Instant::now() + Duration::from_secs(2),
+                    )
+                });
+                let connected = connect(
+                    connector,
+                    0,
+                    Instant::now() + Duration::from_secs(2),
+                    &AtomicBool::new(false),
+                );
+                (connected, accepting.join().expect("acceptor thread"))
+            })
+        };
+        let keys = |connector: &GroupSpec| {
+            let (c, a) = pair(connector, &spec(0, "secret", 3));
+            (c.expect("connect").1, a.expect("accept").1)
+        };
+        let (c1, a1) = keys(&connector);
+        let (c2, a2) = keys(&connector);
+        assert!(
+            c1.is_some() && c1 == a1 && c2 == a2,
+            "the two ends disagree"
+        );
+        assert_ne!(c1, c2, "two connections share a key");
+
+        let mut plain = connector.clone();
+        plain.message_mac = false;
+        let (c, a) = pair(&plain, &spec(0, "secret", 3));
+        let e = a.expect_err("a connector without the MAC was accepted");
+        assert!(format!("{e}").contains("message MAC off"), "{e}");
+        assert!(c.is_err());
+
+        let mut plain_acceptor = spec(0, "secret", 3);
+        plain_acceptor.message_mac = false;
+        let (c, a) = pair(&plain, &plain_acceptor);
+        assert_eq!((c.expect("connect").1, a.expect("accept").1), (None, None));
     }
 
     #[test]

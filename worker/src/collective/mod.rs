@@ -9,18 +9,22 @@
 pub mod bench;
 mod error;
 mod handshake;
+mod message_mac;
 pub mod nccl;
 mod ring;
 mod segments;
 mod shm;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_on_the_path;
 mod wire;
 mod write_mode;
 
 pub use error::CollectiveError;
 pub use wire::Wire;
 
+use message_mac::MessageMac;
 use ring::TcpRing;
 use shm::ShmRing;
 use std::net::{IpAddr, TcpListener};
@@ -29,6 +33,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
+
+/// The most bytes one rank may contribute to an all-gather. All-gathers carry small
+/// metadata (transport choices, segment names, timings, sequence digests); a peer announcing
+/// more is refused before anything is allocated for it.
+pub const MAX_ALL_GATHER_BLOCK_BYTES: usize = 16 << 20;
 
 /// Everything the data plane of one generation needs; comes from the coordinator's
 /// Rendezvous reply.
@@ -42,6 +51,10 @@ pub struct GroupSpec {
     pub job_token: String,
     /// Longest wait for a peer: connecting, or any step of an operation.
     pub timeout: Duration,
+    /// Every TCP ring message carries a MAC keyed from its handshake, so a host on the path
+    /// cannot alter gradients or weights ([`message_mac`]). Always on in training; the
+    /// all-reduce benchmark turns it off to show what it costs. Every rank must agree.
+    pub message_mac: bool,
 }
 
 pub trait Collective: Send {
@@ -253,13 +266,15 @@ impl RingAllReduce {
             });
             (accepted, connected)
         });
-        let left_conn = handshake::into_data_socket(left_conn?, left, spec.timeout)?;
-        let right_conn = handshake::into_data_socket(right_conn?, right, spec.timeout)?;
+        let (left_conn, left_key) = left_conn?;
+        let (right_conn, right_key) = right_conn?;
+        let left_conn = handshake::into_data_socket(left_conn, left, spec.timeout)?;
+        let right_conn = handshake::into_data_socket(right_conn, right, spec.timeout)?;
         let mut tcp = TcpRing::new(
             rank,
             world,
-            left_conn,
-            right_conn,
+            (left_conn, MessageMac::new(left_key)),
+            (right_conn, MessageMac::new(right_key)),
             spec.timeout,
             tuning.piece_floats,
         );

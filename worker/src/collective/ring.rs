@@ -1,14 +1,15 @@
 //! The TCP ring: rank r sends to its right neighbour r+1 and receives from its left
 //! neighbour r-1, each over its own connection, with blocking sockets whose timeouts turn a
-//! dead or wedged neighbour into an error.
+//! dead or wedged neighbour into an error. Every message (operation header, piece, block)
+//! carries a MAC keyed from its connection's handshake ([`MessageMac`]).
 
+use super::message_mac::MessageMac;
 use super::segments::{ring_sub, Segments};
 use super::wire::{
     f32_bytes, f32_bytes_mut, from_bf16, hung_up, to_bf16, u16_bytes, u16_bytes_mut, OpHeader,
-    OpKind, Wire,
+    OpKind, Wire, HEADER_BYTES,
 };
-use super::CollectiveError;
-use std::io::{Read, Write};
+use super::{CollectiveError, MAX_ALL_GATHER_BLOCK_BYTES};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,10 +18,12 @@ use std::time::{Duration, Instant};
 pub(crate) struct TcpRing {
     rank: usize,
     world: usize,
-    /// Connection we receive on, from rank - 1.
+    /// Connection we receive on, from rank - 1, and the MAC of its messages.
     left: TcpStream,
-    /// Connection we send on, to rank + 1.
+    left_mac: MessageMac,
+    /// Connection we send on, to rank + 1, and the MAC of its messages.
     right: TcpStream,
+    right_mac: MessageMac,
     timeout: Duration,
     piece_floats: usize,
     /// Operations so far; carried in every header so ranks out of step fail fast.
@@ -33,8 +36,8 @@ impl TcpRing {
     pub(crate) fn new(
         rank: usize,
         world: usize,
-        left: TcpStream,
-        right: TcpStream,
+        (left, left_mac): (TcpStream, MessageMac),
+        (right, right_mac): (TcpStream, MessageMac),
         timeout: Duration,
         piece_floats: usize,
     ) -> Self {
@@ -42,7 +45,9 @@ impl TcpRing {
             rank,
             world,
             left,
+            left_mac,
             right,
+            right_mac,
             timeout,
             piece_floats: piece_floats.max(1),
             seq: 0,
@@ -66,6 +71,29 @@ impl TcpRing {
             detail,
             len: len as u64,
         }
+    }
+
+    /// Sends one message to the right neighbour.
+    fn send(&self, bytes: &[u8], op: &'static str) -> Result<(), CollectiveError> {
+        self.right_mac
+            .send(&self.right, bytes)
+            .map_err(|e| CollectiveError::from_socket(e, self.right_rank(), op))
+    }
+
+    /// Receives one message of exactly `buf.len()` bytes from the left neighbour.
+    fn receive(&self, buf: &mut [u8], op: &'static str) -> Result<(), CollectiveError> {
+        self.left_mac.receive(&self.left, buf, self.left_rank(), op)
+    }
+
+    fn send_header(&self, h: &OpHeader) -> Result<(), CollectiveError> {
+        self.send(&h.encode(), h.kind.name())
+    }
+
+    /// Receives the left neighbour's header and checks it against `ours`.
+    fn receive_header(&self, ours: &OpHeader, exact: bool) -> Result<OpHeader, CollectiveError> {
+        let mut b = [0u8; HEADER_BYTES];
+        self.receive(&mut b, ours.kind.name())?;
+        ours.check(&b, self.left_rank(), exact)
     }
 
     /// The neighbour whose connection is closed or reset, if any.
@@ -141,9 +169,7 @@ impl TcpRing {
 
         let result = self.pipelined(
             |p: &Pipeline| {
-                header
-                    .write_to(&self.right)
-                    .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
+                self.send_header(&header)?;
                 for k in 0..steps {
                     for i in 0..per_step {
                         if k > 0 {
@@ -164,25 +190,23 @@ impl TcpRing {
                                 u16_bytes(out)
                             }
                         };
-                        (&self.right)
-                            .write_all(bytes)
-                            .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
+                        self.send(bytes, op)?;
                         p.advance(|s| s.sent += 1);
                     }
                 }
                 Ok(())
             },
             |p: &Pipeline| {
-                header.expect_from(&self.left, left_rank, true)?;
+                self.receive_header(&header, true)?;
                 for k in 0..steps {
                     for i in 0..per_step {
                         let range = seg.piece(received_at(k), i);
                         let incoming = &mut scratch[..range.len()];
                         let read = |into: &mut [f32], halves: &mut [u16]| match wire {
-                            Wire::F32 => (&self.left).read_exact(f32_bytes_mut(into)),
+                            Wire::F32 => self.receive(f32_bytes_mut(into), op),
                             Wire::Bf16 => {
                                 let halves = &mut halves[..into.len()];
-                                (&self.left).read_exact(u16_bytes_mut(halves))?;
+                                self.receive(u16_bytes_mut(halves), op)?;
                                 for (x, &h) in into.iter_mut().zip(halves.iter()) {
                                     *x = from_bf16(h);
                                 }
@@ -190,8 +214,7 @@ impl TcpRing {
                             }
                         };
                         if k < reduce_steps {
-                            read(incoming, &mut incoming16)
-                                .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
+                            read(incoming, &mut incoming16)?;
                             // SAFETY: the sender reads this range only at a later step,
                             // after we report it received.
                             let acc = unsafe { data.get_mut(range) };
@@ -211,9 +234,10 @@ impl TcpRing {
                             let needed = (k - reduce_steps) * per_step + i + 1;
                             p.wait(|s| s.sent >= needed, right_rank, op)?;
                             // SAFETY: the sender is done with this range (waited above).
+                            // A message that fails its MAC leaves bytes here, but the
+                            // operation then fails and the buffer is not used.
                             let dst = unsafe { data.get_mut(range) };
-                            read(dst, &mut incoming16)
-                                .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
+                            read(dst, &mut incoming16)?;
                         }
                         p.advance(|s| s.received += 1);
                     }
@@ -233,36 +257,30 @@ impl TcpRing {
         let hops = ring_sub(self.rank, root, self.world);
         let receives = hops > 0;
         let forwards = hops < self.world - 1;
-        let (left_rank, right_rank) = (self.left_rank(), self.right_rank());
         if receives {
-            header.expect_from(&self.left, left_rank, true)?;
+            self.receive_header(&header, true)?;
         }
         if forwards {
-            header
-                .write_to(&self.right)
-                .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
+            self.send_header(&header)?;
         }
+        // Each hop checks a piece's MAC before forwarding it under its own link's key.
         for piece in buf.chunks_mut(self.piece_floats * 4) {
             if receives {
-                (&self.left)
-                    .read_exact(piece)
-                    .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
+                self.receive(piece, op)?;
             }
             if forwards {
-                (&self.right)
-                    .write_all(piece)
-                    .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
+                self.send(piece, op)?;
             }
         }
         Ok(())
     }
 
-    /// Ring all-gather of byte blocks of any length: at step s rank r forwards the block of
-    /// rank r-s (its own first) and receives the block of rank r-s-1.
+    /// Ring all-gather of byte blocks of up to [`MAX_ALL_GATHER_BLOCK_BYTES`]: at step s rank
+    /// r forwards the block of rank r-s (its own first) and receives the block of rank r-s-1.
     pub(crate) fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
         let seq = self.header(OpKind::AllGather, 0, 0).seq;
         let (n, r) = (self.world, self.rank);
-        let (left_rank, right_rank) = (self.left_rank(), self.right_rank());
+        let left_rank = self.left_rank();
         let op = OpKind::AllGather.name();
         let header = |owner: usize, len: usize| OpHeader {
             kind: OpKind::AllGather,
@@ -290,12 +308,17 @@ impl TcpRing {
                     }
                     let owner = ring_sub(r, s, n);
                     let block = Arc::clone(&lock(&blocks)[owner]);
-                    let send = |mut w: &TcpStream| {
-                        header(owner, block.len()).write_to(w)?;
-                        w.write_all(&block)
-                    };
-                    send(&self.right)
-                        .map_err(|e| CollectiveError::from_socket(e, right_rank, op))?;
+                    if owner == r && block.len() > MAX_ALL_GATHER_BLOCK_BYTES {
+                        // Failing the operation here closes the links, so the peers stop
+                        // at once instead of waiting for a block that never comes.
+                        return Err(CollectiveError::InvalidArgument(format!(
+                            "{op}: a block of {} bytes is over the {MAX_ALL_GATHER_BLOCK_BYTES} \
+                             bytes one rank may contribute",
+                            block.len()
+                        )));
+                    }
+                    self.send_header(&header(owner, block.len()))?;
+                    self.send(&block, op)?;
                     p.advance(|st| st.sent += 1);
                 }
                 Ok(())
@@ -303,7 +326,7 @@ impl TcpRing {
             |p: &Pipeline| {
                 for s in 0..n - 1 {
                     let owner = ring_sub(r, s + 1, n);
-                    let got = header(owner, 0).expect_from(&self.left, left_rank, false)?;
+                    let got = self.receive_header(&header(owner, 0), false)?;
                     if got.detail as usize != owner {
                         return Err(CollectiveError::Protocol {
                             peer: left_rank,
@@ -314,18 +337,22 @@ impl TcpRing {
                             ),
                         });
                     }
-                    // Grows with the bytes that actually arrive, whatever length was claimed.
-                    let mut block = Vec::new();
-                    (&self.left)
-                        .take(got.len)
-                        .read_to_end(&mut block)
-                        .map_err(|e| CollectiveError::from_socket(e, left_rank, op))?;
-                    if block.len() as u64 != got.len {
-                        return Err(CollectiveError::PeerClosed {
+                    // The announced length is authenticated, but bounded all the same before
+                    // anything is allocated: a peer may be buggy or compromised.
+                    let len = usize::try_from(got.len)
+                        .ok()
+                        .filter(|&l| l <= MAX_ALL_GATHER_BLOCK_BYTES)
+                        .ok_or_else(|| CollectiveError::Protocol {
                             peer: left_rank,
                             op,
-                        });
-                    }
+                            reason: format!(
+                                "announced a block of {} bytes, over the \
+                                 {MAX_ALL_GATHER_BLOCK_BYTES} one rank may contribute",
+                                got.len
+                            ),
+                        })?;
+                    let mut block = vec![0u8; len];
+                    self.receive(&mut block, op)?;
                     lock(&blocks)[owner] = Arc::new(block);
                     p.advance(|st| st.received += 1);
                 }

@@ -13,12 +13,12 @@ const TRANSPORTS: [Transport; 2] = [Transport::Tcp, Transport::Shm];
 
 /// Short pieces and shared-memory slots, so short buffers still run through many pipelined
 /// pieces and wrap around the slots many times.
-const SMALL: Tuning = Tuning {
+pub(super) const SMALL: Tuning = Tuning {
     piece_floats: 1000,
     shm_slot_floats: 4096,
 };
 
-fn listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
+pub(super) fn listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
     let ls: Vec<TcpListener> = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
@@ -29,7 +29,7 @@ fn listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
     (ls, addrs)
 }
 
-fn spec(rank: usize, peers: &[String], timeout: Duration) -> GroupSpec {
+pub(super) fn spec(rank: usize, peers: &[String], timeout: Duration) -> GroupSpec {
     GroupSpec {
         rank,
         world_size: peers.len(),
@@ -37,6 +37,7 @@ fn spec(rank: usize, peers: &[String], timeout: Duration) -> GroupSpec {
         generation: GENERATION,
         job_token: TOKEN.into(),
         timeout,
+        message_mac: true,
     }
 }
 
@@ -75,7 +76,7 @@ fn with_group<T: Send>(
 }
 
 /// Deterministic values in [-5, 5) whose sums are not exact, so summation order shows.
-fn input(rank: usize, len: usize) -> Vec<f32> {
+pub(super) fn input(rank: usize, len: usize) -> Vec<f32> {
     (0..len as u64)
         .map(|i| ((i * 2_654_435_761 + rank as u64 * 40_503) % 10_007) as f32 / 1000.7 - 5.0)
         .collect()

@@ -2,7 +2,7 @@
 //! operation, so ranks that disagree about the operation fail instead of misreading data.
 
 use super::CollectiveError;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -122,41 +122,43 @@ pub(crate) struct OpHeader {
 }
 
 const HEADER_MAGIC: [u8; 3] = *b"FRO";
-const HEADER_BYTES: usize = 24;
+pub(crate) const HEADER_BYTES: usize = 24;
 
 impl OpHeader {
-    pub(crate) fn write_to(&self, mut w: impl Write) -> io::Result<()> {
+    pub(crate) fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_BYTES];
         b[..3].copy_from_slice(&HEADER_MAGIC);
         b[3] = self.kind as u8;
         b[4..8].copy_from_slice(&self.detail.to_le_bytes());
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..24].copy_from_slice(&self.len.to_le_bytes());
-        w.write_all(&b)
+        b
     }
 
-    /// Reads the peer's header and checks it against ours. `detail` and `len` are compared
-    /// only when `exact` (all-gather blocks carry their own owner and length).
-    pub(crate) fn expect_from(
+    /// Checks the peer's header `b` against ours. `detail` and `len` are compared only when
+    /// `exact` (all-gather blocks carry their own owner and length).
+    pub(crate) fn check(
         &self,
-        mut r: impl Read,
+        b: &[u8; HEADER_BYTES],
         peer: usize,
         exact: bool,
     ) -> Result<OpHeader, CollectiveError> {
         let op = self.kind.name();
-        let mut b = [0u8; HEADER_BYTES];
-        r.read_exact(&mut b)
-            .map_err(|e| CollectiveError::from_socket(e, peer, op))?;
         let mismatch = |reason: String| CollectiveError::Protocol { peer, op, reason };
         if b[..3] != HEADER_MAGIC {
             return Err(mismatch("not an operation header".into()));
         }
-        let seq = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+        let u64_at = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(x)
+        };
+        let seq = u64_at(8);
         let got = OpHeader {
             kind: self.kind,
-            detail: u32::from_le_bytes(b[4..8].try_into().unwrap_or_default()),
+            detail: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
             seq,
-            len: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+            len: u64_at(16),
         };
         if b[3] != self.kind as u8 || seq != self.seq {
             return Err(mismatch(format!(

@@ -66,6 +66,7 @@ impl Worker {
             generation: reply.generation,
             job_token: self.token.clone(),
             timeout: Duration::from_secs_f64(self.spec.cluster.collective_timeout_s),
+            message_mac: true,
         };
         match self.nccl_device {
             None => RingAllReduce::connect(&self.listener, &spec)

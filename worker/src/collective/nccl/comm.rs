@@ -9,7 +9,9 @@ use super::{
     cuda_err, nccl_err, nccl_error, Stream, CONFIG_LAYOUT_VERSION, CONFIG_MAGIC, CONFIG_UNDEF_INT,
     IN_PROGRESS, SUCCESS, UNIQUE_ID_BYTES,
 };
-use crate::collective::{validate, Collective, CollectiveError, GroupSpec};
+use crate::collective::{
+    validate, Collective, CollectiveError, GroupSpec, MAX_ALL_GATHER_BLOCK_BYTES,
+};
 use crate::collective::{StreamMark, StreamMarker};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -512,15 +514,7 @@ impl Collective for NcclCollective {
         let mut lens = Tensor::f_zeros([n as i64], (Kind::Int64, device)).map_err(staging)?;
         self.all_gather_raw(&my_len, &mut lens, 1, ncclDataType_t::ncclInt64)?;
         let lens = host_vec::<i64>(&lens, n).map_err(staging)?;
-        let mut sizes = Vec::with_capacity(n);
-        for (peer, &l) in lens.iter().enumerate() {
-            let size = usize::try_from(l).map_err(|_| CollectiveError::Protocol {
-                peer,
-                op: OP,
-                reason: format!("announced {l} bytes"),
-            })?;
-            sizes.push(size);
-        }
+        let sizes = announced_block_sizes(&lens)?;
         let longest = sizes.iter().copied().max().unwrap_or(0);
         if longest == 0 {
             return Ok(vec![Vec::new(); n]);
@@ -550,6 +544,27 @@ impl Collective for NcclCollective {
 
 // ---------------------------------------------------------------------------------------
 // Small helpers of the operations.
+
+/// The block lengths the ranks announced for an all-gather, bounded before the receive buffer
+/// (world × longest) is allocated: a peer's length is not to be trusted. Every rank sees the
+/// same lengths, so every rank refuses together.
+pub(super) fn announced_block_sizes(lens: &[i64]) -> Result<Vec<usize>, CollectiveError> {
+    lens.iter()
+        .enumerate()
+        .map(|(peer, &l)| {
+            usize::try_from(l)
+                .ok()
+                .filter(|&s| s <= MAX_ALL_GATHER_BLOCK_BYTES)
+                .ok_or_else(|| CollectiveError::Protocol {
+                    peer,
+                    op: "all_gather",
+                    reason: format!(
+                        "announced a block of {l} bytes (at most {MAX_ALL_GATHER_BLOCK_BYTES})"
+                    ),
+                })
+        })
+        .collect()
+}
 
 /// The NCCL data type an all-reduce sums `kind` as, if NCCL `version` can.
 pub(super) fn reduce_dtype(kind: Kind, version: c_int) -> Option<ncclDataType_t> {

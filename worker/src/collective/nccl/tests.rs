@@ -1,5 +1,5 @@
 use super::abort::lock;
-use super::comm::{nonblocking_config, reduce_dtype};
+use super::comm::{announced_block_sizes, nonblocking_config, reduce_dtype};
 use super::loader::{
     candidate_files, dlopen_name, libtorch_dirs, nccl_lib, open_nccl, version_string,
 };
@@ -18,6 +18,7 @@ fn spec() -> GroupSpec {
         generation: 1,
         job_token: "t".into(),
         timeout: Duration::from_secs(5),
+        message_mac: true,
     }
 }
 
@@ -191,4 +192,23 @@ fn overlapped_sum_waits_for_its_mark_on_a_gpu() {
         nccl.all_reduce_sum_after(&mut other, &foreign),
         Err(CollectiveError::InvalidArgument(_))
     ));
+}
+
+/// A peer's all-gather length (from the network, through NCCL) is bounded before the
+/// receive buffer of world × longest bytes is allocated; before, 2^40 was taken as it came.
+#[test]
+fn announced_all_gather_lengths_are_bounded_before_allocation() {
+    assert_eq!(
+        announced_block_sizes(&[3, 0, 17]).expect("small blocks"),
+        vec![3, 0, 17]
+    );
+    let max = crate::collective::MAX_ALL_GATHER_BLOCK_BYTES as i64;
+    assert!(announced_block_sizes(&[1, max]).is_ok());
+    for bad in [max + 1, 1 << 40, -1, i64::MIN] {
+        let e = announced_block_sizes(&[1, bad]).expect_err("an unbounded length was taken");
+        assert!(
+            matches!(e, CollectiveError::Protocol { peer: 1, .. }),
+            "{bad}: {e}"
+        );
+    }
 }
