@@ -521,13 +521,7 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         "a final checkpoint at the stop ({last} vs {before_stop})"
     );
     // No process left behind: nothing running mentions the job's state directory.
-    let needle = state.display().to_string();
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&needle))
-        .collect();
+    let left = processes_mentioning(&state.display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");
 
     // The same command again resumes the stopped job from its state and checkpoint.
@@ -559,5 +553,102 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
             "second launcher did not stop"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Processes whose command line mentions `needle` (a launched job's state directory).
+fn processes_mentioning(needle: &str) -> Vec<(libc::pid_t, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains(needle))
+        .collect()
+}
+
+/// A coordinator that stops answering (SIGSTOP: its process and sockets stay, nothing replies)
+/// must not wedge `ferry launch`: Ctrl-C twice kills everything within seconds. Before, the
+/// launcher sat in a status call until HTTP/2 keep-alive gave up (20 s or more per call), and
+/// only looked at Ctrl-C between calls.
+#[test]
+fn ctrl_c_stops_launch_while_its_coordinator_is_frozen() {
+    let dir = support::scratch("dp-launch-frozen");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let spec = job(&run, "min_workers = 1\nsettle_s = 0.0")
+        .replace(&format!("steps = {STEPS}"), "steps = 100000");
+    std::fs::write(dir.join("job.toml"), spec).unwrap();
+    let log = dir.join("launch.log");
+    let mut launcher = support::ferry()
+        .args([
+            "launch",
+            "--local",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ])
+        .arg(dir.join("job.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .map(StopOnDrop)
+        .unwrap();
+    let state = run.join("coordinator");
+    wait_launched(&state, "a worker training", |s| {
+        s["committed_steps"].as_u64() >= Some(1)
+    });
+    let needle = state.display().to_string();
+    let coordinator = processes_mentioning(&needle)
+        .into_iter()
+        .find(|(_, c)| c.contains(" coordinator "))
+        .expect("the launched coordinator process")
+        .0;
+    unsafe { libc::kill(coordinator, libc::SIGSTOP) };
+    // The launcher is now inside a call the coordinator will never answer.
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            // Thaw it so the cleanup below can end it.
+            unsafe { libc::kill(coordinator, libc::SIGCONT) };
+            panic!(
+                "ferry launch still running 15 s after two Ctrl-Cs with its coordinator frozen: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = start.elapsed();
+    assert!(
+        !status.success(),
+        "two Ctrl-Cs are a kill, not a clean stop"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "launch took {took:?} to exit"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("interrupted twice"), "{text}");
+    // The frozen coordinator and the worker were killed with it.
+    let start = Instant::now();
+    while !processes_mentioning(&needle).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "left running: {:?}",
+            processes_mentioning(&needle)
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

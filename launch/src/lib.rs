@@ -45,6 +45,37 @@ pub struct LaunchArgs {
 
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
 
+/// The longest the launcher waits for one call to its coordinator. A wedged coordinator must
+/// not wedge the launcher: it goes on reaping and restarting workers, and Ctrl-C gets through.
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs one call to the coordinator, giving up after [`ADMIN_CALL_TIMEOUT`], as soon as
+/// another Ctrl-C arrives, or at once after the second (its reason says which).
+fn admin_call<T>(
+    rt: &tokio::runtime::Runtime,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    let seen = INTERRUPTS.load(Ordering::SeqCst);
+    rt.block_on(async move {
+        let interrupted = async {
+            while INTERRUPTS.load(Ordering::SeqCst) == seen && seen < 2 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(ADMIN_CALL_TIMEOUT, call) => match r {
+                Ok(Ok(reply)) => Ok(reply.into_inner()),
+                Ok(Err(status)) => Err(status.message().to_string()),
+                Err(_) => Err(format!(
+                    "the coordinator did not answer within {} s",
+                    ADMIN_CALL_TIMEOUT.as_secs()
+                )),
+            },
+            () = interrupted => Err("interrupted".into()),
+        }
+    })
+}
+
 extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTS.fetch_add(1, Ordering::SeqCst);
 }
@@ -238,16 +269,10 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         tls_domain: None,
     })?;
     // The target is what this command asked for (also when resuming a job).
-    let scaled = rt.block_on({
-        let mut admin = clients.admin.clone();
-        async move {
-            admin
-                .scale(proto::ScaleRequest { workers: a.workers })
-                .await
-        }
-    });
-    if let Err(s) = scaled {
-        bail!("--workers {}: {}", a.workers, s.message());
+    let mut admin = clients.admin.clone();
+    let scaled = admin_call(&rt, admin.scale(proto::ScaleRequest { workers: a.workers }));
+    if let Err(reason) = scaled {
+        bail!("--workers {}: {reason}", a.workers);
     }
     // One process per GPU when there are GPUs, round-robin; the CPU otherwise.
     let gpus = tch::Cuda::device_count().max(0) as u32;
@@ -295,17 +320,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         if interrupts == 1 && !stop_sent {
             console
                 .line("[launch] stopping at the next step boundary (Ctrl-C again to kill)".into());
-            let mut admin = clients.admin.clone();
-            let _ = rt.block_on(async move { admin.stop(proto::StopRequest {}).await });
+            if let Err(reason) = admin_call(&rt, admin.stop(proto::StopRequest {})) {
+                console.line(format!("[launch] stop: {reason}"));
+            }
             stop_sent = true;
         }
-        let status = rt
-            .block_on({
-                let mut admin = clients.admin.clone();
-                async move { admin.status(proto::StatusRequest {}).await }
-            })
-            .map(|r| r.into_inner())
-            .ok();
+        let status = admin_call(&rt, admin.status(proto::StatusRequest {})).ok();
         // Reap exited workers; restart failed ones while the job still runs.
         let mut i = 1;
         let mut live = 0u32;
@@ -383,19 +403,20 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         }
     };
     bar.finish_and_clear();
-    if let Ok(r) = rt.block_on({
-        let mut admin = clients.admin.clone();
-        async move { admin.status(proto::StatusRequest {}).await }
-    }) {
-        last = Some(r.into_inner());
+    let killing = INTERRUPTS.load(Ordering::SeqCst) >= 2;
+    if !killing {
+        if let Ok(r) = admin_call(&rt, admin.status(proto::StatusRequest {})) {
+            last = Some(r);
+        }
     }
-    drop(clients);
+    drop((admin, clients));
     // The coordinator shuts down gracefully on SIGTERM.
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
         libc::kill(procs.0[0].child.id() as libc::pid_t, libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Killing (a second Ctrl-C): `Procs` kills every child at once, a frozen coordinator too.
+    let deadline = Instant::now() + Duration::from_secs(if killing { 0 } else { 10 });
     while procs.0[0].child.try_wait()?.is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
