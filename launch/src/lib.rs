@@ -113,6 +113,40 @@ impl Console {
 struct Proc {
     name: String,
     child: Child,
+    /// The GPU a worker was given, returned to [`DeviceSlots`] when it exits.
+    device: Option<u32>,
+}
+
+/// Which local GPU each new worker gets: the one fewest live workers use, lowest index first,
+/// so a worker started in place of one that died takes the GPU it freed, not one still in use.
+struct DeviceSlots {
+    /// Live workers per GPU; empty without GPUs.
+    holders: Vec<u32>,
+}
+
+impl DeviceSlots {
+    fn new(gpus: u32) -> Self {
+        DeviceSlots {
+            holders: vec![0; gpus as usize],
+        }
+    }
+
+    /// The GPU for a new worker; None on a machine without GPUs.
+    fn take(&mut self) -> Option<u32> {
+        let (index, n) = self
+            .holders
+            .iter_mut()
+            .enumerate()
+            .min_by_key(|(i, n)| (**n, *i))?;
+        *n += 1;
+        Some(index as u32)
+    }
+
+    fn release(&mut self, device: Option<u32>) {
+        if let Some(n) = device.and_then(|d| self.holders.get_mut(d as usize)) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// Children die with the launcher, whatever happens to it.
@@ -179,6 +213,7 @@ fn spawn(console: &Console, name: &str, mut cmd: Command, token: &str) -> Result
     Ok(Proc {
         name: name.to_string(),
         child,
+        device: None,
     })
 }
 
@@ -274,9 +309,9 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     if let Err(reason) = scaled {
         bail!("--workers {}: {reason}", a.workers);
     }
-    // One process per GPU when there are GPUs, round-robin; the CPU otherwise.
-    let gpus = tch::Cuda::device_count().max(0) as u32;
-    let worker_cmd = |exe: &Path, index: u32| {
+    // One process per GPU when there are GPUs (see `DeviceSlots`); the CPU otherwise.
+    let mut slots = DeviceSlots::new(tch::Cuda::device_count().max(0) as u32);
+    let worker_cmd = |exe: &Path, device: Option<u32>| {
         let mut c = Command::new(exe);
         // Every local worker serves its own metrics on a free port; `ferry status --json`
         // and the status page list them.
@@ -292,19 +327,23 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .arg("--state")
         .arg(&state)
         .args(["--threads", &threads.to_string()]);
-        if gpus > 0 {
-            c.args(["--device", &format!("cuda:{}", index % gpus)]);
+        if let Some(d) = device {
+            c.args(["--device", &format!("cuda:{d}")]);
         }
         c
     };
+    // Starts worker `name` on the GPU `slots` gives it.
+    let start_worker = |slots: &mut DeviceSlots, name: &str| -> Result<Proc> {
+        let device = slots.take();
+        let mut p = spawn(&console, name, worker_cmd(&exe, device), &token)?;
+        p.device = device;
+        Ok(p)
+    };
     let mut next_index = 0u32;
     for _ in 0..a.workers {
-        procs.0.push(spawn(
-            &console,
-            &format!("w{next_index}"),
-            worker_cmd(&exe, next_index),
-            &token,
-        )?);
+        procs
+            .0
+            .push(start_worker(&mut slots, &format!("w{next_index}"))?);
         next_index += 1;
     }
 
@@ -340,6 +379,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 }
                 Some(exit) => {
                     let p = procs.0.remove(i);
+                    slots.release(p.device);
                     if !exit.success() && !done && !stop_sent {
                         if restarts >= a.max_restarts {
                             break;
@@ -351,12 +391,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                             "[launch] {} exited ({exit}); starting {name} in its place ({restarts}/{})",
                             p.name, a.max_restarts
                         ));
-                        procs.0.push(spawn(
-                            &console,
-                            &name,
-                            worker_cmd(&exe, next_index - 1),
-                            &token,
-                        )?);
+                        procs.0.push(start_worker(&mut slots, &name)?);
                         live += 1;
                     }
                 }
@@ -383,12 +418,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                     let name = format!("w{next_index}");
                     next_index += 1;
                     console.line(format!("[launch] scaling up: starting {name}"));
-                    procs.0.push(spawn(
-                        &console,
-                        &name,
-                        worker_cmd(&exe, next_index - 1),
-                        &token,
-                    )?);
+                    procs.0.push(start_worker(&mut slots, &name)?);
                 }
             }
             last = status.clone();
@@ -440,4 +470,35 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceSlots;
+
+    /// A worker started in place of one that exited takes the GPU it freed. Before, worker
+    /// number `i` took GPU `i % gpus`: on two GPUs, w1 exiting left GPU 1 free and its
+    /// replacement w2 went to GPU 0, still in use by w0.
+    #[test]
+    fn a_replacement_worker_takes_the_freed_gpu() {
+        let mut slots = DeviceSlots::new(2);
+        let (w0, w1) = (slots.take(), slots.take());
+        assert_eq!((w0, w1), (Some(0), Some(1)));
+        slots.release(w1);
+        assert_eq!(slots.take(), Some(1), "w1's replacement");
+        // More workers than GPUs: spread evenly, lowest index first.
+        assert_eq!(slots.take(), Some(0));
+        assert_eq!(slots.take(), Some(1));
+        slots.release(Some(0));
+        slots.release(Some(0));
+        assert_eq!(slots.take(), Some(0));
+    }
+
+    #[test]
+    fn without_gpus_workers_get_none() {
+        let mut slots = DeviceSlots::new(0);
+        assert_eq!(slots.take(), None);
+        slots.release(None);
+        slots.release(Some(3));
+    }
 }

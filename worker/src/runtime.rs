@@ -4,11 +4,20 @@
 use crate::error::{EngineError, Result};
 use tch::{Device, Kind, Tensor};
 
-/// `auto` picks CUDA when libtorch sees a GPU, else the CPU; `cpu`, `cuda` and `cuda:N` force.
+/// `auto` picks a GPU when libtorch sees one, else the CPU: GPU `LOCAL_RANK` (modulo the
+/// visible count) when a launcher such as torchrun set it, else GPU 0. `CUDA_VISIBLE_DEVICES`
+/// decides which GPUs libtorch sees (an empty value: none). `cpu`, `cuda` and `cuda:N` force.
 pub fn select_device(spec: &str) -> Result<Device> {
     let cuda = || tch::Cuda::is_available();
+    let visible = || {
+        if cuda() {
+            usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+        } else {
+            0
+        }
+    };
     match spec {
-        "auto" => Ok(if cuda() { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => auto_device(std::env::var("LOCAL_RANK").ok().as_deref(), visible()),
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let index: usize = s
@@ -20,18 +29,28 @@ pub fn select_device(spec: &str) -> Result<Device> {
                     message: format!("`{s}` is not cuda:N"),
                 })?
                 .unwrap_or(0);
-            let visible = if cuda() {
-                usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
-            } else {
-                0
-            };
-            cuda_device(s, index, visible)
+            cuda_device(s, index, visible())
         }
         other => Err(EngineError::Config {
             field: "device".into(),
             message: format!("`{other}` is not one of auto, cpu, cuda, cuda:N"),
         }),
     }
+}
+
+/// `auto` with `visible` GPUs and the launcher's `LOCAL_RANK`, if any.
+fn auto_device(local_rank: Option<&str>, visible: usize) -> Result<Device> {
+    if visible == 0 {
+        return Ok(Device::Cpu);
+    }
+    let index = match local_rank {
+        None => 0,
+        Some(r) => r.trim().parse::<usize>().map_err(|_| EngineError::Config {
+            field: "LOCAL_RANK".into(),
+            message: format!("`{r}` is not a process index (0, 1, ...)"),
+        })?,
+    };
+    Ok(Device::Cuda(index % visible))
 }
 
 /// GPU `index` (asked for as `spec`) when libtorch sees `visible` GPUs: an error naming the
@@ -144,8 +163,9 @@ pub fn matmul_gflops(device: Device) -> f64 {
     for _ in 0..5 {
         let t0 = std::time::Instant::now();
         let c = a.mm(&b);
-        if let Device::Cuda(_) = device {
-            tch::Cuda::synchronize(0);
+        // Waits for this device's work, not GPU 0's.
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
         }
         drop(c);
         times.push(t0.elapsed().as_secs_f64());
@@ -157,6 +177,22 @@ pub fn matmul_gflops(device: Device) -> f64 {
 #[cfg(test)]
 mod device_tests {
     use super::*;
+
+    /// `auto` follows a launcher's LOCAL_RANK over the visible GPUs (before: every process
+    /// on a multi-GPU host took GPU 0), and the CPU when none is visible.
+    #[test]
+    fn auto_follows_local_rank_over_the_visible_gpus() {
+        assert_eq!(auto_device(None, 0).unwrap(), Device::Cpu);
+        assert_eq!(auto_device(Some("3"), 0).unwrap(), Device::Cpu);
+        assert_eq!(auto_device(None, 4).unwrap(), Device::Cuda(0));
+        assert_eq!(auto_device(Some("2"), 4).unwrap(), Device::Cuda(2));
+        assert_eq!(auto_device(Some("5"), 4).unwrap(), Device::Cuda(1));
+        let err = auto_device(Some("first"), 2).unwrap_err().to_string();
+        assert!(
+            err.contains("LOCAL_RANK") && err.contains("`first`"),
+            "{err}"
+        );
+    }
 
     /// A GPU index past the last visible GPU is an error naming the device and the count,
     /// never a libtorch panic later.
