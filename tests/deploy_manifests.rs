@@ -792,3 +792,193 @@ fn dockerfile_copies_what_exists_and_lays_out_the_wheel_libraries_where_the_rpat
         eprintln!("this wheel has no CUDA libraries; the GPU layout was not checked");
     }
 }
+
+// ----- TLS -----
+
+/// The certificate step every shipped path uses (compose and Slurm run it, Kubernetes
+/// documents it), and the files it writes, which are also the keys of the Kubernetes Secret.
+const CERT_STEP: &str = "deploy/make-certs.sh";
+const CA_FILE: &str = "ca.crt";
+const CERT_FILE: &str = "tls.crt";
+const KEY_FILE: &str = "tls.key";
+
+/// The certificate step for real: its files serve TLS, clients that hold its CA reach the
+/// coordinator under the names the manifests dial, and nothing else does.
+#[test]
+fn make_certs_gives_a_tls_coordinator_reached_with_its_ca_under_the_manifests_names_only() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Output};
+    let openssl = Command::new("openssl").arg("version").output();
+    assert!(
+        openssl.as_ref().is_ok_and(|o| o.status.success()),
+        "\n\n*** openssl is not installed, so {CERT_STEP}, the certificate step of every shipped \
+         deploy path, cannot be tested. Install it (apt-get install openssl; scripts/test.sh \
+         does). ***\n\n"
+    );
+    let dir = support::scratch("make-certs");
+    let make = |out: &Path, names: &[&str]| -> Output {
+        support::run_ok(
+            Command::new(support::root().join(CERT_STEP))
+                .arg(out)
+                .args(names),
+        )
+    };
+    // The names the Kubernetes workers (the Service) and the compose workers (the service)
+    // verify; Slurm's is the host name, which the test cannot be.
+    let certs = dir.join("certs");
+    make(&certs, &["ferry-coordinator", "coordinator"]);
+    let other = dir.join("other");
+    make(&other, &["ferry-coordinator", "coordinator"]);
+
+    // Readable by the user only; the CA's key is gone.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&certs), 0o700);
+    for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+        assert_eq!(mode(&certs.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(support::names(&certs), [CA_FILE, CERT_FILE, KEY_FILE]);
+    // Run again (compose and Slurm do, at every start), it keeps them; a new name remakes them.
+    let before = std::fs::read(certs.join(CA_FILE)).unwrap();
+    let again = make(&certs, &["coordinator"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("kept"));
+    assert_eq!(std::fs::read(certs.join(CA_FILE)).unwrap(), before);
+    let renamed = dir.join("renamed");
+    make(&renamed, &["one"]);
+    let first = std::fs::read(renamed.join(CA_FILE)).unwrap();
+    make(&renamed, &["two"]);
+    assert_ne!(std::fs::read(renamed.join(CA_FILE)).unwrap(), first);
+
+    let c = support::cluster::CoordinatorProc::start(
+        "make-certs-coordinator",
+        &support::cluster::job_toml(&dir.join("run"), 8, 8, 64, ""),
+        &[
+            "--tls-cert",
+            certs.join(CERT_FILE).to_str().unwrap(),
+            "--tls-key",
+            certs.join(KEY_FILE).to_str().unwrap(),
+        ],
+    );
+    let log = c.log_text();
+    assert!(log.contains("grpcs://"), "{log}");
+    assert!(!log.contains("without TLS"), "{log}");
+    let port = c.grpc.rsplit_once(':').unwrap().1.to_string();
+    let ca = certs.join(CA_FILE);
+    let ca = ca.to_str().unwrap();
+    let wrong_ca = other.join(CA_FILE);
+    let wrong_ca = wrong_ca.to_str().unwrap();
+    let at = |host: &str| format!("{host}:{port}");
+    // (what, flags, environment, whether it gets through)
+    let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>, bool)> = vec![
+        (
+            "the Kubernetes name, by flags",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator".into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "the compose name, by FERRY_TLS_CA and FERRY_TLS_DOMAIN",
+            vec!["--coordinator".into(), at("127.0.0.1")],
+            vec![("FERRY_TLS_CA", ca), ("FERRY_TLS_DOMAIN", "coordinator")],
+            true,
+        ),
+        (
+            "localhost, the name in the address",
+            vec![
+                "--coordinator".into(),
+                at("localhost"),
+                "--tls-ca".into(),
+                ca.into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "127.0.0.1, the address itself",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "no CA: plain text",
+            vec!["--coordinator".into(), at("127.0.0.1")],
+            vec![],
+            false,
+        ),
+        (
+            "another deployment's CA",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                wrong_ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator".into(),
+            ],
+            vec![],
+            false,
+        ),
+        (
+            "a name not in the certificate",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator.elsewhere".into(),
+            ],
+            vec![],
+            false,
+        ),
+    ];
+    // A refused client retries for the admin commands' patience (10 s): all at once.
+    let token_file = &c.token_file;
+    let results: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(_, args, env, _)| {
+                s.spawn(move || {
+                    let mut cmd = support::ferry();
+                    cmd.args(["status", "--json", "--token-file"])
+                        .arg(token_file)
+                        .args(args)
+                        .env_remove("FERRY_TLS_CA")
+                        .env_remove("FERRY_TLS_DOMAIN");
+                    for (k, v) in env {
+                        cmd.env(k, v);
+                    }
+                    cmd.output().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((what, args, env, ok), out) in cases.iter().zip(&results) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{what}: {} {}", out.status, stderr.trim());
+        assert_eq!(
+            out.status.success(),
+            *ok,
+            "{what}: {args:?} {env:?}: {stderr}"
+        );
+        if *ok {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(st["job_name"], "coordinator-test", "{what}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        }
+    }
+}
