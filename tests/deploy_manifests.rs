@@ -1138,6 +1138,15 @@ fn tls_problems() -> Vec<String> {
         }
     }
 
+    // The README says what TLS protects and what it does not; deploy/README.md points there.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    if !readme.lines().any(|l| l == "## Security") {
+        gaps.push("README.md: no \"## Security\" section".into());
+    }
+    let deploy_readme = std::fs::read_to_string(deploy().join("README.md")).unwrap();
+    if !deploy_readme.contains("README.md#security") {
+        gaps.push("deploy/README.md: no link to the README's security section".into());
+    }
     gaps
 }
 
