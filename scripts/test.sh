@@ -17,5 +17,12 @@ if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
 fi
+# tests/deploy_manifests.rs runs deploy/make-certs.sh, the deployments' certificate step.
+if ! command -v openssl >/dev/null; then
+    echo "test: installing Debian's openssl package for the certificate-step test"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 export FERRY_DATA_DIR=${FERRY_DATA_DIR:-$(cd .. && pwd)/shared/data}
 cargo test --release --workspace "$@"

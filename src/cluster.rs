@@ -26,7 +26,7 @@ pub struct CoordinatorArgs {
     /// File holding the job token [default: $FERRY_JOB_TOKEN].
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// PEM certificate: serve gRPC over TLS (with --tls-key).
+    /// PEM certificate: serve gRPC over TLS (with --tls-key; deploy/make-certs.sh makes both).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
@@ -46,9 +46,13 @@ pub struct ConnectArgs {
     /// File holding the job token [default: $FERRY_JOB_TOKEN].
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed the coordinator's TLS certificate.
-    #[arg(long)]
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate: talk TLS to it
+    /// (deploy/make-certs.sh writes one as ca.crt).
+    #[arg(long, env = "FERRY_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Name to verify in the coordinator's certificate [default: the host of --coordinator].
+    #[arg(long, env = "FERRY_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
 }
 
 #[derive(Args)]
@@ -117,7 +121,7 @@ fn admin(c: &ConnectArgs) -> Result<AdminClient> {
         address,
         token: load_token(c.token_file.as_deref())?,
         tls_ca: c.tls_ca.clone(),
-        tls_domain: None,
+        tls_domain: c.tls_domain.clone(),
     })
 }
 
@@ -206,7 +210,7 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
                 address,
                 token: load_token(a.connect.token_file.as_deref())?,
                 tls_ca: a.connect.tls_ca.clone(),
-                tls_domain: None,
+                tls_domain: a.connect.tls_domain.clone(),
             },
             data_listen: a.data_listen,
             advertise_host: advertise,

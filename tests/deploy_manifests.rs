@@ -792,3 +792,551 @@ fn dockerfile_copies_what_exists_and_lays_out_the_wheel_libraries_where_the_rpat
         eprintln!("this wheel has no CUDA libraries; the GPU layout was not checked");
     }
 }
+
+// ----- TLS -----
+
+/// The certificate step every shipped path uses (compose and Slurm run it, Kubernetes
+/// documents it), and the files it writes, which are also the keys of the Kubernetes Secret.
+const CERT_STEP: &str = "deploy/make-certs.sh";
+const CA_FILE: &str = "ca.crt";
+const CERT_FILE: &str = "tls.crt";
+const KEY_FILE: &str = "tls.key";
+const CA_ENV: &str = "FERRY_TLS_CA";
+
+/// The server name a client verifies: --tls-domain, else the host of --coordinator.
+fn server_name(argv: &[String]) -> String {
+    flag_value(argv, "--tls-domain").unwrap_or_else(|| {
+        let address = flag_value(argv, "--coordinator").unwrap_or_default();
+        let host = address
+            .rsplit_once(':')
+            .map_or(address.as_str(), |(h, _)| h);
+        host.to_string()
+    })
+}
+
+/// What one ferry command line lacks for TLS: a coordinator without its certificate and key,
+/// a client (worker, status, scale, stop) without the CA that signed it, as a flag or as
+/// FERRY_TLS_CA among `env` (the variables its container, service or script sets).
+fn tls_gaps(inv: &Invocation, env: &[String]) -> Vec<String> {
+    let argv = &inv.argv;
+    let mut gaps = Vec::new();
+    match argv.first().map(String::as_str) {
+        Some("coordinator") => {
+            for flag in ["--tls-cert", "--tls-key"] {
+                if flag_value(argv, flag).is_none() {
+                    gaps.push(format!(
+                        "{}: the coordinator serves gRPC without {flag}, in plain text",
+                        inv.origin
+                    ));
+                }
+            }
+        }
+        Some("worker" | "status" | "scale" | "stop") => {
+            if flag_value(argv, "--tls-ca").is_none() && !env.iter().any(|e| e == CA_ENV) {
+                gaps.push(format!(
+                    "{}: `ferry {}` has no --tls-ca (nor {CA_ENV}): its token would cross the \
+                     network in plain text",
+                    inv.origin, argv[0]
+                ));
+            }
+            if flag_value(argv, "--coordinator").is_some_and(|a| a.starts_with("http://")) {
+                gaps.push(format!("{}: an http:// coordinator address", inv.origin));
+            }
+        }
+        _ => {}
+    }
+    gaps
+}
+
+/// Where a path inside a pod comes from: (volume name, key of the Secret it projects).
+fn pod_file_source<'a>(pod: &'a Yaml, c: &Yaml, path: &str) -> Option<(&'a str, String)> {
+    let (dir, file) = path.rsplit_once('/')?;
+    let mount = c
+        .get("volumeMounts")
+        .and_then(|m| m.as_sequence())?
+        .iter()
+        .find(|m| str_at(m, &["mountPath"]).map(|p| p.trim_end_matches('/')) == Some(dir))?;
+    let name = str_at(mount, &["name"])?;
+    let volume = pod
+        .get("volumes")
+        .and_then(|v| v.as_sequence())?
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some(name))?;
+    let secret = str_at(volume, &["secret", "secretName"])?;
+    let key = match get(volume, &["secret", "items"]).and_then(|i| i.as_sequence()) {
+        None => file.to_string(),
+        Some(items) => str_at(
+            items.iter().find(|i| str_at(i, &["path"]) == Some(file))?,
+            &["key"],
+        )?
+        .to_string(),
+    };
+    Some((secret, key))
+}
+
+fn kubernetes_tls_gaps(
+    docs: &[Yaml],
+    variant: &str,
+    step_names: &[String],
+    secret: &str,
+) -> Vec<String> {
+    let mut gaps = Vec::new();
+    let coordinator = by_kind(docs, "Deployment", "ferry-coordinator");
+    let workers = by_kind(docs, "StatefulSet", "ferry-worker");
+    for (doc, role) in [(coordinator, "coordinator"), (workers, "worker")] {
+        let c = containers(doc)[0];
+        let inv = container_invocations(variant, c).remove(0);
+        let env = container_env(c);
+        gaps.extend(tls_gaps(&inv, &env));
+        let pod = pod_spec(doc).unwrap();
+        let files: Vec<(&str, &str)> = if role == "coordinator" {
+            vec![("--tls-cert", CERT_FILE), ("--tls-key", KEY_FILE)]
+        } else {
+            vec![("--tls-ca", CA_FILE)]
+        };
+        for (flag, key) in files {
+            let Some(path) = flag_value(&inv.argv, flag) else {
+                continue;
+            };
+            match pod_file_source(pod, c, &path) {
+                Some((s, k)) if s == secret && k == key => {}
+                other => gaps.push(format!(
+                    "{variant}: {role} {flag} {path} is not key {key} of the Secret {secret} \
+                     mounted there (found {other:?})"
+                )),
+            }
+        }
+        if role == "worker" {
+            let name = server_name(&inv.argv);
+            if !step_names.contains(&name) {
+                gaps.push(format!(
+                    "{variant}: workers verify the name {name:?}, which the documented \
+                     certificate step ({step_names:?}) does not put in the certificate"
+                ));
+            }
+        }
+    }
+    gaps
+}
+
+/// Every reason a shipped path would run the control plane in plain text, or without the
+/// certificate step written out. Empty when all is well.
+fn tls_problems() -> Vec<String> {
+    let mut gaps = Vec::new();
+    let root = support::root();
+
+    // The step itself: a script, run as it stands.
+    let step = root.join(CERT_STEP);
+    match std::fs::metadata(&step) {
+        Err(_) => gaps.push(format!(
+            "{CERT_STEP}: the certificate step does not exist (compose and Slurm run it, \
+             Kubernetes documents it)"
+        )),
+        Ok(m) => {
+            use std::os::unix::fs::PermissionsExt;
+            if m.permissions().mode() & 0o111 == 0 {
+                gaps.push(format!("{CERT_STEP}: not executable"));
+            }
+        }
+    }
+
+    // Kubernetes: the Secret comes from the documented step; both builds mount it.
+    let secret_text = std::fs::read_to_string(deploy().join("k8s/secret.yaml")).unwrap();
+    let step_names: Vec<String> = cert_step_commands(&secret_text)
+        .into_iter()
+        .flat_map(|words| words.into_iter().skip(1))
+        .collect();
+    if step_names.is_empty() {
+        gaps.push(
+            "deploy/k8s/secret.yaml: no `make-certs.sh DIR NAME...` line: the certificate \
+             step for Kubernetes is not written out"
+                .into(),
+        );
+    }
+    let created = secret_text.lines().find_map(|l| {
+        let words = shlex::split(l.trim_start_matches('#'))?;
+        let at = words
+            .windows(3)
+            .position(|w| w == ["create", "secret", "generic"])?;
+        let name = words.get(at + 3)?.clone();
+        let from: Vec<String> = words
+            .iter()
+            .filter_map(|w| w.strip_prefix("--from-file="))
+            .map(|f| f.rsplit('/').next().unwrap().to_string())
+            .collect();
+        from.iter().any(|f| f == CA_FILE).then_some((name, from))
+    });
+    let secret = match created {
+        None => {
+            gaps.push(
+                "deploy/k8s/secret.yaml: no `kubectl create secret generic NAME --from-file=...` \
+                 for the certificates"
+                    .into(),
+            );
+            "(none)".to_string()
+        }
+        Some((secret, files)) => {
+            for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+                if !files.iter().any(|g| g == f) {
+                    gaps.push(format!(
+                        "deploy/k8s/secret.yaml: the Secret {secret} lacks {f}"
+                    ));
+                }
+            }
+            secret
+        }
+    };
+    let base = deploy().join("k8s");
+    for dir in [base.clone(), base.join("overlays/cpu")] {
+        let (docs, _) = kustomize(&dir).unwrap_or_else(|e| panic!("{e}"));
+        gaps.extend(kubernetes_tls_gaps(&docs, &rel(&dir), &step_names, &secret));
+    }
+
+    // compose: a service runs the step into a volume that the others mount and wait for.
+    let compose_path = deploy().join("compose.yaml");
+    let doc = &yaml_documents(&compose_path)[0];
+    let services = get(doc, &["services"])
+        .and_then(|s| s.as_mapping())
+        .unwrap();
+    let words = |v: Option<&Yaml>| strings(v);
+    let certs = services.iter().find(|(_, s)| {
+        words(s.get("entrypoint"))
+            .iter()
+            .chain(&words(s.get("command")))
+            .any(|w| w.ends_with("make-certs.sh"))
+    });
+    let volume_at = |svc: &Yaml, path: &str| -> Option<String> {
+        strings(svc.get("volumes")).iter().find_map(|v| {
+            let mut parts = v.split(':');
+            let (volume, inside) = (parts.next()?, parts.next()?);
+            (inside.trim_end_matches('/') == path).then(|| volume.to_string())
+        })
+    };
+    let services_run = compose_services("deploy/compose.yaml", doc);
+    for (_, inv, env) in &services_run {
+        gaps.extend(tls_gaps(inv, env));
+    }
+    match certs {
+        None => gaps.push("deploy/compose.yaml: no service runs make-certs.sh".into()),
+        Some((certs_name, certs_svc)) => {
+            let certs_name = certs_name.as_str().unwrap();
+            let all: Vec<String> = words(certs_svc.get("entrypoint"))
+                .into_iter()
+                .chain(words(certs_svc.get("command")))
+                .collect();
+            let at = all
+                .iter()
+                .position(|w| w.ends_with("make-certs.sh"))
+                .unwrap();
+            let (dir, names) = (all[at + 1].clone(), all[at + 2..].to_vec());
+            let volume = volume_at(certs_svc, &dir);
+            if volume.is_none() {
+                gaps.push(format!(
+                    "deploy/compose.yaml: {certs_name} writes {dir}, not a volume"
+                ));
+            }
+            for (name, inv, _) in &services_run {
+                let svc = services.get(name.as_str()).unwrap();
+                let role = inv.argv.first().cloned().unwrap_or_default();
+                let files: &[(&str, &str)] = match role.as_str() {
+                    "coordinator" => &[("--tls-cert", CERT_FILE), ("--tls-key", KEY_FILE)],
+                    "worker" => &[("--tls-ca", CA_FILE)],
+                    _ => &[],
+                };
+                for (flag, file) in files {
+                    let Some(path) = flag_value(&inv.argv, flag) else {
+                        continue;
+                    };
+                    let (in_dir, f) = path.rsplit_once('/').unwrap_or(("", &path));
+                    if f != *file || volume.is_none() || volume_at(svc, in_dir) != volume {
+                        gaps.push(format!(
+                            "deploy/compose.yaml: {name} {flag} {path} is not the {file} that \
+                             {certs_name} writes into volume {volume:?}"
+                        ));
+                    }
+                }
+                if role == "coordinator" {
+                    let waits = str_at(svc, &["depends_on", certs_name, "condition"]);
+                    if waits != Some("service_completed_successfully") {
+                        gaps.push(format!(
+                            "deploy/compose.yaml: {name} does not wait for {certs_name} to \
+                             complete (depends_on condition {waits:?})"
+                        ));
+                    }
+                }
+                if role == "worker" && !names.contains(&server_name(&inv.argv)) {
+                    gaps.push(format!(
+                        "deploy/compose.yaml: {name} verifies the name {:?}, not among the \
+                         certificate's {names:?}",
+                        server_name(&inv.argv)
+                    ));
+                }
+            }
+        }
+    }
+
+    // Slurm: the script runs the step before the coordinator, into the files they use.
+    let sbatch_path = deploy().join("slurm/ferry.sbatch");
+    let sbatch = std::fs::read_to_string(&sbatch_path).unwrap();
+    let invocations = shell_invocations("deploy/slurm/ferry.sbatch", &sbatch);
+    let exported: Vec<String> = ferry_env_names("", &sbatch)
+        .into_iter()
+        .filter(|(_, n)| sbatch.contains(&format!("export {n}=")))
+        .map(|(_, n)| n)
+        .collect();
+    for inv in &invocations {
+        gaps.extend(tls_gaps(inv, &exported));
+    }
+    // The step the script runs, not one its comments mention.
+    let code: String = sbatch
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| l.to_string() + "\n")
+        .collect();
+    match cert_step_commands(&code).first() {
+        None => gaps.push("deploy/slurm/ferry.sbatch: does not run make-certs.sh".into()),
+        Some(step) => {
+            let dir = step.first().cloned().unwrap_or_default();
+            let names = &step[1.min(step.len())..];
+            // 1-based lines: of the step (not a comment), and of the coordinator's command.
+            let step_line = sbatch
+                .lines()
+                .position(|l| !l.trim_start().starts_with('#') && l.contains("make-certs.sh"))
+                .map(|n| n + 1);
+            let coordinator_line = invocations
+                .iter()
+                .find(|i| i.argv.first().map(String::as_str) == Some("coordinator"))
+                .and_then(|i| i.origin.rsplit(':').next()?.parse::<usize>().ok());
+            if !matches!((step_line, coordinator_line), (Some(s), Some(c)) if s < c) {
+                gaps.push(format!(
+                    "deploy/slurm/ferry.sbatch: the certificate step (line {step_line:?}) does \
+                     not run before the coordinator starts (line {coordinator_line:?})"
+                ));
+            }
+            for inv in &invocations {
+                let role = inv.argv.first().map(String::as_str).unwrap_or("");
+                let want: &[(&str, &str)] = match role {
+                    "coordinator" => &[("--tls-cert", CERT_FILE), ("--tls-key", KEY_FILE)],
+                    "worker" | "status" => &[("--tls-ca", CA_FILE)],
+                    _ => &[],
+                };
+                for (flag, file) in want {
+                    if let Some(path) = flag_value(&inv.argv, flag) {
+                        if path != format!("{dir}/{file}") {
+                            gaps.push(format!("{}: {flag} {path}, not {dir}/{file}", inv.origin));
+                        }
+                    }
+                }
+                if role == "worker" && !names.contains(&server_name(&inv.argv)) {
+                    gaps.push(format!(
+                        "{}: the worker verifies {:?}, not among the certificate's {names:?}",
+                        inv.origin,
+                        server_name(&inv.argv)
+                    ));
+                }
+            }
+        }
+    }
+
+    // The README says what TLS protects and what it does not; deploy/README.md points there.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    if !readme.lines().any(|l| l == "## Security") {
+        gaps.push("README.md: no \"## Security\" section".into());
+    }
+    let deploy_readme = std::fs::read_to_string(deploy().join("README.md")).unwrap();
+    if !deploy_readme.contains("README.md#security") {
+        gaps.push("deploy/README.md: no link to the README's security section".into());
+    }
+    gaps
+}
+
+#[test]
+fn every_shipped_path_serves_the_control_plane_over_tls_from_the_written_out_certificate_step() {
+    let gaps = tls_problems();
+    assert!(
+        gaps.is_empty(),
+        "shipped paths without TLS or without the certificate step:\n  {}",
+        gaps.join("\n  ")
+    );
+}
+
+/// The certificate step for real: its files serve TLS, clients that hold its CA reach the
+/// coordinator under the names the manifests dial, and nothing else does.
+#[test]
+fn make_certs_gives_a_tls_coordinator_reached_with_its_ca_under_the_manifests_names_only() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Output};
+    let openssl = Command::new("openssl").arg("version").output();
+    assert!(
+        openssl.as_ref().is_ok_and(|o| o.status.success()),
+        "\n\n*** openssl is not installed, so {CERT_STEP}, the certificate step of every shipped \
+         deploy path, cannot be tested. Install it (apt-get install openssl; scripts/test.sh \
+         does). ***\n\n"
+    );
+    let dir = support::scratch("make-certs");
+    let make = |out: &Path, names: &[&str]| -> Output {
+        support::run_ok(
+            Command::new(support::root().join(CERT_STEP))
+                .arg(out)
+                .args(names),
+        )
+    };
+    // The names the Kubernetes workers (the Service) and the compose workers (the service)
+    // verify; Slurm's is the host name, which the test cannot be.
+    let certs = dir.join("certs");
+    make(&certs, &["ferry-coordinator", "coordinator"]);
+    let other = dir.join("other");
+    make(&other, &["ferry-coordinator", "coordinator"]);
+
+    // Readable by the user only; the CA's key is gone.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&certs), 0o700);
+    for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+        assert_eq!(mode(&certs.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(support::names(&certs), [CA_FILE, CERT_FILE, KEY_FILE]);
+    // Run again (compose and Slurm do, at every start), it keeps them; a new name remakes them.
+    let before = std::fs::read(certs.join(CA_FILE)).unwrap();
+    let again = make(&certs, &["coordinator"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("kept"));
+    assert_eq!(std::fs::read(certs.join(CA_FILE)).unwrap(), before);
+    let renamed = dir.join("renamed");
+    make(&renamed, &["one"]);
+    let first = std::fs::read(renamed.join(CA_FILE)).unwrap();
+    make(&renamed, &["two"]);
+    assert_ne!(std::fs::read(renamed.join(CA_FILE)).unwrap(), first);
+
+    let c = support::cluster::CoordinatorProc::start(
+        "make-certs-coordinator",
+        &support::cluster::job_toml(&dir.join("run"), 8, 8, 64, ""),
+        &[
+            "--tls-cert",
+            certs.join(CERT_FILE).to_str().unwrap(),
+            "--tls-key",
+            certs.join(KEY_FILE).to_str().unwrap(),
+        ],
+    );
+    let log = c.log_text();
+    assert!(log.contains("grpcs://"), "{log}");
+    assert!(!log.contains("without TLS"), "{log}");
+    let port = c.grpc.rsplit_once(':').unwrap().1.to_string();
+    let ca = certs.join(CA_FILE);
+    let ca = ca.to_str().unwrap();
+    let wrong_ca = other.join(CA_FILE);
+    let wrong_ca = wrong_ca.to_str().unwrap();
+    let at = |host: &str| format!("{host}:{port}");
+    // (what, flags, environment, whether it gets through)
+    let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>, bool)> = vec![
+        (
+            "the Kubernetes name, by flags",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator".into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "the compose name, by FERRY_TLS_CA and FERRY_TLS_DOMAIN",
+            vec!["--coordinator".into(), at("127.0.0.1")],
+            vec![("FERRY_TLS_CA", ca), ("FERRY_TLS_DOMAIN", "coordinator")],
+            true,
+        ),
+        (
+            "localhost, the name in the address",
+            vec![
+                "--coordinator".into(),
+                at("localhost"),
+                "--tls-ca".into(),
+                ca.into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "127.0.0.1, the address itself",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            "no CA: plain text",
+            vec!["--coordinator".into(), at("127.0.0.1")],
+            vec![],
+            false,
+        ),
+        (
+            "another deployment's CA",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                wrong_ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator".into(),
+            ],
+            vec![],
+            false,
+        ),
+        (
+            "a name not in the certificate",
+            vec![
+                "--coordinator".into(),
+                at("127.0.0.1"),
+                "--tls-ca".into(),
+                ca.into(),
+                "--tls-domain".into(),
+                "ferry-coordinator.elsewhere".into(),
+            ],
+            vec![],
+            false,
+        ),
+    ];
+    // A refused client retries for the admin commands' patience (10 s): all at once.
+    let token_file = &c.token_file;
+    let results: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(_, args, env, _)| {
+                s.spawn(move || {
+                    let mut cmd = support::ferry();
+                    cmd.args(["status", "--json", "--token-file"])
+                        .arg(token_file)
+                        .args(args)
+                        .env_remove("FERRY_TLS_CA")
+                        .env_remove("FERRY_TLS_DOMAIN");
+                    for (k, v) in env {
+                        cmd.env(k, v);
+                    }
+                    cmd.output().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((what, args, env, ok), out) in cases.iter().zip(&results) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{what}: {} {}", out.status, stderr.trim());
+        assert_eq!(
+            out.status.success(),
+            *ok,
+            "{what}: {args:?} {env:?}: {stderr}"
+        );
+        if *ok {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(st["job_name"], "coordinator-test", "{what}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        }
+    }
+}

@@ -266,6 +266,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     });
 
+    if !tls && !grpc_addr.ip().is_loopback() {
+        tracing::warn!(
+            "gRPC on {grpc_addr} without TLS: the job token crosses the network in clear text; \
+             pass --tls-cert and --tls-key (deploy/make-certs.sh makes them)"
+        );
+    }
     write_endpoint(&cfg.state_dir, grpc_addr, http_addr, &job_id, tls)?;
     let scheme = if tls { "grpcs" } else { "grpc" };
     eprintln!(

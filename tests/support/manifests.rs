@@ -459,6 +459,33 @@ fn is_launcher(w: &str) -> bool {
     )
 }
 
+/// Each `make-certs.sh DIR NAME...` command line of a shell script, or of the `#` comments
+/// where a manifest documents a step run by hand: the words after the script, up to the end
+/// of that command.
+pub fn cert_step_commands(text: &str) -> Vec<Vec<String>> {
+    let uncommented: String = text
+        .lines()
+        .map(|l| l.trim_start().trim_start_matches('#').to_string() + "\n")
+        .collect();
+    let mut out = Vec::new();
+    for (_, line) in logical_lines(&uncommented) {
+        let spaced = line.replace("; ", " ; ").replace("&& ", " && ");
+        let Some(words) = shlex::split(&spaced) else {
+            continue;
+        };
+        if let Some(at) = words.iter().position(|w| w.ends_with("make-certs.sh")) {
+            out.push(
+                words[at + 1..]
+                    .iter()
+                    .take_while(|w| !ends_command(w))
+                    .cloned()
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
 /// The ```bash / ```sh blocks of a Markdown file.
 pub fn markdown_shell_blocks(text: &str) -> String {
     let mut out = String::new();
@@ -759,7 +786,8 @@ fn containers_mut(doc: &mut Yaml) -> Vec<&mut Yaml> {
 
 // ----- compose -----
 
-/// Each compose service's ferry command line and the variables it sets.
+/// Each compose service's ferry command line and the variables it sets. A service whose
+/// entrypoint is another program (that runs no ferry command) is left out.
 pub fn compose_services(origin: &str, doc: &Yaml) -> Vec<(String, Invocation, Vec<String>)> {
     let mut out = Vec::new();
     for (name, svc) in get(doc, &["services"])
@@ -777,10 +805,17 @@ pub fn compose_services(origin: &str, doc: &Yaml) -> Vec<(String, Invocation, Ve
         let entrypoint = words(svc.get("entrypoint"));
         let mut argv = words(svc.get("command"));
         if let Some(first) = entrypoint.first() {
-            assert!(
-                is_ferry_word(first),
-                "{origin}: service {name} overrides the entrypoint with {first}"
-            );
+            // Another program (the certificate step): it runs no ferry command, and must not
+            // hide one either.
+            if !is_ferry_word(first) {
+                let all: Vec<String> = entrypoint.iter().chain(&argv).cloned().collect();
+                let script = shlex::try_join(all.iter().map(String::as_str)).unwrap_or_default();
+                assert!(
+                    shell_invocations(origin, &script).is_empty(),
+                    "{origin}: service {name} runs ferry through {first}: {all:?}"
+                );
+                continue;
+            }
             let mut e = entrypoint[1..].to_vec();
             e.extend(argv);
             argv = e;
