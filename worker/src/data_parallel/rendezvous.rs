@@ -133,7 +133,9 @@ impl Worker {
                 }
                 StateSource::Init | StateSource::Unspecified => {
                     if self.state_step.is_some() {
+                        let log = self.engine.trained_log.take();
                         self.engine = Engine::new(&self.cfg)?;
+                        self.engine.trained_log = log;
                     }
                 }
             }

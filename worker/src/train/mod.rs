@@ -7,8 +7,10 @@
 
 pub mod cli;
 mod config;
+pub mod trained_log;
 
 pub use config::TrainConfig;
+pub(crate) use trained_log::TrainedSamplesLog;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
@@ -138,6 +140,9 @@ pub(crate) struct Engine {
     pub(crate) flops_per_token: f64,
     pub(crate) peak_gflops: f64,
     pub(crate) precision: runtime::Precision,
+    /// Where a data-parallel worker records the sequences it trains, when asked to
+    /// ([`trained_log`]).
+    pub(crate) trained_log: Option<TrainedSamplesLog>,
 }
 
 /// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
@@ -372,6 +377,7 @@ impl Engine {
             flops_per_token,
             peak_gflops: runtime::matmul_gflops(device),
             precision,
+            trained_log: None,
         })
     }
 
@@ -426,6 +432,8 @@ impl Engine {
             .step_counts(&self.data.train, &step_ids, seq_len)?;
         let mut loss_sum = 0.0;
         let last = sequences.len().div_ceil(micro).saturating_sub(1);
+        // What was fed through the model, micro-batch by micro-batch, when it is recorded.
+        let mut fed: Vec<Vec<u64>> = Vec::new();
         for (k, chunk) in sequences.chunks(micro).enumerate() {
             // Dropout masks depend on the micro-batch's place in the global step, not on
             // which process runs it.
@@ -441,10 +449,23 @@ impl Engine {
                 self.device,
             )?;
             loss_sum += loss.double_value(&[]);
+            if let Some(log) = &mut self.trained_log {
+                fed.push(chunk.to_vec());
+                // This rank's gradients leave the process from the last backward on (the
+                // overlapped all-reduce's hooks fire during it), so the record comes first.
+                if k == last {
+                    log.record(step, first_micro, &fed)?;
+                }
+            }
             if k == last {
                 before_last_backward();
             }
             loss.backward();
+        }
+        if sequences.is_empty() {
+            if let Some(log) = &mut self.trained_log {
+                log.record(step, first_micro, &fed)?;
+            }
         }
         Ok(loss_sum)
     }
