@@ -150,11 +150,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
     cfg.validate()?;
     std::fs::create_dir_all(run_dir).map_err(|e| EngineError::io(run_dir, e))?;
     let config_path = run_dir.join(TRAIN_CONFIG_FILE);
-    let resume_from = if resume {
-        checkpoint::latest(run_dir)?
-    } else {
-        None
-    };
+    let resume_from = if resume { resume_point(run_dir)? } else { None };
     if !resume && !checkpoint::list(run_dir)?.is_empty() {
         return Err(EngineError::file(
             run_dir,
@@ -175,9 +171,18 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         optimizer_steps: 0,
         last_loss: None,
     };
-    if let Some(dir) = &resume_from {
-        state = engine.restore(dir)?;
-        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    if let Some(point) = &resume_from {
+        state = engine.load_checkpoint(&point.dir, point.state.clone())?;
+        eprintln!(
+            "resuming {} at step {}{}",
+            point.dir.display(),
+            state.step,
+            if point.passed_over > 0 {
+                ", the newest checkpoint that verifies"
+            } else {
+                ""
+            }
+        );
     }
     let mut log = MetricsLog::open(
         &run_dir.join(METRICS_FILE),
@@ -251,6 +256,57 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         tokens_per_s: trained as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
         last_checkpoint: last_ckpt,
     })
+}
+
+/// The checkpoint `--resume` goes on from.
+struct ResumePoint {
+    dir: PathBuf,
+    state: TrainerState,
+    /// Newer checkpoints that did not verify.
+    passed_over: usize,
+}
+
+/// The newest checkpoint of `run_dir` that verifies. Each newer one that does not is named
+/// with why, and set aside: left in place it would still be the newest, and pruning would keep
+/// it over the ones this run writes. `None` without checkpoints; an error naming each when
+/// none verifies, with nothing moved.
+fn resume_point(run_dir: &Path) -> Result<Option<ResumePoint>> {
+    let (found, skipped) = checkpoint::newest_verified(run_dir, None)?;
+    let Some((_, dir)) = found else {
+        if skipped.is_empty() {
+            return Ok(None);
+        }
+        let each: Vec<String> = skipped
+            .iter()
+            .map(|u| {
+                let name = u.dir.file_name().unwrap_or_default().to_string_lossy();
+                format!("{name}: {}", u.why)
+            })
+            .collect();
+        return Err(EngineError::file(
+            run_dir.join(ferry_common::run_dir::CHECKPOINTS_DIR),
+            format!(
+                "no checkpoint verifies, nothing to resume from: {}",
+                each.join("; ")
+            ),
+        ));
+    };
+    for u in &skipped {
+        let to = checkpoint::set_aside(&u.dir)?;
+        eprintln!(
+            "resume: {} does not verify: {}; set aside as {}",
+            u.dir.display(),
+            u.why,
+            to.display()
+        );
+    }
+    // Verified just now: its checksum covers this file.
+    let state = checkpoint::read_state(&dir)?;
+    Ok(Some(ResumePoint {
+        dir,
+        state,
+        passed_over: skipped.len(),
+    }))
 }
 
 /// Reads the configuration a run directory was started with.
@@ -526,6 +582,16 @@ impl Engine {
     pub(crate) fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
         checkpoint::verify(dir)?;
         let state = checkpoint::read_state(dir)?;
+        self.load_checkpoint(dir, state)
+    }
+
+    /// Loads checkpoint `dir`, already verified ([`checkpoint::verify_checkpoint`]), whose
+    /// trainer state is `state`.
+    pub(crate) fn load_checkpoint(
+        &mut self,
+        dir: &Path,
+        state: TrainerState,
+    ) -> Result<TrainerState> {
         if state.seed != self.cfg.seed {
             return Err(EngineError::file(
                 dir,
