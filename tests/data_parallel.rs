@@ -321,6 +321,132 @@ async fn rank_0_killed_between_a_commit_and_its_metrics_line_loses_no_line() {
     );
 }
 
+/// Issue 22: no worker holds the state and the checkpoint the coordinator recorded does not
+/// verify on the worker that loads it. That worker falls back to the newest older checkpoint
+/// that verifies and says so, the coordinator rolls the ledger back to that step, and the job
+/// ends with the uninterrupted run's weights, every sequence trained exactly once by what the
+/// worker processes trained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_checkpoint_that_does_not_verify_falls_back_to_the_newest_that_does() {
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
+    let dir = support::scratch("dp-bad-ckpt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    const EVERY: u64 = 4;
+    let spec = job(
+        &run,
+        "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0",
+    );
+    let every = "[checkpoint]\nevery = 0\n";
+    assert!(spec.contains(every));
+    let spec = spec.replace(
+        every,
+        &format!("[checkpoint]\nevery = {EVERY}\nkeep = 10\n"),
+    );
+    let c = CoordinatorProc::start("dp-bad-ckpt-coord", &spec, &[]);
+    let samples = support::dp::trained_samples_dir(&dir);
+    let (key, value) = support::dp::trained_samples_env(&samples);
+    let env = [(key, value.as_str())];
+    let a = WorkerProc::start_with_env(&c, "a", &env);
+    let start = Instant::now();
+    let recorded = loop {
+        let st = c.status().await;
+        if st.latest_checkpoint_step >= 2 * EVERY {
+            break st.latest_checkpoint_step;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no checkpoint of step {} recorded: {st:?}\n{}",
+            2 * EVERY,
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    a.signal(libc::SIGKILL);
+    let killed_at = c.status().await.committed_steps;
+    assert!(killed_at < STEPS, "the job ran out before the kill");
+    let bad = run.join(format!("checkpoints/step-{recorded:08}"));
+    support::flip_a_byte(&bad.join("model.safetensors"));
+    let fallback = recorded - EVERY;
+
+    let b = WorkerProc::start_with_env(&c, "b", &env);
+    let start = Instant::now();
+    loop {
+        let st = c.status().await;
+        if st.phase == "finished" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{st:?}\n{}\n{}",
+            b.log_text(),
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no final checkpoint\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    eprintln!(
+        "killed at step {killed_at}; recorded checkpoint {recorded}, fell back to {fallback}"
+    );
+
+    // Said by the worker (which file, why, where to) and by the coordinator.
+    let log = b.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("does not verify"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&bad.display().to_string()) && line.contains("model.safetensors"),
+        "{line}"
+    );
+    assert!(line.contains("checksum mismatch"), "{line}");
+    assert!(
+        log.contains(&format!("falling back to step {fallback}"))
+            && log.contains(&format!("step-{fallback:08}")),
+        "{log}"
+    );
+    let coord = c.log_text();
+    assert!(
+        coord.contains("does not verify") && coord.contains(&format!("step {fallback}")),
+        "{coord}"
+    );
+    assert!(
+        support::names(&run.join("checkpoints")).contains(&format!("corrupt-step-{recorded:08}")),
+        "{:?}",
+        support::names(&run.join("checkpoints"))
+    );
+
+    // The ledger went back to the fallback's step: the steps after it trained again, once.
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len() as u64, STEPS);
+    assert_eq!(
+        ledger.redone_steps,
+        killed_at - fallback,
+        "committed steps thrown away"
+    );
+    let trained = support::cluster::trained_by_ledger(&ledger);
+    support::cluster::verify_exactly_once(&ledger, &trained);
+    let uncounted = support::dp::verify_workers_trained_exactly_once(&ledger, &samples, "gpt2");
+    assert!(
+        uncounted as u64 >= killed_at - fallback,
+        "steps {fallback}.. trained before the kill count no more: {uncounted}"
+    );
+    assert_eq!(c.status().await.latest_checkpoint_step, STEPS);
+    assert_same_training(&reference, &run);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_peer_sends_the_survivor_back_to_rendezvous_within_the_timeout() {
     let dir = support::scratch("dp-wedged");

@@ -579,12 +579,6 @@ impl Engine {
         })
     }
 
-    pub(crate) fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
-        checkpoint::verify(dir)?;
-        let state = checkpoint::read_state(dir)?;
-        self.load_checkpoint(dir, state)
-    }
-
     /// Loads checkpoint `dir`, already verified ([`checkpoint::verify_checkpoint`]), whose
     /// trainer state is `state`.
     pub(crate) fn load_checkpoint(
