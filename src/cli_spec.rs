@@ -18,6 +18,8 @@ pub fn direct_env_vars() -> Vec<&'static str> {
         // Test-only fault injection; listed so the manifest check sees every name.
         ferry_worker::data_parallel::worker::PAUSE_BEFORE_STEP_LINE,
         ferry_coordinator::store::SYNC_DELAY_ENV,
+        // Test and debugging record of what each worker trained.
+        ferry_worker::train::trained_log::TRAINED_SAMPLES_DIR_ENV,
     ]
 }
 

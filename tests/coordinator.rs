@@ -518,6 +518,7 @@ async fn checkpoint_reports_come_only_from_rank_0_for_committed_steps_in_the_run
             generation,
             step,
             path,
+            ..Default::default()
         };
         async move { coord.report_checkpoint(req).await }
     };
@@ -617,6 +618,7 @@ async fn steps_redone_after_a_rollback_are_counted() {
                 .join("step-00000002")
                 .display()
                 .to_string(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -148,8 +148,12 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
         &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
         &[],
     );
-    let a = WorkerProc::start(&c, "a");
-    let b = WorkerProc::start(&c, "b");
+    // Every worker process keeps its own record of what it trains.
+    let samples = support::dp::trained_samples_dir(&dir);
+    let (key, value) = support::dp::trained_samples_env(&samples);
+    let env = [(key, value.as_str())];
+    let a = WorkerProc::start_with_env(&c, "a", &env);
+    let b = WorkerProc::start_with_env(&c, "b", &env);
     // Both in one group before training starts.
     let start = Instant::now();
     loop {
@@ -170,7 +174,7 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
     );
     let _ = wait_for_step(&c, 12.max(killed_at + 2), Duration::from_secs(120)).await;
     let joined_at = c.status().await.committed_steps;
-    let d = WorkerProc::start(&c, "d");
+    let d = WorkerProc::start_with_env(&c, "d", &env);
     let status = {
         let start = Instant::now();
         loop {
@@ -209,7 +213,6 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert_same_training(&reference, &run);
 
     // The ledger: every step once, slices cover every batch, sizes 2 → 1 → 2.
     let ledger = c.ledger().await;
@@ -221,6 +224,16 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
     );
     let trained = support::cluster::trained_by_ledger(&ledger);
     support::cluster::verify_exactly_once(&ledger, &trained);
+    // Exactly once by what the three worker processes say they trained, each in its own file;
+    // checked before the weights, whose difference it would explain.
+    let files: std::collections::BTreeSet<String> = support::cluster::read_worker_records(&samples)
+        .into_iter()
+        .map(|r| r.file)
+        .collect();
+    assert_eq!(files.len(), 3, "one record per worker process: {files:?}");
+    let uncounted = support::dp::verify_workers_trained_exactly_once(&ledger, &samples, "gpt2");
+    eprintln!("{uncounted} worker records of steps trained but not committed");
+    assert_same_training(&reference, &run);
     assert!(
         a.log_text().contains("back to rendezvous"),
         "{}",
@@ -306,6 +319,132 @@ async fn rank_0_killed_between_a_commit_and_its_metrics_line_loses_no_line() {
         "{}",
         survivor.log_text()
     );
+}
+
+/// Issue 22: no worker holds the state and the checkpoint the coordinator recorded does not
+/// verify on the worker that loads it. That worker falls back to the newest older checkpoint
+/// that verifies and says so, the coordinator rolls the ledger back to that step, and the job
+/// ends with the uninterrupted run's weights, every sequence trained exactly once by what the
+/// worker processes trained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_checkpoint_that_does_not_verify_falls_back_to_the_newest_that_does() {
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
+    let dir = support::scratch("dp-bad-ckpt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    const EVERY: u64 = 4;
+    let spec = job(
+        &run,
+        "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0",
+    );
+    let every = "[checkpoint]\nevery = 0\n";
+    assert!(spec.contains(every));
+    let spec = spec.replace(
+        every,
+        &format!("[checkpoint]\nevery = {EVERY}\nkeep = 10\n"),
+    );
+    let c = CoordinatorProc::start("dp-bad-ckpt-coord", &spec, &[]);
+    let samples = support::dp::trained_samples_dir(&dir);
+    let (key, value) = support::dp::trained_samples_env(&samples);
+    let env = [(key, value.as_str())];
+    let a = WorkerProc::start_with_env(&c, "a", &env);
+    let start = Instant::now();
+    let recorded = loop {
+        let st = c.status().await;
+        if st.latest_checkpoint_step >= 2 * EVERY {
+            break st.latest_checkpoint_step;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no checkpoint of step {} recorded: {st:?}\n{}",
+            2 * EVERY,
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    a.signal(libc::SIGKILL);
+    let killed_at = c.status().await.committed_steps;
+    assert!(killed_at < STEPS, "the job ran out before the kill");
+    let bad = run.join(format!("checkpoints/step-{recorded:08}"));
+    support::flip_a_byte(&bad.join("model.safetensors"));
+    let fallback = recorded - EVERY;
+
+    let b = WorkerProc::start_with_env(&c, "b", &env);
+    let start = Instant::now();
+    loop {
+        let st = c.status().await;
+        if st.phase == "finished" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{st:?}\n{}\n{}",
+            b.log_text(),
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no final checkpoint\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    eprintln!(
+        "killed at step {killed_at}; recorded checkpoint {recorded}, fell back to {fallback}"
+    );
+
+    // Said by the worker (which file, why, where to) and by the coordinator.
+    let log = b.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("does not verify"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&bad.display().to_string()) && line.contains("model.safetensors"),
+        "{line}"
+    );
+    assert!(line.contains("checksum mismatch"), "{line}");
+    assert!(
+        log.contains(&format!("falling back to step {fallback}"))
+            && log.contains(&format!("step-{fallback:08}")),
+        "{log}"
+    );
+    let coord = c.log_text();
+    assert!(
+        coord.contains("does not verify") && coord.contains(&format!("step {fallback}")),
+        "{coord}"
+    );
+    assert!(
+        support::names(&run.join("checkpoints")).contains(&format!("corrupt-step-{recorded:08}")),
+        "{:?}",
+        support::names(&run.join("checkpoints"))
+    );
+
+    // The ledger went back to the fallback's step: the steps after it trained again, once.
+    let ledger = c.ledger().await;
+    assert_eq!(ledger.entries.len() as u64, STEPS);
+    assert_eq!(
+        ledger.redone_steps,
+        killed_at - fallback,
+        "committed steps thrown away"
+    );
+    let trained = support::cluster::trained_by_ledger(&ledger);
+    support::cluster::verify_exactly_once(&ledger, &trained);
+    let uncounted = support::dp::verify_workers_trained_exactly_once(&ledger, &samples, "gpt2");
+    assert!(
+        uncounted as u64 >= killed_at - fallback,
+        "steps {fallback}.. trained before the kill count no more: {uncounted}"
+    );
+    assert_eq!(c.status().await.latest_checkpoint_step, STEPS);
+    assert_same_training(&reference, &run);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,6 +545,31 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// The ledger of a launched job's running coordinator, over its admin API.
+fn launched_ledger(state: &Path) -> ferry_common::proto::LedgerReply {
+    let endpoint = std::fs::read_to_string(state.join("endpoint.json")).unwrap();
+    let endpoint: serde_json::Value = serde_json::from_str(&endpoint).unwrap();
+    let token = std::fs::read_to_string(state.join("token")).unwrap();
+    let config = ferry_common::client::ClientConfig {
+        address: endpoint["grpc"].as_str().unwrap().to_string(),
+        token: token.trim().to_string(),
+        tls_ca: None,
+        tls_domain: None,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = ferry_common::client::Clients::connect_lazy(&config).unwrap();
+            c.admin
+                .ledger(ferry_common::proto::LedgerRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        })
+}
+
 fn wait_launched(
     state: &Path,
     what: &str,
@@ -438,7 +602,11 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
     .replace(&format!("steps = {STEPS}"), "steps = 100000");
     std::fs::write(dir.join("job.toml"), spec).unwrap();
     let log = dir.join("launch.log");
+    // Every worker the launcher starts, in both runs, keeps its own record of what it trains.
+    let samples = support::dp::trained_samples_dir(&dir);
+    let (key, value) = support::dp::trained_samples_env(&samples);
     let mut launcher = support::ferry()
+        .env(key, &value)
         .args([
             "launch",
             "--local",
@@ -526,6 +694,7 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
 
     // The same command again resumes the stopped job from its state and checkpoint.
     let mut again = support::ferry()
+        .env(key, &value)
         .args([
             "launch",
             "--local",
@@ -545,6 +714,21 @@ fn launch_scales_up_and_down_mid_run_and_stops_cleanly_on_ctrl_c() {
         s["phase"] == "running" && s["committed_steps"].as_u64() > Some(last + 1)
     });
     assert!(resumed["generation"].as_u64() > st["generation"].as_u64());
+    // Exactly once over both runs, by what the worker processes trained: the ledger so far
+    // (steps committed after this read are left out, their records count for nothing).
+    let ledger = launched_ledger(&state);
+    assert!(
+        ledger.entries.len() as u64 > last + 1,
+        "{}",
+        ledger.entries.len()
+    );
+    let worlds: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
+    assert!(worlds.contains(&2), "{worlds:?}");
+    let uncounted = support::dp::verify_workers_trained_exactly_once(&ledger, &samples, "gpt2");
+    eprintln!(
+        "{} committed steps; {uncounted} worker records did not count",
+        ledger.entries.len()
+    );
     unsafe { libc::kill(again.id() as libc::pid_t, libc::SIGINT) };
     let start = Instant::now();
     while again.try_wait().unwrap().is_none() {

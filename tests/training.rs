@@ -310,6 +310,106 @@ fn resume_after_kill_retraces_the_uninterrupted_run() {
     assert!(weights(&whole) == weights(&parted), "final weights differ");
 }
 
+/// Issue 22: `--resume` goes on from the newest checkpoint that verifies, naming each newer
+/// one it passes over, the file and why, and setting it aside; the run then retraces the
+/// uninterrupted one from there. With none that verifies it fails in one line and changes
+/// nothing.
+#[test]
+fn resume_falls_back_to_the_newest_checkpoint_that_verifies_and_says_so() {
+    let data = prepared_shared_corpus();
+    let run = scratch("resume-fallback");
+    let args = [
+        "--size",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--steps",
+        "8",
+        "--global-batch",
+        "2",
+        "--micro-batch",
+        "2",
+        "--eval-interval",
+        "4",
+        "--eval-sequences",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--keep-checkpoints",
+        "10",
+        "--warmup-steps",
+        "2",
+    ];
+    run_ok(&mut train_cmd(data, &run, &args));
+    let expect = series(&read_jsonl(&run.join("metrics.jsonl")), "step", "loss");
+    assert_eq!(expect.len(), 8);
+    let ckpts = run.join("checkpoints");
+    let weights =
+        |step: u64| std::fs::read(ckpts.join(format!("step-{step:08}/model.safetensors"))).unwrap();
+    let final_weights = weights(8);
+    flip_a_byte(&ckpts.join("step-00000008/model.safetensors"));
+    truncate_to_half(&ckpts.join("step-00000006/optimizer.safetensors"));
+
+    let out = run_ok(&mut train_cmd(data, &run, &["--resume"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{stderr}"))
+            .to_string()
+    };
+    let eight = line("step-00000008/model.safetensors");
+    assert!(
+        eight.contains("does not verify") && eight.contains("checksum mismatch"),
+        "{eight}"
+    );
+    assert!(eight.contains("corrupt-step-00000008"), "{eight}");
+    let six = line("step-00000006/optimizer.safetensors");
+    assert!(
+        six.contains("does not verify") && six.contains("checksum mismatch"),
+        "{six}"
+    );
+    let resumed = line("resuming");
+    assert!(
+        resumed.contains("step-00000004") && resumed.contains("at step 4"),
+        "{resumed}"
+    );
+    assert!(
+        resumed.contains("the newest checkpoint that verifies"),
+        "{resumed}"
+    );
+    // Steps 5 to 8 trained again, as the first time.
+    let got = series(&read_jsonl(&run.join("metrics.jsonl")), "step", "loss");
+    assert_eq!(got, expect, "the resumed run did not retrace the first one");
+    assert!(weights(8) == final_weights, "final weights differ");
+    assert_eq!(
+        names(&ckpts),
+        [
+            "corrupt-step-00000006",
+            "corrupt-step-00000008",
+            "step-00000002",
+            "step-00000004",
+            "step-00000006",
+            "step-00000008",
+        ]
+    );
+
+    // None verifies: one error line naming each, and nothing moved.
+    flip_a_byte(&ckpts.join("step-00000008/model.safetensors"));
+    truncate_to_half(&ckpts.join("step-00000006/model.safetensors"));
+    std::fs::remove_file(ckpts.join("step-00000004/checksums.json")).unwrap();
+    flip_a_byte(&ckpts.join("step-00000002/trainer_state.json"));
+    let before = names(&ckpts);
+    let err = run_err(&mut train_cmd(data, &run, &["--resume"]));
+    assert!(err.contains("no checkpoint verifies"), "{err}");
+    for step in [2, 4, 6, 8] {
+        assert!(err.contains(&format!("step-{step:08}")), "{err}");
+    }
+    assert!(err.contains("checksums.json"), "{err}");
+    assert_eq!(names(&ckpts), before);
+}
+
 #[test]
 fn resume_changing_the_math_is_refused() {
     let data = prepared_shared_corpus();

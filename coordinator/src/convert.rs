@@ -158,6 +158,8 @@ impl From<&proto::CheckpointReport> for CheckpointReport {
             generation: r.generation,
             step: r.step,
             path: r.path.clone(),
+            unverified_step: r.unverified_step,
+            unverified_reason: r.unverified_reason.clone(),
         }
     }
 }

@@ -518,6 +518,180 @@ pub fn verify_exactly_once(ledger: &proto::LedgerReply, trained: &[Trained]) -> 
     epochs
 }
 
+/// One line of a worker process's own record of what it trained (the worker's
+/// `FERRY_TRAINED_SAMPLES_DIR` log): the sequences it fed through forward and backward at one
+/// step, micro-batch by micro-batch, in the generation and rank it held then.
+#[derive(Clone, Debug)]
+pub struct WorkerTrained {
+    /// The file it came from (one per worker process).
+    pub file: String,
+    pub step: u64,
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub first_micro_batch: u64,
+    pub micro_batches: Vec<Vec<u64>>,
+}
+
+impl WorkerTrained {
+    pub fn ids(&self) -> Vec<u64> {
+        self.micro_batches.concat()
+    }
+}
+
+/// Every record the worker processes wrote under `dir` (`worker-<pid>.jsonl`). A last line
+/// without its newline is a write cut short by a SIGKILL: that rank's gradients never left
+/// the process (the line is written before they do), so it is left out.
+pub fn read_worker_records(dir: &Path) -> Vec<WorkerTrained> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: no worker wrote a trained-samples log",
+                dir.display()
+            )
+        })
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let whole = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        if whole.len() < text.len() {
+            eprintln!(
+                "{}: ignoring a last line cut short: {:?}",
+                path.display(),
+                &text[whole.len()..]
+            );
+        }
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        for line in whole.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: {e}: {line}", path.display()));
+            let num = |k: &str| {
+                v[k].as_u64()
+                    .unwrap_or_else(|| panic!("{}: no {k} in {line}", path.display()))
+            };
+            out.push(WorkerTrained {
+                file: file.clone(),
+                step: num("step"),
+                generation: num("generation"),
+                rank: num("rank") as u32,
+                world_size: num("world_size") as u32,
+                first_micro_batch: num("first_micro_batch"),
+                micro_batches: serde_json::from_value(v["micro_batches"].clone())
+                    .unwrap_or_else(|e| panic!("{}: {e}: {line}", path.display())),
+            });
+        }
+    }
+    out
+}
+
+/// Exactly-once from what the worker processes say they trained, not from the ledger's own
+/// slices: the ledger only says which attempt of each step counts, (step, generation) and its
+/// world size. For each committed step, the records of that generation's ranks 0..W are one
+/// each, and what they trained, in rank order, is the step's planned sequences: positions
+/// `s*G .. (s+1)*G` of the job's sample order, built here from the job's seed and the data's
+/// sequence count. Records of other attempts (trained, then rolled back or abandoned) are
+/// allowed and count for nothing. Over the committed steps every complete epoch is a
+/// permutation of all sequences and the partial one repeats none. Returns the number of
+/// records that did not count.
+pub fn verify_exactly_once_by_workers(
+    ledger: &proto::LedgerReply,
+    records: &[WorkerTrained],
+    seed: u64,
+    num_sequences: u64,
+    global_batch: u64,
+) -> usize {
+    assert_eq!(ledger.seed, seed, "the coordinator's seed");
+    assert_eq!(
+        ledger.num_sequences, num_sequences,
+        "the coordinator's sequence count is the data's"
+    );
+    assert_eq!(
+        ledger.global_batch, global_batch,
+        "the coordinator's global batch"
+    );
+    let mut order = ferry_common::sampler::SampleOrder::new(seed, num_sequences);
+    let mut by_attempt: std::collections::BTreeMap<(u64, u64), Vec<&WorkerTrained>> =
+        Default::default();
+    for r in records {
+        by_attempt
+            .entry((r.step, r.generation))
+            .or_default()
+            .push(r);
+    }
+    let mut stream = Vec::new();
+    let mut counted = 0;
+    for (i, e) in ledger.entries.iter().enumerate() {
+        assert_eq!(e.step, i as u64, "ledger steps are contiguous from 0");
+        let mut recs = by_attempt
+            .get(&(e.step, e.generation))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "step {} committed in generation {}, but no worker recorded training it",
+                    e.step, e.generation
+                )
+            });
+        recs.sort_by_key(|r| r.rank);
+        let ranks: Vec<u32> = recs.iter().map(|r| r.rank).collect();
+        assert_eq!(
+            ranks,
+            (0..e.world_size).collect::<Vec<_>>(),
+            "step {} (generation {}): one record per rank of the committed group: {recs:?}",
+            e.step,
+            e.generation
+        );
+        for r in &recs {
+            assert_eq!(r.world_size, e.world_size, "step {}: {r:?}", e.step);
+        }
+        let trained: Vec<u64> = recs.iter().flat_map(|r| r.ids()).collect();
+        let planned = order.step_sequences(e.step, global_batch);
+        if trained != planned {
+            let missing: Vec<&u64> = planned.iter().filter(|p| !trained.contains(p)).collect();
+            let extra: Vec<&u64> = trained.iter().filter(|t| !planned.contains(t)).collect();
+            panic!(
+                "step {} (generation {}): the ranks trained {} sequences, not the step's {} \
+                 planned ones in order; never trained: {missing:?}; not planned: {extra:?}\n\
+                 records: {recs:?}",
+                e.step,
+                e.generation,
+                trained.len(),
+                planned.len()
+            );
+        }
+        counted += recs.len();
+        stream.extend(trained);
+    }
+    let n = num_sequences as usize;
+    let epochs = stream.len() / n;
+    for e in 0..epochs {
+        let mut epoch = stream[e * n..(e + 1) * n].to_vec();
+        epoch.sort_unstable();
+        assert!(
+            epoch.iter().enumerate().all(|(i, &id)| id == i as u64),
+            "epoch {e}: the committed steps did not train every sequence exactly once"
+        );
+    }
+    let mut tail = stream[epochs * n..].to_vec();
+    tail.sort_unstable();
+    if let Some(w) = tail.windows(2).find(|w| w[0] == w[1]) {
+        panic!("sequence {} trained twice in one epoch", w[0]);
+    }
+    records.len() - counted
+}
+
+/// The training split's sequence count for `seq_len`, from the prepared data itself.
+pub fn num_sequences(prepared: &Path, seq_len: usize) -> u64 {
+    ferry_common::shards::TokenSplit::open(prepared, "train", false)
+        .unwrap()
+        .num_sequences(seq_len)
+}
+
 /// One HTTP/1.1 GET on loopback; returns (status line, body).
 pub fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};

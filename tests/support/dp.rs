@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 
 pub const STEPS: u64 = 20;
+/// The test job's seed, global batch and sequence length.
+pub const SEED: u64 = 11;
+pub const GLOBAL_BATCH: u64 = 32;
+pub const SEQ_LEN: usize = 128;
 
 pub fn job(run_dir: &Path, cluster: &str) -> String {
     job_for("gpt2", run_dir, cluster)
@@ -17,7 +21,7 @@ pub fn job_for(family: &str, run_dir: &Path, cluster: &str) -> String {
 name = "dp-test"
 steps = {STEPS}
 run_dir = "{run}"
-seed = 11
+seed = {SEED}
 
 [model]
 family = "{family}"
@@ -25,10 +29,10 @@ size = "tiny"
 
 [data]
 shards = "{shards}"
-seq_len = 128
+seq_len = {SEQ_LEN}
 
 [batch]
-global = 32
+global = {GLOBAL_BATCH}
 micro = 4
 
 [optimizer]
@@ -132,6 +136,29 @@ pub fn launched_run_from(
             .arg(dir.join("job.toml")),
     );
     run
+}
+
+/// Where worker processes started with [`trained_samples_env`] keep their own records.
+pub fn trained_samples_dir(scratch: &Path) -> PathBuf {
+    scratch.join("trained-samples")
+}
+
+/// The variable that makes every worker process record what it trains, under `dir`.
+pub fn trained_samples_env(dir: &Path) -> (&'static str, String) {
+    ("FERRY_TRAINED_SAMPLES_DIR", dir.display().to_string())
+}
+
+/// Exactly-once against the worker processes' own records in `dir` (see
+/// [`super::cluster::verify_exactly_once_by_workers`]) for the test job on `family`'s
+/// corpus; returns how many records did not count (attempts rolled back or abandoned).
+pub fn verify_workers_trained_exactly_once(
+    ledger: &ferry_common::proto::LedgerReply,
+    dir: &Path,
+    family: &str,
+) -> usize {
+    let records = super::cluster::read_worker_records(dir);
+    let n = super::cluster::num_sequences(super::prepared_shared_corpus_for(family), SEQ_LEN);
+    super::cluster::verify_exactly_once_by_workers(ledger, &records, SEED, n, GLOBAL_BATCH)
 }
 
 pub fn assert_same_training(reference: &Reference, run: &Path) {

@@ -162,3 +162,22 @@ pub fn names(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Damages a file the way a bad disk or an interrupted copy would: inverts one byte in the
+/// middle, keeping its length.
+pub fn flip_a_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Cuts a file to half its length.
+pub fn truncate_to_half(path: &Path) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+}

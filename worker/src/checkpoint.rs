@@ -189,6 +189,79 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     read_json(&dir.join(STATE_FILE))
 }
 
+/// Checks that `dir` is an intact checkpoint of `step` to continue a run from, and returns
+/// its trainer state: its `checksums.json` (every checkpoint ferry writes has one, so one
+/// without cannot be told from a damaged one) and every file it lists, and a trainer state
+/// of that step.
+pub fn verify_checkpoint(dir: &Path, step: u64) -> Result<TrainerState> {
+    let sums = dir.join(CHECKSUMS_FILE);
+    if !sums.is_file() {
+        return Err(EngineError::file(
+            sums,
+            "is missing: the checkpoint cannot be verified",
+        ));
+    }
+    verify(dir)?;
+    let state = read_state(dir)?;
+    if state.step != step {
+        return Err(EngineError::file(
+            dir.join(STATE_FILE),
+            format!("is the state of step {}, not {step}", state.step),
+        ));
+    }
+    Ok(state)
+}
+
+/// A checkpoint passed over because it does not verify.
+#[derive(Debug)]
+pub struct Unverified {
+    pub step: u64,
+    pub dir: PathBuf,
+    pub why: EngineError,
+}
+
+/// The newest checkpoint of `run_dir` that verifies ([`verify_checkpoint`]), only those below
+/// step `below` when given, with the newer ones that do not: newest first.
+pub fn newest_verified(
+    run_dir: &Path,
+    below: Option<u64>,
+) -> Result<(Option<(u64, PathBuf)>, Vec<Unverified>)> {
+    let mut skipped = Vec::new();
+    for (step, dir) in list(run_dir)?.into_iter().rev() {
+        if below.is_some_and(|b| step >= b) {
+            continue;
+        }
+        match verify_checkpoint(&dir, step) {
+            Ok(_) => return Ok((Some((step, dir)), skipped)),
+            Err(why) => skipped.push(Unverified { step, dir, why }),
+        }
+    }
+    Ok((None, skipped))
+}
+
+/// Renames a checkpoint that does not verify out of the `step-*` names, to
+/// `corrupt-step-…` beside it (`.1`, `.2`, … when taken), and returns the new path. Left in
+/// place it would be the newest checkpoint still: [`prune`] would keep it and delete the good
+/// ones written after the run went on from an older one.
+pub fn set_aside(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| EngineError::file(dir, "does not name a directory"))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let base = format!("corrupt-{name}");
+    let mut to = parent.join(&base);
+    let mut n = 0;
+    while to.exists() {
+        n += 1;
+        to = parent.join(format!("{base}.{n}"));
+    }
+    std::fs::rename(dir, &to).map_err(|e| EngineError::io(dir, e))?;
+    sync_dir(parent)?;
+    Ok(to)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +293,84 @@ mod tests {
         }
         assert!(is_plain_name("model.safetensors"));
         assert!(!is_plain_name("a\\b"));
+    }
+
+    /// A checkpoint of `step` as the engine writes one, with a trainer state of that step.
+    fn fake_checkpoint(run_dir: &Path, step: u64) -> PathBuf {
+        save(run_dir, step, |d| {
+            crate::fsutil::write_atomic(&d.join(MODEL_FILE), &[step as u8; 64])?;
+            write_json(
+                &d.join(STATE_FILE),
+                &TrainerState {
+                    step,
+                    samples_seen: 0,
+                    tokens_seen: 0,
+                    seed: 1,
+                    rng_derivation: String::new(),
+                    optimizer_steps: step as i64,
+                    last_loss: None,
+                },
+            )
+        })
+        .unwrap()
+    }
+
+    /// Issue 22: resuming passes over checkpoints that do not verify (a flipped byte, a
+    /// truncated file, no checksums, a state of another step), newest first, and names why.
+    #[test]
+    fn the_newest_checkpoint_that_verifies_is_found_and_the_others_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let dirs: Vec<PathBuf> = (1..=6).map(|s| fake_checkpoint(run, s)).collect();
+        let mut model = std::fs::read(dirs[5].join(MODEL_FILE)).unwrap();
+        model[10] ^= 0xff;
+        std::fs::write(dirs[5].join(MODEL_FILE), &model).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dirs[4].join(MODEL_FILE))
+            .unwrap();
+        f.set_len(3).unwrap();
+        std::fs::remove_file(dirs[3].join(CHECKSUMS_FILE)).unwrap();
+        // Step 3's directory holds step 2's files, checksums and all.
+        std::fs::remove_dir_all(&dirs[2]).unwrap();
+        std::fs::rename(&dirs[1], &dirs[2]).unwrap();
+        let (found, skipped) = newest_verified(run, None).unwrap();
+        assert_eq!(found, Some((1, dirs[0].clone())));
+        let why: Vec<(u64, String)> = skipped
+            .iter()
+            .map(|u| (u.step, u.why.to_string()))
+            .collect();
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(
+            why[0].0 == 6 && why[0].1.contains("checksum mismatch"),
+            "{why:?}"
+        );
+        assert!(why[0].1.contains(MODEL_FILE), "{why:?}");
+        assert!(
+            why[1].0 == 5 && why[1].1.contains("checksum mismatch"),
+            "{why:?}"
+        );
+        assert!(
+            why[2].0 == 4 && why[2].1.contains("cannot be verified"),
+            "{why:?}"
+        );
+        assert!(
+            why[3].0 == 3 && why[3].1.contains("state of step 2"),
+            "{why:?}"
+        );
+        // Below a step: only older ones are looked at.
+        let (found, skipped) = newest_verified(run, Some(2)).unwrap();
+        assert_eq!((found, skipped.len()), (Some((1, dirs[0].clone())), 0));
+        let (found, _) = newest_verified(run, Some(1)).unwrap();
+        assert_eq!(found, None);
+
+        let aside = set_aside(&dirs[5]).unwrap();
+        assert_eq!(aside, run.join("checkpoints/corrupt-step-00000006"));
+        fake_checkpoint(run, 6);
+        let again = set_aside(&dirs[5]).unwrap();
+        assert_eq!(again, run.join("checkpoints/corrupt-step-00000006.1"));
+        let steps: Vec<u64> = list(run).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(steps, [1, 3, 4, 5], "set aside means out of the list");
     }
 
     /// Issue 22: the old directory stays until the new one is complete; a failed build leaves

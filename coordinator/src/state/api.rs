@@ -131,6 +131,10 @@ pub struct CheckpointReport {
     pub generation: u64,
     pub step: u64,
     pub path: String,
+    /// Non-zero: the recorded checkpoint, of this step, does not verify on rank 0, and
+    /// `step`/`path` name the newest older one that does (step 0: none).
+    pub unverified_step: u64,
+    pub unverified_reason: String,
 }
 
 /// A member's collective failed; `suspect_rank` names the peer whose link failed, if known.

@@ -4,7 +4,7 @@
 
 use super::api::{CheckpointReport, EventKind, StepCommit, StepPlan, StepRequest};
 use super::{store_err, JobState, LedgerMeta, NextStepOutcome, Phase, StateError};
-use crate::store::{CheckpointRecord, FormedRecord, LedgerRecord, SliceRecord};
+use crate::store::{CheckpointRecord, FormedRecord, LedgerRecord, SliceRecord, StateSourceRecord};
 use ferry_common::sampler::{rank_micro_batches, sequences_digest};
 use std::time::Instant;
 
@@ -271,6 +271,9 @@ impl JobState {
                 req.generation
             )));
         }
+        if req.unverified_step != 0 {
+            return self.fall_back_from_unverified(req, now);
+        }
         if req.step == 0 || req.step > self.job.committed {
             return Err(StateError::out_of_range(format!(
                 "checkpoint step {} is not a committed step (1 to {})",
@@ -297,6 +300,82 @@ impl JobState {
             path: req.path.clone(),
         });
         self.store.save_job(&self.job).map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Rank 0 of a group formed to restore the recorded checkpoint found that it does not
+    /// verify: the job's checkpoint becomes the older one rank 0 names (none: the start) and a
+    /// new generation forms. Its formation rolls the ledger back to that step as for any
+    /// restore, so the steps after it are planned and trained again, once.
+    fn fall_back_from_unverified(
+        &mut self,
+        req: &CheckpointReport,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        let formed = self
+            .job
+            .formed
+            .as_ref()
+            .expect("checked: rank 0 of the formed group");
+        let recorded = self.job.checkpoint.as_ref();
+        let restoring = formed.source == StateSourceRecord::Checkpoint
+            && recorded
+                .is_some_and(|c| c.step == req.unverified_step && c.path == formed.checkpoint_path);
+        if !restoring {
+            return Err(StateError::failed_precondition(format!(
+                "checkpoint step {} is not the one generation {} restores ({})",
+                req.unverified_step,
+                formed.generation,
+                match (formed.source, recorded) {
+                    (StateSourceRecord::Checkpoint, Some(c)) => format!("step {}", c.step),
+                    _ => "it restores none".to_string(),
+                }
+            )));
+        }
+        if req.step >= req.unverified_step {
+            return Err(StateError::invalid_argument(format!(
+                "the checkpoint to fall back to (step {}) is not older than the one that does \
+                 not verify (step {})",
+                req.step, req.unverified_step
+            )));
+        }
+        let fallback = if req.step == 0 {
+            if !req.path.is_empty() {
+                return Err(StateError::invalid_argument(
+                    "step 0 has no checkpoint; leave the path empty",
+                ));
+            }
+            None
+        } else {
+            let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, req.step);
+            if std::path::Path::new(&req.path) != expected {
+                return Err(StateError::invalid_argument(format!(
+                    "checkpoint path {:?} is not {} (the job's run directory)",
+                    req.path.chars().take(256).collect::<String>(),
+                    expected.display()
+                )));
+            }
+            Some(CheckpointRecord {
+                step: req.step,
+                path: req.path.clone(),
+            })
+        };
+        tracing::warn!(
+            worker = %req.worker_id,
+            "the checkpoint of step {} does not verify: {}; falling back to {}",
+            req.unverified_step,
+            req.unverified_reason.chars().take(500).collect::<String>(),
+            match &fallback {
+                Some(c) => format!("step {} ({})", c.step, c.path),
+                None => "step 0: no older checkpoint verifies".to_string(),
+            }
+        );
+        self.job.checkpoint = fallback;
+        self.store.save_job(&self.job).map_err(store_err)?;
+        self.propose(now, true)?;
+        // The group that could not restore trained no step: it has none in flight for a
+        // member to complete late (see `try_form`).
+        self.previous = None;
         Ok(())
     }
 

@@ -306,6 +306,7 @@ fn with_no_holder_the_job_rolls_back_to_its_checkpoint_and_counts_the_redone_ste
         generation: got[0].generation,
         step: 3,
         path: path.display().to_string(),
+        ..Default::default()
     };
     h.state.report_checkpoint(&report, h.now).unwrap();
     h.later(11);
@@ -393,4 +394,111 @@ fn a_group_whose_member_left_while_stopped_re_forms_after_a_restart() {
     assert!(again[0].generation > got[0].generation);
     assert_eq!((again[0].rank, again[0].world_size), (0, 1));
     h.run(&[(&b, &again[0])], 1);
+}
+
+/// Issue 22: rank 0 of a group formed to restore the recorded checkpoint finds that it does
+/// not verify and names the newest older one that does. The job falls back to it: the next
+/// generation restores it, the ledger is cut back to its step, and the steps after it train
+/// the same sequences again, once. With none that verifies, the job starts again from step 0.
+#[test]
+fn a_checkpoint_that_does_not_verify_on_rank_0_gives_way_to_the_older_one_it_names() {
+    let mut h = Harness::new("min_workers = 1");
+    let at = |h: &Harness, step: u64| {
+        ferry_common::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, step)
+            .display()
+            .to_string()
+    };
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a], 0, &[None]);
+    let first = h.run(&[(&a, &got[0])], 7);
+    for step in [3, 6] {
+        let report = CheckpointReport {
+            worker_id: a.clone(),
+            generation: got[0].generation,
+            step,
+            path: at(&h, step),
+            ..Default::default()
+        };
+        h.state.report_checkpoint(&report, h.now).unwrap();
+    }
+    h.later(11);
+    h.state.tick(h.now).unwrap();
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    let restore = h.form(&[&b], 0, &[None]);
+    assert_eq!(restore[0].source, StateSourceRecord::Checkpoint);
+    assert_eq!(restore[0].start_step, 6);
+    let fallback = |step: u64, path: String, unverified_step: u64| CheckpointReport {
+        worker_id: b.clone(),
+        generation: restore[0].generation,
+        step,
+        path,
+        unverified_step,
+        unverified_reason: "model.safetensors: checksum mismatch".into(),
+    };
+    // Not the checkpoint this group restores; not older; not the job's run directory.
+    for (report, says) in [
+        (fallback(3, at(&h, 3), 5), "not the one generation"),
+        (fallback(6, at(&h, 6), 6), "not older"),
+        (
+            fallback(3, "/elsewhere/step-00000003".into(), 6),
+            "run directory",
+        ),
+        (fallback(0, at(&h, 3), 6), "step 0 has no checkpoint"),
+    ] {
+        let err = h.state.report_checkpoint(&report, h.now).unwrap_err();
+        assert!(err.to_string().contains(says), "{report:?}: {err}");
+    }
+    assert_eq!(h.state.job.checkpoint.as_ref().unwrap().step, 6);
+    h.state
+        .report_checkpoint(&fallback(3, at(&h, 3), 6), h.now)
+        .unwrap();
+    let again = h.form(&[&b], restore[0].generation, &[None]);
+    assert!(again[0].generation > restore[0].generation);
+    assert_eq!(again[0].source, StateSourceRecord::Checkpoint);
+    assert_eq!(again[0].start_step, 3);
+    assert_eq!(again[0].checkpoint_path, at(&h, 3));
+    assert_eq!(
+        h.ledger(0, 0).len(),
+        3,
+        "the ledger was not cut back to step 3"
+    );
+    let meta = h.state.ledger_meta();
+    assert_eq!((meta.rollbacks, meta.redone_steps), (2, 4));
+    let redone = h.run(&[(&b, &again[0])], 4);
+    assert_eq!(redone, first[3..], "the redone steps trained other data");
+    assert_eq!(h.state.committed(), 7);
+    let ledger = h.ledger(0, 0);
+    assert!(ledger[3..]
+        .iter()
+        .all(|e| e.generation == again[0].generation));
+
+    // None verifies: back to the start.
+    h.later(11);
+    h.state.tick(h.now).unwrap();
+    let c = h.join("c");
+    h.state.tick(h.now).unwrap();
+    let restore = h.form(&[&c], 0, &[None]);
+    assert_eq!(
+        (restore[0].source, restore[0].start_step),
+        (StateSourceRecord::Checkpoint, 3)
+    );
+    let report = CheckpointReport {
+        worker_id: c.clone(),
+        generation: restore[0].generation,
+        step: 0,
+        path: String::new(),
+        unverified_step: 3,
+        unverified_reason: "trainer_state.json: checksum mismatch".into(),
+    };
+    h.state.report_checkpoint(&report, h.now).unwrap();
+    assert!(h.state.job.checkpoint.is_none());
+    let fresh = h.form(&[&c], restore[0].generation, &[None]);
+    assert_eq!(
+        (fresh[0].source, fresh[0].start_step),
+        (StateSourceRecord::Init, 0)
+    );
+    assert!(h.ledger(0, 0).is_empty());
+    assert_eq!(h.run(&[(&c, &fresh[0])], 7), first);
 }

@@ -101,6 +101,7 @@ impl Worker {
             generation: self.generation,
             step,
             path: dir.display().to_string(),
+            ..Default::default()
         };
         let reported = self.call_status(|mut c| {
             let req = req.clone();

@@ -5,11 +5,13 @@ use super::flat::broadcast_state;
 use super::group::group_peers;
 use super::telemetry;
 use super::worker::Worker;
+use crate::checkpoint;
 use crate::collective::{nccl, Collective, GroupSpec, RingAllReduce};
+use crate::error::EngineError;
 use crate::train::Engine;
 use anyhow::{bail, Result};
 use ferry_common::proto::{self, rendezvous_reply, StateSource};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
 
@@ -122,8 +124,12 @@ impl Worker {
                 }
                 StateSource::Checkpoint => {
                     let dir = PathBuf::from(&reply.checkpoint_path);
+                    let verified = match checkpoint::verify_checkpoint(&dir, start) {
+                        Ok(st) => st,
+                        Err(why) => return self.fall_back_from(reply, &dir, why).map(Some),
+                    };
                     eprintln!("restoring {} for step {start}", dir.display());
-                    let st = self.engine.restore(&dir)?;
+                    let st = self.engine.load_checkpoint(&dir, verified)?;
                     if st.step != start {
                         bail!(
                             "{}: holds step {}, the coordinator resumes at {start}",
@@ -134,7 +140,9 @@ impl Worker {
                 }
                 StateSource::Init | StateSource::Unspecified => {
                     if self.state_step.is_some() {
+                        let log = self.engine.trained_log.take();
                         self.engine = Engine::new(&self.cfg)?;
+                        self.engine.trained_log = log;
                     }
                 }
             }
@@ -145,5 +153,90 @@ impl Worker {
         self.engine.opt.set_steps(start as i64);
         self.state_step = Some(start);
         Ok(None)
+    }
+
+    /// The checkpoint the coordinator recorded does not verify here: this rank 0 names it
+    /// and why, sets it aside, tells the coordinator the newest older checkpoint that
+    /// verifies (none: the start), and goes back to rendezvous. The coordinator falls back to
+    /// that one and rolls the ledger back to its step; the group that forms next restores it.
+    fn fall_back_from(
+        &mut self,
+        reply: &proto::RendezvousReply,
+        dir: &Path,
+        why: EngineError,
+    ) -> Result<Failure> {
+        let start = reply.start_step;
+        eprintln!(
+            "generation {}: the coordinator's checkpoint {} (step {start}) does not verify: {why}",
+            reply.generation,
+            dir.display()
+        );
+        set_aside(dir);
+        let (found, skipped) = checkpoint::newest_verified(&self.spec.job.run_dir, Some(start))?;
+        for u in &skipped {
+            eprintln!(
+                "passing over {} (step {}) too: it does not verify: {}",
+                u.dir.display(),
+                u.step,
+                u.why
+            );
+            set_aside(&u.dir);
+        }
+        let (step, path) = match &found {
+            Some((step, path)) => {
+                eprintln!(
+                    "falling back to step {step} ({}), the newest checkpoint that verifies: the \
+                     job goes back to it",
+                    path.display()
+                );
+                (*step, path.display().to_string())
+            }
+            None => {
+                eprintln!("falling back to step 0: no older checkpoint verifies");
+                (0, String::new())
+            }
+        };
+        let req = proto::CheckpointReport {
+            worker_id: self.id(),
+            generation: reply.generation,
+            step,
+            path,
+            unverified_step: start,
+            unverified_reason: why.to_string(),
+        };
+        match self.call_status(|mut c| {
+            let req = req.clone();
+            async move { c.report_checkpoint(req).await }
+        }) {
+            Ok(_) => {}
+            // The group changed meanwhile: whoever restores next finds the same.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::PermissionDenied | Code::FailedPrecondition | Code::NotFound
+                ) =>
+            {
+                eprintln!("the coordinator did not take the fallback: {}", s.message());
+            }
+            Err(s) => return Err(rpc(&self.coordinator, "report_checkpoint", s)),
+        }
+        Ok(Failure {
+            why: format!(
+                "the checkpoint of step {start} does not verify; the job falls back to step {step}"
+            ),
+            suspect: None,
+        })
+    }
+}
+
+/// Moves a checkpoint that does not verify out of the way (see [`checkpoint::set_aside`]);
+/// best effort: one left in place is found again, and passed over again.
+fn set_aside(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    match checkpoint::set_aside(dir) {
+        Ok(to) => eprintln!("set {} aside as {}", dir.display(), to.display()),
+        Err(e) => eprintln!("cannot set {} aside: {e}", dir.display()),
     }
 }

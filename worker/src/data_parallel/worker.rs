@@ -13,7 +13,7 @@ use super::rank0::StepRecord;
 use super::telemetry::{self, TelemetryOptions};
 use crate::collective::{nccl, Collective};
 use crate::metrics::MetricsLog;
-use crate::train::{Engine, TrainConfig, METRICS_FILE};
+use crate::train::{Engine, TrainConfig, TrainedSamplesLog, METRICS_FILE};
 use anyhow::{bail, Context, Result};
 use ferry_common::client::{with_backoff, ClientConfig, Clients};
 use ferry_common::job::{Backend, GradientDtype, JobSpec};
@@ -166,7 +166,8 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     let spec = JobSpec::from_toml(&joined.job_toml, "the coordinator's job spec")?;
     let cfg = TrainConfig::from_job(&spec, opts.threads, &opts.device);
     cfg.validate()?;
-    let engine = Engine::new(&cfg)?;
+    let mut engine = Engine::new(&cfg)?;
+    engine.trained_log = TrainedSamplesLog::from_env()?;
     let buckets = Buckets::new(&engine.ps, spec.cluster.bucket_mib);
     // `auto` assumes a homogeneous group: GPU workers use NCCL, CPU workers the ring.
     let gpu = match engine.device {
@@ -275,6 +276,10 @@ impl Worker {
         };
         if let Some(why) = self.take_group_state(reply, coll.as_mut())? {
             return Ok(Outcome::Regroup(Regroup::Failed(why)));
+        }
+        let id = self.id();
+        if let Some(log) = &mut self.engine.trained_log {
+            log.enter(reply.generation, rank, reply.world_size, &id);
         }
         eprintln!(
             "generation {}: rank {rank} of {}, starting at step {}, gradients over {}{}",

@@ -7,8 +7,10 @@
 
 pub mod cli;
 mod config;
+pub mod trained_log;
 
 pub use config::TrainConfig;
+pub(crate) use trained_log::TrainedSamplesLog;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
@@ -138,6 +140,9 @@ pub(crate) struct Engine {
     pub(crate) flops_per_token: f64,
     pub(crate) peak_gflops: f64,
     pub(crate) precision: runtime::Precision,
+    /// Where a data-parallel worker records the sequences it trains, when asked to
+    /// ([`trained_log`]).
+    pub(crate) trained_log: Option<TrainedSamplesLog>,
 }
 
 /// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
@@ -145,11 +150,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
     cfg.validate()?;
     std::fs::create_dir_all(run_dir).map_err(|e| EngineError::io(run_dir, e))?;
     let config_path = run_dir.join(TRAIN_CONFIG_FILE);
-    let resume_from = if resume {
-        checkpoint::latest(run_dir)?
-    } else {
-        None
-    };
+    let resume_from = if resume { resume_point(run_dir)? } else { None };
     if !resume && !checkpoint::list(run_dir)?.is_empty() {
         return Err(EngineError::file(
             run_dir,
@@ -170,9 +171,18 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         optimizer_steps: 0,
         last_loss: None,
     };
-    if let Some(dir) = &resume_from {
-        state = engine.restore(dir)?;
-        eprintln!("resuming {} at step {}", dir.display(), state.step);
+    if let Some(point) = &resume_from {
+        state = engine.load_checkpoint(&point.dir, point.state.clone())?;
+        eprintln!(
+            "resuming {} at step {}{}",
+            point.dir.display(),
+            state.step,
+            if point.passed_over > 0 {
+                ", the newest checkpoint that verifies"
+            } else {
+                ""
+            }
+        );
     }
     let mut log = MetricsLog::open(
         &run_dir.join(METRICS_FILE),
@@ -246,6 +256,57 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
         tokens_per_s: trained as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
         last_checkpoint: last_ckpt,
     })
+}
+
+/// The checkpoint `--resume` goes on from.
+struct ResumePoint {
+    dir: PathBuf,
+    state: TrainerState,
+    /// Newer checkpoints that did not verify.
+    passed_over: usize,
+}
+
+/// The newest checkpoint of `run_dir` that verifies. Each newer one that does not is named
+/// with why, and set aside: left in place it would still be the newest, and pruning would keep
+/// it over the ones this run writes. `None` without checkpoints; an error naming each when
+/// none verifies, with nothing moved.
+fn resume_point(run_dir: &Path) -> Result<Option<ResumePoint>> {
+    let (found, skipped) = checkpoint::newest_verified(run_dir, None)?;
+    let Some((_, dir)) = found else {
+        if skipped.is_empty() {
+            return Ok(None);
+        }
+        let each: Vec<String> = skipped
+            .iter()
+            .map(|u| {
+                let name = u.dir.file_name().unwrap_or_default().to_string_lossy();
+                format!("{name}: {}", u.why)
+            })
+            .collect();
+        return Err(EngineError::file(
+            run_dir.join(ferry_common::run_dir::CHECKPOINTS_DIR),
+            format!(
+                "no checkpoint verifies, nothing to resume from: {}",
+                each.join("; ")
+            ),
+        ));
+    };
+    for u in &skipped {
+        let to = checkpoint::set_aside(&u.dir)?;
+        eprintln!(
+            "resume: {} does not verify: {}; set aside as {}",
+            u.dir.display(),
+            u.why,
+            to.display()
+        );
+    }
+    // Verified just now: its checksum covers this file.
+    let state = checkpoint::read_state(&dir)?;
+    Ok(Some(ResumePoint {
+        dir,
+        state,
+        passed_over: skipped.len(),
+    }))
 }
 
 /// Reads the configuration a run directory was started with.
@@ -372,6 +433,7 @@ impl Engine {
             flops_per_token,
             peak_gflops: runtime::matmul_gflops(device),
             precision,
+            trained_log: None,
         })
     }
 
@@ -426,6 +488,8 @@ impl Engine {
             .step_counts(&self.data.train, &step_ids, seq_len)?;
         let mut loss_sum = 0.0;
         let last = sequences.len().div_ceil(micro).saturating_sub(1);
+        // What was fed through the model, micro-batch by micro-batch, when it is recorded.
+        let mut fed: Vec<Vec<u64>> = Vec::new();
         for (k, chunk) in sequences.chunks(micro).enumerate() {
             // Dropout masks depend on the micro-batch's place in the global step, not on
             // which process runs it.
@@ -441,10 +505,23 @@ impl Engine {
                 self.device,
             )?;
             loss_sum += loss.double_value(&[]);
+            if let Some(log) = &mut self.trained_log {
+                fed.push(chunk.to_vec());
+                // This rank's gradients leave the process from the last backward on (the
+                // overlapped all-reduce's hooks fire during it), so the record comes first.
+                if k == last {
+                    log.record(step, first_micro, &fed)?;
+                }
+            }
             if k == last {
                 before_last_backward();
             }
             loss.backward();
+        }
+        if sequences.is_empty() {
+            if let Some(log) = &mut self.trained_log {
+                log.record(step, first_micro, &fed)?;
+            }
         }
         Ok(loss_sum)
     }
@@ -502,9 +579,13 @@ impl Engine {
         })
     }
 
-    pub(crate) fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
-        checkpoint::verify(dir)?;
-        let state = checkpoint::read_state(dir)?;
+    /// Loads checkpoint `dir`, already verified ([`checkpoint::verify_checkpoint`]), whose
+    /// trainer state is `state`.
+    pub(crate) fn load_checkpoint(
+        &mut self,
+        dir: &Path,
+        state: TrainerState,
+    ) -> Result<TrainerState> {
         if state.seed != self.cfg.seed {
             return Err(EngineError::file(
                 dir,
