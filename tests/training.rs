@@ -417,6 +417,18 @@ fn resume_changing_the_math_is_refused() {
     run_ok(&mut train_cmd(data, &run, TWO_STEP_RUN));
     let err = run_err(&mut train_cmd(data, &run, &["--resume", "--lr", "0.5"]));
     assert!(err.contains("train.json") && err.contains("--lr"), "{err}");
+    // Fewer steps than the run has trained: refused, and train.json keeps the run's length
+    // (before, the step count went below zero).
+    let config = std::fs::read_to_string(run.join("train.json")).unwrap();
+    let err = run_err(&mut train_cmd(data, &run, &["--resume", "--steps", "1"]));
+    assert!(
+        err.contains("past --steps 1") && err.contains("step-00000002"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("train.json")).unwrap(),
+        config
+    );
     let err = run_err(&mut train_cmd(
         data,
         &run,

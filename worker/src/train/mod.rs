@@ -151,6 +151,19 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, resume: bool, progress: bool) -> R
     std::fs::create_dir_all(run_dir).map_err(|e| EngineError::io(run_dir, e))?;
     let config_path = run_dir.join(TRAIN_CONFIG_FILE);
     let resume_from = if resume { resume_point(run_dir)? } else { None };
+    if let Some(point) = resume_from.as_ref().filter(|p| p.state.step > cfg.steps) {
+        // Checked before train.json is rewritten, so the run keeps its own length.
+        return Err(EngineError::Config {
+            field: "steps".into(),
+            message: format!(
+                "{} is at step {}, past --steps {}: pass --steps {} or more to go on",
+                point.dir.display(),
+                point.state.step,
+                cfg.steps,
+                point.state.step
+            ),
+        });
+    }
     if !resume && !checkpoint::list(run_dir)?.is_empty() {
         return Err(EngineError::file(
             run_dir,
