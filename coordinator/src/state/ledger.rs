@@ -286,15 +286,7 @@ impl JobState {
                 req.step, newer.step
             )));
         }
-        // The one place a checkpoint of this step may be: the job's run directory.
-        let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, req.step);
-        if std::path::Path::new(&req.path) != expected {
-            return Err(StateError::invalid_argument(format!(
-                "checkpoint path {:?} is not {} (the job's run directory)",
-                req.path.chars().take(256).collect::<String>(),
-                expected.display()
-            )));
-        }
+        self.check_checkpoint_path(req.step, &req.path)?;
         self.job.checkpoint = Some(CheckpointRecord {
             step: req.step,
             path: req.path.clone(),
@@ -307,6 +299,19 @@ impl JobState {
     /// verify: the job's checkpoint becomes the older one rank 0 names (none: the start) and a
     /// new generation forms. Its formation rolls the ledger back to that step as for any
     /// restore, so the steps after it are planned and trained again, once.
+    /// The one place a checkpoint of `step` may be: the job's run directory.
+    fn check_checkpoint_path(&self, step: u64, path: &str) -> Result<(), StateError> {
+        let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, step);
+        if std::path::Path::new(path) != expected {
+            return Err(StateError::invalid_argument(format!(
+                "checkpoint path {:?} is not {} (the job's run directory)",
+                path.chars().take(256).collect::<String>(),
+                expected.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn fall_back_from_unverified(
         &mut self,
         req: &CheckpointReport,
@@ -347,14 +352,7 @@ impl JobState {
             }
             None
         } else {
-            let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, req.step);
-            if std::path::Path::new(&req.path) != expected {
-                return Err(StateError::invalid_argument(format!(
-                    "checkpoint path {:?} is not {} (the job's run directory)",
-                    req.path.chars().take(256).collect::<String>(),
-                    expected.display()
-                )));
-            }
+            self.check_checkpoint_path(req.step, &req.path)?;
             Some(CheckpointRecord {
                 step: req.step,
                 path: req.path.clone(),
