@@ -7,6 +7,9 @@
 
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, sha256_file, sync_dir, write_json};
+use crate::models::ParamStore;
+use crate::optim::AdamW;
+use crate::weights;
 use ferry_common::run_dir as layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -260,6 +263,44 @@ pub fn set_aside(dir: &Path) -> Result<PathBuf> {
     std::fs::rename(dir, &to).map_err(|e| EngineError::io(dir, e))?;
     sync_dir(parent)?;
     Ok(to)
+}
+
+/// Loads checkpoint `dir`, already verified ([`verify_checkpoint`]) with trainer state
+/// `state`, as `ferry train --resume` and a data-parallel rank do: the state's seed must be
+/// the run's `seed`; the model's weights go into `ps` (names with or without `base_prefix`)
+/// and the optimizer's moments into `opt`. Every fault of the files is an error naming the
+/// file.
+pub fn load(
+    dir: &Path,
+    state: TrainerState,
+    ps: &ParamStore,
+    opt: &mut AdamW,
+    seed: u64,
+    base_prefix: &str,
+) -> Result<TrainerState> {
+    if state.seed != seed {
+        return Err(EngineError::file(
+            dir,
+            format!(
+                "was trained with seed {}, the run config says {seed}",
+                state.seed
+            ),
+        ));
+    }
+    let model_path = dir.join(MODEL_FILE);
+    weights::load_into(
+        ps,
+        &weights::load_safetensors(&model_path)?,
+        base_prefix,
+        &model_path,
+    )?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    opt.load_state(
+        &weights::load_safetensors(&opt_path)?,
+        state.optimizer_steps,
+        &opt_path,
+    )?;
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -599,28 +599,13 @@ impl Engine {
         dir: &Path,
         state: TrainerState,
     ) -> Result<TrainerState> {
-        if state.seed != self.cfg.seed {
-            return Err(EngineError::file(
-                dir,
-                format!(
-                    "was trained with seed {}, the run config says {}",
-                    state.seed, self.cfg.seed
-                ),
-            ));
-        }
-        let model_path = dir.join(checkpoint::MODEL_FILE);
-        weights::load_into(
+        checkpoint::load(
+            dir,
+            state,
             &self.ps,
-            &weights::load_safetensors(&model_path)?,
+            &mut self.opt,
+            self.cfg.seed,
             self.model_config.family().base_prefix(),
-            &model_path,
-        )?;
-        let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
-        self.opt.load_state(
-            &weights::load_safetensors(&opt_path)?,
-            state.optimizer_steps,
-            &opt_path,
-        )?;
-        Ok(state)
+        )
     }
 }
