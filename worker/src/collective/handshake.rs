@@ -449,6 +449,10 @@ pub(crate) fn into_data_socket(
     Ok(s)
 }
 
+/// For the fuzz targets in `fuzz/` only, by way of `collective::fuzzing`.
+#[doc(hidden)]
+pub(super) mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use super::*;

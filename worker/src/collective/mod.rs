@@ -8,6 +8,9 @@
 
 pub mod bench;
 mod error;
+/// For the fuzz targets in `fuzz/` only: not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod message_mac;
 pub mod nccl;
