@@ -192,7 +192,7 @@ impl Store {
             path: dir.to_path_buf(),
             message: format!("cannot create the state directory: {e}"),
         })?;
-        let db = Database::create(&path).map_err(|e| StoreError {
+        let db = builder().create(&path).map_err(|e| StoreError {
             path: path.clone(),
             message: format!("cannot open the state database: {e}"),
         })?;
@@ -457,6 +457,18 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The writer thread: takes everything queued, writes it in one durable transaction, tells
 /// the waiters, and goes on until the store is dropped; after a failed write it writes
 /// nothing more.
+/// How databases are made. Under cargo-fuzz (`cfg(fuzzing)`, see `fuzz/`) with small regions,
+/// as redb's own fuzzing does: creating and closing a database then takes a millisecond instead
+/// of a quarter of a second in redb's allocator bookkeeping, so `coordinator_requests` runs the
+/// state machine many times more often. Ordinary builds keep redb's defaults.
+fn builder() -> redb::Builder {
+    #[allow(unused_mut)]
+    let mut builder = redb::Builder::new();
+    #[cfg(fuzzing)]
+    builder.set_region_size(1 << 20);
+    builder
+}
+
 fn write_loop(db: &Database, shared: &Shared, path: &Path, sync_delay: std::time::Duration) {
     loop {
         let (changes, through) = {
