@@ -30,7 +30,7 @@ mod validate;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use validate::field_at;
+use validate::{field_at, one_line};
 
 /// The named model sizes every family offers, smallest first.
 pub const MODEL_SIZES: [&str; 6] = ["tiny", "mini", "small", "base", "medium", "large"];
@@ -356,7 +356,10 @@ impl JobSpec {
                 Some(f) if !message.contains(&f) => format!("{f}: {message}"),
                 _ => message,
             };
-            JobSpecError::Invalid { location, message }
+            JobSpecError::Invalid {
+                location,
+                message: one_line(&message),
+            }
         })?;
         spec.validate(text, origin)?;
         Ok(spec)

@@ -117,3 +117,34 @@ fn init_from_is_optional_and_left_out_of_specs_without_it() {
     let again = JobSpec::from_toml(&spec.to_toml(), "again.toml").unwrap();
     assert_eq!(spec, again);
 }
+
+/// Found by `fuzz/` (job_spec): a value or key holding a line break (a TOML string escape)
+/// was quoted as it is, so the error the doc comment promises on one line took two.
+#[test]
+fn errors_stay_on_one_line_whatever_the_values_hold() {
+    for (text, field) in [
+        (
+            MINIMAL.replace("size = \"tiny\"", "size = \"ti\\nny\""),
+            "model.size",
+        ),
+        (
+            MINIMAL.replace("size = \"tiny\"", "size = \"ti\\rny\""),
+            "model.size",
+        ),
+        (
+            MINIMAL.replace(
+                "[data]",
+                "[model.overrides]\n\"a\\nb_pdrop\" = 2.0\n\n[data]",
+            ),
+            "_pdrop",
+        ),
+        (
+            MINIMAL.replace("family = \"gpt2\"", "family = \"gp\\r\\nt2\""),
+            "family",
+        ),
+    ] {
+        let e = error_of(&text);
+        assert!(!e.contains(['\n', '\r']), "{e:?}");
+        assert!(e.contains(field), "{e:?}");
+    }
+}

@@ -11,7 +11,7 @@ impl JobSpec {
             };
             Err(JobSpecError::Invalid {
                 location,
-                message: format!("{field}: {message}"),
+                message: one_line(&format!("{field}: {message}")),
             })
         };
         let j = &self.job;
@@ -191,6 +191,12 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+/// `message` with its line breaks written as `\n` and `\r`: values and keys quoted in an
+/// error come from the file, and a TOML string may hold any of them.
+pub(super) fn one_line(message: &str) -> String {
+    message.replace('\n', "\\n").replace('\r', "\\r")
 }
 
 /// The line (1-based) and dotted field name at byte `offset` of a TOML text.
