@@ -107,6 +107,7 @@ fuzz_target!(|input: Input| {
             let Some(outcome) = link.accept_from(&bytes, answer.reply()) else {
                 return;
             };
+            ferry_fuzz::debug(format!("acceptor: {outcome:?}"));
             if outcome.is_ok() {
                 assert!(hello_ok, "accepted after a bad hello");
             }
@@ -119,6 +120,7 @@ fuzz_target!(|input: Input| {
             let Some(outcome) = link.connect_to(challenge.reply(), &ok) else {
                 return;
             };
+            ferry_fuzz::debug(format!("connector: {outcome:?}"));
             if outcome.is_ok() {
                 assert_eq!(
                     ok.first(),

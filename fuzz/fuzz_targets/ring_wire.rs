@@ -143,6 +143,10 @@ fuzz_target!(|input: Input| match input {
         else {
             return;
         };
+        match &result {
+            Ok(r) => ferry_fuzz::debug(format!("rank {rank} of {world}: {r:?}")),
+            Err(e) => ferry_fuzz::debug(format!("rank {rank} of {world}: {e}")),
+        }
         match (op, result) {
             (_, Err(_)) => {}
             (RingOp::AllReduce { values, .. }, Ok(RingResult::AllReduce(sums))) => {
