@@ -50,7 +50,7 @@ impl FuzzLink {
     /// The acceptor's side, [`authenticate_connector`], against a connector that sends
     /// `hello` (closing its side when that is shorter than a hello), reads the challenge and
     /// then sends `answer`. `Err` carries the acceptor's refusal; a failure to set up the
-    /// loopback connection is `Ok(None)`.
+    /// loopback connection is `None`.
     pub fn accept_from(&self, hello: &[u8], answer: Reply) -> Option<Result<(), String>> {
         let (server, client) = loopback_pair()?;
         let link = self.0.clone();
@@ -99,7 +99,7 @@ impl FuzzLink {
     }
 
     /// The connector's side, [`try_connect`], against an acceptor that reads the hello, sends
-    /// `challenge`, reads the answer and sends `ok`; then closes. `Ok(None)` when the loopback
+    /// `challenge`, reads the answer and sends `ok`; then closes. `None` when the loopback
     /// listener cannot be set up.
     pub fn connect_to(&self, challenge: Reply, ok: &[u8]) -> Option<Result<(), String>> {
         let listener = TcpListener::bind("127.0.0.1:0").ok()?;
