@@ -71,7 +71,8 @@ for t in "${targets[@]}"; do
         echo "fuzz: $t: $n regression inputs pass" >&2
     else
         echo "fuzz: $t: a regression input fails (log: $logs/$t.replay.log)" >&2
-        tail -30 "$logs/$t.replay.log" >&2
+        grep -m1 -A12 -E '^(==[0-9]+==ERROR|thread .* panicked)' "$logs/$t.replay.log" >&2 ||
+            tail -30 "$logs/$t.replay.log" >&2
         failed=1
     fi
 done
