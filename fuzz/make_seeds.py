@@ -132,9 +132,10 @@ def checkpoint_load():
         sums = json.dumps({"trainer_state.json": hashlib.sha256(state).hexdigest(),
                            "model.safetensors": hashlib.sha256(m).hexdigest(),
                            "optimizer.safetensors": hashlib.sha256(opt).hexdigest()}).encode()
-        write("checkpoint_load", f"{name}-given-checksums", b"\x00" + SEP.join([state, m, opt, sums]))
-        write("checkpoint_load", f"{name}-no-checksums", b"\x01" + SEP.join([state, m, opt]))
-        write("checkpoint_load", f"{name}-computed-checksums", b"\x02" + SEP.join([state, m, opt]))
+        # The mode byte: 3 * the step the checkpoint must be of (3) + how checksums.json comes.
+        write("checkpoint_load", f"{name}-given-checksums", b"\x09" + SEP.join([state, m, opt, sums]))
+        write("checkpoint_load", f"{name}-no-checksums", b"\x0a" + SEP.join([state, m, opt]))
+        write("checkpoint_load", f"{name}-computed-checksums", b"\x0b" + SEP.join([state, m, opt]))
 
 
 # coordinator_requests takes `arbitrary`'s encoding (arbitrary 1.5): integers little-endian,
@@ -142,7 +143,7 @@ def checkpoint_load():
 # the variant count, and the op list each element after a "keep going" bool.
 OPS = ["Join", "JoinRaw", "Heartbeat", "Leave", "Tick", "Rendezvous", "NextStep", "Commit",
        "Checkpoint", "Failure", "Scale", "Stop", "Resume", "Ledger", "Restart", "RendezvousAll",
-       "StepAll", "Proto"]  # the order of `enum Op` in fuzz_targets/coordinator_requests.rs
+       "StepAll", "Proto", "Fallback"]  # the order of `enum Op` in fuzz_targets/coordinator_requests.rs
 
 
 def variant(k, n):
@@ -185,6 +186,13 @@ def coordinator_requests():
             op("Failure", joined(1), assigned, some(u8(0))), rendezvous_all(some(near(0))),
             step_all(), op("Scale", u8(2)), step_all(), rendezvous_all(), op("Stop"),
             op("Resume"), op("Restart"), rendezvous_all(), step_all()]),
+        # A checkpoint, a coordinator restart, a restore whose checkpoint does not verify on
+        # rank 0: the job falls back to the start.
+        "fallback-to-start": (0, [
+            join(0), join(1), rendezvous_all(), step_all(), step_all(), checkpoint(0),
+            step_all(), op("Restart"), join(0), join(1), rendezvous_all(),
+            op("Fallback", joined(0), assigned, NONE, variant(1, 2) + struct.pack("<Q", 0), NONE),
+            rendezvous_all(), step_all()]),
         # A one-worker job to the end.
         "to-the-end": (2, [join(0), rendezvous_all(), step_all(), step_all(), step_all(),
                            step_all(), rendezvous_all()]),

@@ -1,11 +1,13 @@
 //! Checkpoint loading as `ferry train --resume` and a data-parallel rank do it
-//! (`checkpoint::restore`): `checksums.json`, `trainer_state.json`, `model.safetensors` and
-//! `optimizer.safetensors` of the fuzzer's choosing, loaded into a small model and its AdamW.
-//! Nothing may panic; a restore that succeeds has the run's seed and the file's weights.
+//! (`checkpoint::verify_checkpoint`, then `checkpoint::load`): `checksums.json`,
+//! `trainer_state.json`, `model.safetensors` and `optimizer.safetensors` of the fuzzer's
+//! choosing, loaded into a small model and its AdamW. Nothing may panic; a load that succeeds
+//! has the expected step, the run's seed and the file's weights.
 //!
-//! Input: one mode byte (how `checksums.json` comes about: 0 as given, 1 absent, 2 the right
-//! digests of the other files), then the files joined by `ferry_fuzz::PART_SEPARATOR` in the
-//! order of `FILES` (checksums.json, when given, last).
+//! Input: one mode byte (modulo 3, how `checksums.json` comes about: 0 as given, 1 absent,
+//! 2 the right digests of the other files; divided by 3, the step the checkpoint must be
+//! of), then the files joined by `ferry_fuzz::PART_SEPARATOR` in the order of `FILES`
+//! (checksums.json, when given, last).
 
 #![no_main]
 
@@ -74,12 +76,16 @@ fuzz_target!(|data: &[u8]| {
         weight_decay: 0.1,
     };
     let mut opt = AdamW::new(&ps, config);
-    let state = match checkpoint::restore(dir, &ps, &mut opt, SEED, PREFIX) {
+    let step = u64::from(mode / 3);
+    let state = match checkpoint::verify_checkpoint(dir, step)
+        .and_then(|state| checkpoint::load(dir, state, &ps, &mut opt, SEED, PREFIX))
+    {
         Ok(state) => state,
         Err(e) => return ferry_fuzz::debug(format!("refused: {e}")),
     };
     ferry_fuzz::debug(format!("restored step {}", state.step));
     assert_eq!(state.seed, SEED);
+    assert_eq!(state.step, step);
     assert_eq!(opt.steps(), state.optimizer_steps);
     // What was loaded is what the file holds, for every parameter.
     let file = ferry_worker::weights::load_safetensors(&dir.join(MODEL_FILE))

@@ -102,6 +102,15 @@ enum Op {
         kind: u8,
         bytes: Vec<u8>,
     },
+    /// Rank 0 reports that the checkpoint it was to restore (`unverified`; None: the
+    /// recorded one) does not verify, and names an older one (`step`, 0: none).
+    Fallback {
+        who: Who,
+        generation: Gen,
+        unverified: Option<StepSel>,
+        step: StepSel,
+        path: Option<String>,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -376,6 +385,7 @@ impl Harness {
                     step,
                     path,
                     worker_id,
+                    ..Default::default()
                 };
                 self.state().report_checkpoint(&req, now)?;
                 let status = self.state().status(now);
@@ -453,6 +463,45 @@ impl Harness {
                 }
             }
             Op::Proto { kind, bytes } => self.proto(kind, &bytes)?,
+            Op::Fallback {
+                who,
+                generation,
+                unverified,
+                step,
+                path,
+            } => {
+                let worker_id = self.who(&who);
+                let recorded = self.state().status(now).latest_checkpoint.map(|c| c.0);
+                let unverified_step = match &unverified {
+                    Some(s) => self.step(s),
+                    None => recorded.unwrap_or(0),
+                };
+                let step = self.step(&step);
+                let path = path.unwrap_or_else(|| match step {
+                    0 => String::new(),
+                    s => ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, s)
+                        .display()
+                        .to_string(),
+                });
+                let req = CheckpointReport {
+                    generation: self.generation(&worker_id, &generation),
+                    step,
+                    path,
+                    worker_id,
+                    unverified_step,
+                    unverified_reason: "model.safetensors: checksum mismatch".into(),
+                };
+                self.state().report_checkpoint(&req, now)?;
+                let latest = self.state().status(now).latest_checkpoint.map(|c| c.0);
+                if unverified_step == 0 {
+                    // No step that does not verify: a plain report.
+                    assert_eq!(latest, Some(step));
+                } else {
+                    assert!(step < unverified_step, "fell back to a step not older");
+                    assert_eq!(recorded, Some(unverified_step), "fell back from another one");
+                    assert_eq!(latest, (step > 0).then_some(step));
+                }
+            }
         }
         Ok(())
     }

@@ -9,7 +9,9 @@ use arbitrary::Arbitrary;
 use ferry_worker::collective::fuzzing::{FuzzLink, Reply, ACCEPTED_BYTE};
 use libfuzzer_sys::fuzz_target;
 
-const HELLO_BYTES: usize = 64;
+const HELLO_BYTES: usize = 68;
+/// The connector's nonce: the hello's last 32 bytes.
+const NONCE_AT: usize = HELLO_BYTES - 32;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -18,6 +20,7 @@ struct Input {
     from: u8,
     to: u8,
     world: u8,
+    message_mac: bool,
     side: Side,
 }
 
@@ -64,7 +67,7 @@ fn hello_bytes(link: &FuzzLink, hello: Hello) -> (Vec<u8>, bool) {
                 if xor != 0 {
                     b[usize::from(at) % HELLO_BYTES] ^= xor;
                     // The nonce (the last 32 bytes) is the connector's choice: any is valid.
-                    intact = usize::from(at) % HELLO_BYTES >= 32;
+                    intact = usize::from(at) % HELLO_BYTES >= NONCE_AT;
                 }
             }
             (b, intact)
@@ -79,14 +82,14 @@ fuzz_target!(|input: Input| {
         from,
         to,
         world,
+        message_mac,
         side,
     } = input;
     let link = FuzzLink::new(
         &token,
         generation,
-        u32::from(from),
-        u32::from(to),
-        u32::from(world),
+        (u32::from(from), u32::from(to), u32::from(world)),
+        message_mac,
     );
     match side {
         Side::CheckHello(hello) => {

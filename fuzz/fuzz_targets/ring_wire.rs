@@ -1,15 +1,15 @@
-//! The TCP ring's wire protocol: the header that opens every operation
-//! (`OpHeader::expect_from`) on arbitrary bytes, its round trip, the bfloat16 wire encoding,
-//! and whole ring operations (all-reduce in f32 and bf16, broadcast, all-gather) on a rank
-//! whose neighbours send arbitrary bytes over loopback connections. Nothing may panic or
-//! hang; a header is accepted only when it is exactly the one expected.
+//! The TCP ring's wire protocol: the header that opens every operation (`OpHeader::check`)
+//! on arbitrary bytes, its round trip, the bfloat16 wire encoding, and whole ring operations
+//! (all-reduce in f32 and bf16, broadcast, all-gather) on a rank whose neighbours send
+//! arbitrary bytes over loopback connections, with the per-message MAC on or off. Nothing may
+//! panic or hang; a header is accepted only when it is exactly the one expected.
 
 #![no_main]
 
 use arbitrary::Arbitrary;
 use ferry_worker::collective::fuzzing::{
-    bf16_round_trip, expect_header, header_bytes, ring_with_scripted_peer, Header, RingOp,
-    RingResult,
+    bf16_round_trip, expect_header, header_bytes, message_tag, ring_with_scripted_peer, Header,
+    RingOp, RingResult,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -34,7 +34,10 @@ enum Input {
         world: u8,
         piece_floats: u8,
         op: Op,
-        /// Start the neighbour's bytes with the header this rank expects first.
+        /// Messages carry a tag, as in training.
+        mac: bool,
+        /// Start the neighbour's bytes with the header this rank expects first (and its tag,
+        /// with `mac`).
         header_first: bool,
         from_left: Vec<u8>,
     },
@@ -107,6 +110,7 @@ fuzz_target!(|input: Input| match input {
         world,
         piece_floats,
         op,
+        mac,
         header_first,
         from_left,
     } => {
@@ -137,9 +141,13 @@ fuzz_target!(|input: Input| match input {
         let mut script = Vec::new();
         if header_first {
             script = header_bytes(first).0;
+            if mac {
+                let tag = message_tag(0, &script);
+                script.extend_from_slice(&tag);
+            }
         }
         script.extend_from_slice(&from_left);
-        let Some(result) = ring_with_scripted_peer(rank, world, piece_floats, op.clone(), &script)
+        let Some(result) = ring_with_scripted_peer(rank, world, piece_floats, op.clone(), mac, &script)
         else {
             return;
         };

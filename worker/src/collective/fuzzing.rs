@@ -4,8 +4,9 @@
 
 use super::handshake::fuzzing::{discard, loopback_pair};
 pub use super::handshake::fuzzing::{FuzzLink, Reply, ACCEPTED_BYTE};
+use super::message_mac::{LinkKey, MessageMac, TAG_BYTES};
 use super::ring::TcpRing;
-use super::wire::{self, OpHeader, OpKind};
+use super::wire::{self, OpHeader, OpKind, HEADER_BYTES};
 use super::CollectiveError;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -22,8 +23,9 @@ fn op_kind(kind: u8) -> OpKind {
     }
 }
 
-/// The header a rank expecting operation `ours` accepts from `bytes`
-/// ([`OpHeader::expect_from`]); `ours.0` picks the kind modulo 3.
+/// The header a rank expecting operation `ours` accepts from the first header-sized bytes of
+/// `bytes` ([`OpHeader::check`]); `ours.0` picks the kind modulo 3. Fewer bytes than a
+/// header are refused, as the ring's read of them would fail.
 pub fn expect_header(ours: Header, exact: bool, bytes: &[u8]) -> Result<Header, CollectiveError> {
     let (kind, seq, detail, len) = ours;
     let h = OpHeader {
@@ -32,25 +34,40 @@ pub fn expect_header(ours: Header, exact: bool, bytes: &[u8]) -> Result<Header, 
         detail,
         len,
     };
-    let got = h.expect_from(bytes, 1, exact)?;
+    let Some(b) = bytes.get(..HEADER_BYTES).and_then(|b| b.try_into().ok()) else {
+        return Err(CollectiveError::Protocol {
+            peer: 1,
+            op: h.kind.name(),
+            reason: format!("{} bytes, a header has {HEADER_BYTES}", bytes.len()),
+        });
+    };
+    let got = h.check(b, 1, exact)?;
     Ok((got.kind as u8, got.seq, got.detail, got.len))
 }
 
-/// The bytes [`OpHeader::write_to`] sends for `header` (kind modulo 3), and the kind byte
-/// it carries.
+/// The bytes [`OpHeader::encode`] gives for `header` (kind modulo 3), and the kind byte it
+/// carries.
 pub fn header_bytes(header: Header) -> (Vec<u8>, u8) {
     let (kind, seq, detail, len) = header;
     let kind = op_kind(kind);
-    let mut out = Vec::new();
-    OpHeader {
+    let b = OpHeader {
         kind,
         seq,
         detail,
         len,
     }
-    .write_to(&mut out)
-    .expect("writing to a Vec cannot fail");
-    (out, kind as u8)
+    .encode();
+    (b.to_vec(), kind as u8)
+}
+
+/// The key of every link of [`ring_with_scripted_peer`] when it authenticates messages.
+const FUZZ_KEY: LinkKey = [0x3c; 32];
+
+/// The tag that authenticates message number `number` (counted from 0 on its link) with
+/// bytes `bytes`, under the key [`ring_with_scripted_peer`] uses: a script can then carry
+/// valid messages as far as the fuzzer likes.
+pub fn message_tag(number: u64, bytes: &[u8]) -> [u8; TAG_BYTES] {
+    *MessageMac::tag(&FUZZ_KEY, number, bytes).as_bytes()
 }
 
 /// float32 -> bfloat16 -> float32, as the bf16 wire carries a value.
@@ -76,13 +93,15 @@ pub enum RingResult {
 
 /// Rank `rank` of a TCP ring of `world` ranks runs `op` as its first operation (sequence
 /// number 1) while both its neighbours are played by a peer that sends `from_left` on the left
-/// connection and then closes it, and reads whatever arrives on the right one. `None` when the
-/// loopback connections cannot be set up.
+/// connection and then closes it, and reads whatever arrives on the right one. With `mac`,
+/// every message carries a tag under [`FUZZ_KEY`] ([`message_tag`]), as in training. `None`
+/// when the loopback connections cannot be set up.
 pub fn ring_with_scripted_peer(
     rank: usize,
     world: usize,
     piece_floats: usize,
     op: RingOp,
+    mac: bool,
     from_left: &[u8],
 ) -> Option<Result<RingResult, CollectiveError>> {
     let world = world.max(2);
@@ -104,7 +123,15 @@ pub fn ring_with_scripted_peer(
         discard(l);
         discard(r);
     });
-    let mut ring = TcpRing::new(rank, world, left, right, timeout, piece_floats);
+    let key = mac.then_some(FUZZ_KEY);
+    let mut ring = TcpRing::new(
+        rank,
+        world,
+        (left, MessageMac::new(key)),
+        (right, MessageMac::new(key)),
+        timeout,
+        piece_floats,
+    );
     let result = match op {
         RingOp::AllReduce { mut values, bf16 } => {
             let wire = if bf16 {

@@ -40,7 +40,8 @@ impl MessageMac {
         }
     }
 
-    fn tag(key: &LinkKey, number: u64, bytes: &[u8]) -> blake3::Hash {
+    /// The tag of message number `number` with bytes `bytes`.
+    pub(crate) fn tag(key: &LinkKey, number: u64, bytes: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(key);
         h.update(&number.to_le_bytes());
         h.update(bytes);

@@ -4,7 +4,7 @@
 //! over a loopback connection. Not an API: nothing else may use it.
 
 use super::{authenticate_connector, try_connect, Link, ACCEPTED, HELLO_BYTES, NONCE_BYTES};
-use super::{HANDSHAKE_TIMEOUT, MAC_BYTES};
+use super::{HANDSHAKE_TIMEOUT, MAC_BYTES, OPTION_MESSAGE_MAC};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -23,13 +23,19 @@ pub enum Reply {
 }
 
 impl FuzzLink {
-    pub fn new(token: &[u8], generation: u64, from: u32, to: u32, world: u32) -> FuzzLink {
+    pub fn new(
+        token: &[u8],
+        generation: u64,
+        (from, to, world): (u32, u32, u32),
+        message_mac: bool,
+    ) -> FuzzLink {
         FuzzLink(Link {
             token: token.into(),
             generation,
             from,
             to,
             world,
+            options: if message_mac { OPTION_MESSAGE_MAC } else { 0 },
         })
     }
 
@@ -73,7 +79,7 @@ impl FuzzLink {
                 Reply::Bytes(b) => b,
                 Reply::Correct => {
                     let mut nonce_c = [0u8; NONCE_BYTES];
-                    if let Some(n) = hello.get(32..32 + NONCE_BYTES) {
+                    if let Some(n) = hello.get(HELLO_BYTES - NONCE_BYTES..HELLO_BYTES) {
                         nonce_c.copy_from_slice(n);
                     }
                     match link.mac(b"ferry-ring connector", &challenge[..NONCE_BYTES], &nonce_c) {
@@ -93,7 +99,7 @@ impl FuzzLink {
             discard(c);
         });
         let outcome = authenticate_connector(&self.0, server, Instant::now() + HANDSHAKE_TIMEOUT)
-            .map(discard);
+            .map(|(s, _key)| discard(s));
         let _ = connector.join();
         Some(outcome)
     }
@@ -121,7 +127,7 @@ impl FuzzLink {
                 Reply::Bytes(b) => b,
                 Reply::Correct => {
                     let nonce_a = [0x5a; NONCE_BYTES];
-                    let mac = link.mac(b"ferry-ring acceptor", &hello[32..], &nonce_a);
+                    let mac = link.mac(b"ferry-ring acceptor", &hello[HELLO_BYTES - NONCE_BYTES..], &nonce_a);
                     let Ok(mac) = mac else { return discard(s) };
                     use hmac::Mac;
                     let mut b = nonce_a.to_vec();
@@ -144,7 +150,8 @@ impl FuzzLink {
             }
             discard(s);
         });
-        let outcome = try_connect(&self.0, &addr, Duration::from_secs(5)).map(discard);
+        let outcome =
+            try_connect(&self.0, &addr, Duration::from_secs(5)).map(|(s, _key)| discard(s));
         let _ = acceptor.join();
         Some(outcome)
     }
