@@ -295,10 +295,6 @@ impl JobState {
         Ok(())
     }
 
-    /// Rank 0 of a group formed to restore the recorded checkpoint found that it does not
-    /// verify: the job's checkpoint becomes the older one rank 0 names (none: the start) and a
-    /// new generation forms. Its formation rolls the ledger back to that step as for any
-    /// restore, so the steps after it are planned and trained again, once.
     /// The one place a checkpoint of `step` may be: the job's run directory.
     fn check_checkpoint_path(&self, step: u64, path: &str) -> Result<(), StateError> {
         let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, step);
@@ -312,6 +308,10 @@ impl JobState {
         Ok(())
     }
 
+    /// Rank 0 of a group formed to restore the recorded checkpoint found that it does not
+    /// verify: the job's checkpoint becomes the older one rank 0 names (none: the start) and a
+    /// new generation forms. Its formation rolls the ledger back to that step as for any
+    /// restore, so the steps after it are planned and trained again, once.
     fn fall_back_from_unverified(
         &mut self,
         req: &CheckpointReport,
