@@ -147,7 +147,8 @@ fuzz_target!(|input: Input| match input {
             }
         }
         script.extend_from_slice(&from_left);
-        let Some(result) = ring_with_scripted_peer(rank, world, piece_floats, op.clone(), mac, &script)
+        let Some(result) =
+            ring_with_scripted_peer(rank, world, piece_floats, op.clone(), mac, &script)
         else {
             return;
         };

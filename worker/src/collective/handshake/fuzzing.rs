@@ -127,7 +127,11 @@ impl FuzzLink {
                 Reply::Bytes(b) => b,
                 Reply::Correct => {
                     let nonce_a = [0x5a; NONCE_BYTES];
-                    let mac = link.mac(b"ferry-ring acceptor", &hello[HELLO_BYTES - NONCE_BYTES..], &nonce_a);
+                    let mac = link.mac(
+                        b"ferry-ring acceptor",
+                        &hello[HELLO_BYTES - NONCE_BYTES..],
+                        &nonce_a,
+                    );
                     let Ok(mac) = mac else { return discard(s) };
                     use hmac::Mac;
                     let mut b = nonce_a.to_vec();
