@@ -2,8 +2,9 @@
 //! ([`crate::state`]): the only place that knows both.
 
 use crate::state::{
-    Assignment, CheckpointReport, Event, EventKind, FailureReport, Heartbeat, HeartbeatAnswer,
-    JobStatus, JoinRequest, Joined, RendezvousRequest, Scaled, StepCommit, StepPlan, StepRequest,
+    Assignment, CheckpointReport, CollectiveKind, Event, EventKind, FailureReport, Heartbeat,
+    HeartbeatAnswer, JobStatus, JoinRequest, Joined, RendezvousRequest, Scaled, StepCommit,
+    StepPlan, StepRequest,
 };
 use crate::store::StateSourceRecord;
 use ferry_common::proto::{self, rendezvous_reply, watch_event};
@@ -82,6 +83,10 @@ impl From<&proto::RendezvousRequest> for RendezvousRequest {
             worker_id: r.worker_id.clone(),
             known_generation: r.known_generation,
             holds_step: r.has_state.then_some(r.state_step),
+            collective: match r.collective() {
+                proto::Collective::Unspecified | proto::Collective::Ring => CollectiveKind::Ring,
+                proto::Collective::Nccl => CollectiveKind::Nccl,
+            },
             blob: r.blob.clone(),
         }
     }
@@ -105,6 +110,7 @@ impl From<Assignment> for proto::RendezvousReply {
             } as i32,
             checkpoint_path: a.checkpoint_path,
             message: String::new(),
+            send_blob: false,
         }
     }
 }

@@ -260,6 +260,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                             has_state: false,
                             state_step: 0,
                             blob: Vec::new(),
+                            collective: proto::Collective::Ring as i32,
                         })
                         .await?
                         .into_inner();

@@ -146,6 +146,14 @@ impl Coordinator for Service {
                 Ok(RendezvousOutcome::Released) => rendezvous_reply::Status::Released,
                 Ok(RendezvousOutcome::Stopped) => rendezvous_reply::Status::Stopped,
                 Ok(RendezvousOutcome::Finished) => rendezvous_reply::Status::Finished,
+                Ok(RendezvousOutcome::SendBlob(message)) => {
+                    break Ok(proto::RendezvousReply {
+                        status: rendezvous_reply::Status::Wait as i32,
+                        message,
+                        send_blob: true,
+                        ..Default::default()
+                    })
+                }
                 Ok(RendezvousOutcome::Wait(message)) => {
                     let timed_out = tokio::select! {
                         r = changes.changed() => r.is_err(),

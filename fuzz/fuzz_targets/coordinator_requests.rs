@@ -11,8 +11,9 @@ use ferry_common::job::JobSpec;
 use ferry_common::proto;
 use ferry_common::sampler::sequences_digest;
 use ferry_coordinator::state::{
-    CheckpointReport, FailureReport, Heartbeat, JobState, JobStatus, JoinRequest, NextStepOutcome,
-    RendezvousOutcome, RendezvousRequest, StateError, StepCommit, StepPlan, StepRequest,
+    CheckpointReport, CollectiveKind, FailureReport, Heartbeat, JobState, JobStatus, JoinRequest,
+    NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError, StepCommit, StepPlan,
+    StepRequest,
 };
 use ferry_coordinator::store::Store;
 use libfuzzer_sys::fuzz_target;
@@ -54,6 +55,8 @@ enum Op {
         who: Who,
         known: Gen,
         holds: Option<StepSel>,
+        /// The worker's rank runs NCCL (else the ring).
+        nccl: bool,
         blob_len: u16,
     },
     NextStep {
@@ -320,12 +323,18 @@ impl Harness {
                 who,
                 known,
                 holds,
+                nccl,
                 blob_len,
             } => {
                 let worker_id = self.who(&who);
                 let req = RendezvousRequest {
                     known_generation: self.generation(&worker_id, &known),
                     holds_step: holds.map(|s| self.step(&s)),
+                    collective: if nccl {
+                        CollectiveKind::Nccl
+                    } else {
+                        CollectiveKind::Ring
+                    },
                     blob: vec![7; usize::from(blob_len)],
                     worker_id,
                 };
@@ -427,6 +436,7 @@ impl Harness {
                             holds_step: holds,
                             blob: id.as_bytes().to_vec(),
                             worker_id: id,
+                            ..Default::default()
                         };
                         self.rendezvous(&req).or_else(expected)?;
                     }
@@ -498,7 +508,11 @@ impl Harness {
                     assert_eq!(latest, Some(step));
                 } else {
                     assert!(step < unverified_step, "fell back to a step not older");
-                    assert_eq!(recorded, Some(unverified_step), "fell back from another one");
+                    assert_eq!(
+                        recorded,
+                        Some(unverified_step),
+                        "fell back from another one"
+                    );
                     assert_eq!(latest, (step > 0).then_some(step));
                 }
             }
@@ -517,14 +531,19 @@ impl Harness {
 
     fn rendezvous(&mut self, req: &RendezvousRequest) -> Result<(), StateError> {
         let now = self.now;
-        if let RendezvousOutcome::Ready(a) = self.state().rendezvous(req, now)? {
-            let status = self.state().status(now);
-            assert_eq!(a.generation, status.generation);
-            assert_eq!(a.world_size, status.world_size);
-            assert!(a.rank < a.world_size);
-            assert_eq!(a.peers.len(), a.world_size as usize);
-            assert!(a.start_step <= status.committed_steps);
-            self.assigned.insert(req.worker_id.clone(), a.generation);
+        match self.state().rendezvous(req, now)? {
+            RendezvousOutcome::Ready(a) => {
+                let status = self.state().status(now);
+                assert_eq!(a.generation, status.generation);
+                assert_eq!(a.world_size, status.world_size);
+                assert!(a.rank < a.world_size);
+                assert_eq!(a.peers.len(), a.world_size as usize);
+                assert!(a.start_step <= status.committed_steps);
+                self.assigned.insert(req.worker_id.clone(), a.generation);
+            }
+            // Only a worker that runs NCCL is asked for a unique id.
+            RendezvousOutcome::SendBlob(_) => assert_eq!(req.collective, CollectiveKind::Nccl),
+            _ => {}
         }
         Ok(())
     }

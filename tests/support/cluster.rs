@@ -86,11 +86,11 @@ impl CoordinatorProc {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             ferry,
         };
-        c.spawn(Some(&job_path), listen);
+        c.spawn(Some(&job_path), listen, None);
         c
     }
 
-    fn spawn(&mut self, job: Option<&Path>, listen: &str) {
+    fn spawn(&mut self, job: Option<&Path>, listen: &str, http: Option<&str>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -100,6 +100,9 @@ impl CoordinatorProc {
         cmd.arg("coordinator");
         if let Some(job) = job {
             cmd.arg("--job").arg(job);
+        }
+        if let Some(http) = http {
+            cmd.args(["--http", http]);
         }
         cmd.args(["--listen", listen, "--state"])
             .arg(&self.state)
@@ -145,9 +148,11 @@ impl CoordinatorProc {
     }
 
     /// Starts again on the same state directory and port, without the job file.
+    /// Starts the coordinator again on its state, on the same gRPC and HTTP addresses. The
+    /// HTTP one is given: its default, the gRPC port + 1, may be any process's ephemeral port.
     pub fn restart(&mut self) {
-        let listen = self.grpc.clone();
-        self.spawn(None, &listen);
+        let (listen, http) = (self.grpc.clone(), self.http.clone());
+        self.spawn(None, &listen, Some(&http));
     }
 
     pub fn log_text(&self) -> String {
@@ -282,6 +287,7 @@ impl SimWorker {
                     has_state: self.state_step.is_some(),
                     state_step: self.state_step.unwrap_or(0),
                     blob: self.id.as_bytes().to_vec(),
+                    collective: proto::Collective::Ring as i32,
                 })
                 .await
                 .expect("rendezvous")

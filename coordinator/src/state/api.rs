@@ -42,13 +42,34 @@ pub struct HeartbeatAnswer {
 }
 
 /// A worker at rendezvous: the generation it knew, the step whose state it holds, if any,
-/// and an opaque offer for the group (an NCCL unique id).
+/// the collective its rank runs, and an opaque offer for the group (an NCCL unique id, sent
+/// once the coordinator asks for it: [`RendezvousOutcome::SendBlob`]).
 #[derive(Clone, Debug, Default)]
 pub struct RendezvousRequest {
     pub worker_id: String,
     pub known_generation: u64,
     pub holds_step: Option<u64>,
+    pub collective: CollectiveKind,
     pub blob: Vec<u8>,
+}
+
+/// The collective a worker's rank runs; every member of a group runs the same one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CollectiveKind {
+    /// The TCP or shared-memory ring of CPU workers.
+    #[default]
+    Ring,
+    /// NCCL on GPUs: rank 0's offer (its unique id) is handed to every member.
+    Nccl,
+}
+
+impl CollectiveKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveKind::Ring => "the ring (CPU)",
+            CollectiveKind::Nccl => "NCCL (GPU)",
+        }
+    }
 }
 
 /// A formed group as one member sees it.
@@ -72,6 +93,9 @@ pub struct Assignment {
 pub enum RendezvousOutcome {
     Ready(Assignment),
     Wait(String),
+    /// Like `Wait`, to the member that is rank 0 of the forming group when its collective
+    /// needs rank 0's offer: it is to call again at once with its blob.
+    SendBlob(String),
     Released,
     Stopped,
     Finished,

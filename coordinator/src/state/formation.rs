@@ -2,7 +2,7 @@
 //! come to rendezvous, and choosing where its state comes from (a member that holds the
 //! committed step, else the checkpoint, else the seed).
 
-use super::api::{Assignment, EventKind, RendezvousRequest};
+use super::api::{Assignment, CollectiveKind, EventKind, RendezvousRequest};
 use super::{
     store_err, Arrival, Forming, JobState, Phase, RendezvousOutcome, StateError, FULL_PEER_LIST_MAX,
 };
@@ -106,6 +106,7 @@ impl JobState {
             members,
             arrived: carried,
             proposed_at: now,
+            awaiting_blob_from: None,
         });
         self.store.save_job(&self.job).map_err(store_err)?;
         self.emit(EventKind::Membership, "", "new generation proposed".into());
@@ -121,7 +122,7 @@ impl JobState {
         if !f.members.iter().all(|m| f.arrived.contains_key(m)) {
             return Ok(());
         }
-        let Phase::Forming(f) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Forming(mut f) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("checked above");
         };
         // A member that already applied the step in flight proves it complete.
@@ -148,12 +149,20 @@ impl JobState {
         let holder = ranks
             .iter()
             .position(|id| f.arrived[id].holds_step == Some(committed));
+        if let Some(i) = holder {
+            let id = ranks.remove(i);
+            ranks.insert(0, id);
+        }
+        // NCCL's unique id is made by rank 0 alone, now that it is known: each id starts a
+        // bootstrap thread in NCCL that lives until a communicator uses the id.
+        let rank0 = &f.arrived[&ranks[0]];
+        if rank0.collective == CollectiveKind::Nccl && rank0.blob.is_empty() {
+            f.awaiting_blob_from = Some(ranks[0].clone());
+            self.phase = Phase::Forming(f);
+            return Ok(());
+        }
         let (source, checkpoint_path) = match holder {
-            Some(i) => {
-                let id = ranks.remove(i);
-                ranks.insert(0, id);
-                (StateSourceRecord::Held, String::new())
-            }
+            Some(_) => (StateSourceRecord::Held, String::new()),
             None if committed == 0 => (StateSourceRecord::Init, String::new()),
             None => match self.job.checkpoint.clone() {
                 Some(ck) if ck.step <= committed => {
@@ -237,8 +246,10 @@ impl JobState {
             tracing::warn!(worker = %req.worker_id, "member returned to rendezvous: regrouping");
             self.propose(now, true)?;
         }
+        self.check_collective(req)?;
         let arrival = Arrival {
             holds_step: req.holds_step,
+            collective: req.collective,
             blob: req.blob.clone(),
         };
         match &mut self.phase {
@@ -276,10 +287,23 @@ impl JobState {
                 crate::links::STRIKES
             )));
         }
+        if let Phase::Forming(f) = &self.phase {
+            if f.awaiting_blob_from.as_ref() == Some(&req.worker_id) {
+                return Ok(RendezvousOutcome::SendBlob(format!(
+                    "rank 0 of generation {}: offer the group an NCCL unique id",
+                    f.generation
+                )));
+            }
+        }
         let why = match &self.phase {
             Phase::Idle => format!(
                 "waiting for a quorum of {} workers",
                 self.spec.cluster.min_workers
+            ),
+            Phase::Forming(f) if f.awaiting_blob_from.is_some() => format!(
+                "generation {} is forming: every member is here, waiting for rank 0's NCCL \
+                 unique id",
+                f.generation
             ),
             Phase::Forming(f) => format!(
                 "generation {} is forming: {}/{} members here",
@@ -290,6 +314,36 @@ impl JobState {
             Phase::Formed => "standing by: the group is full".to_string(),
         };
         Ok(RendezvousOutcome::Wait(why))
+    }
+
+    /// A group runs one collective: a worker whose collective differs from that of another
+    /// live worker is refused with the reason and leaves the job, instead of being proposed
+    /// into groups that can never connect. The workers already there keep the job.
+    fn check_collective(&mut self, req: &RendezvousRequest) -> Result<(), StateError> {
+        let other = self.workers.values().find(|w| {
+            w.rec.id != req.worker_id
+                && !w.released
+                && w.collective.is_some_and(|c| c != req.collective)
+        });
+        if let Some(other) = other {
+            let message = format!(
+                "worker {} runs {}, but this job's workers (such as {} on {}) run {}: a group \
+                 cannot mix them. Start every worker on the same kind of device (--device), \
+                 or set cluster.backend = \"ring\" to run GPU workers on the ring",
+                req.worker_id,
+                req.collective.name(),
+                other.rec.id,
+                other.rec.host,
+                other.collective.map_or("", |c| c.name()),
+            );
+            let id = req.worker_id.clone();
+            self.remove_worker(&id, "its collective differs from the job's");
+            return Err(StateError::failed_precondition(message));
+        }
+        if let Some(w) = self.workers.get_mut(&req.worker_id) {
+            w.collective = Some(req.collective);
+        }
+        Ok(())
     }
 
     pub(super) fn ready_reply(&self, rank: usize) -> Assignment {

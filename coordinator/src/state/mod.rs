@@ -73,6 +73,8 @@ struct Worker {
     released: bool,
     /// Missed a formation; left out of proposals until it comes to rendezvous itself.
     needs_rendezvous: bool,
+    /// The collective it runs, from its rendezvous (None before its first one).
+    collective: Option<CollectiveKind>,
     // What `ferry status` shows, from heartbeats.
     generation: u64,
     step: u64,
@@ -83,6 +85,7 @@ struct Worker {
 struct Arrival {
     /// The step whose state this member holds, if any.
     holds_step: Option<u64>,
+    collective: CollectiveKind,
     blob: Vec<u8>,
 }
 
@@ -91,6 +94,9 @@ struct Forming {
     members: Vec<String>,
     arrived: BTreeMap<String, Arrival>,
     proposed_at: Instant,
+    /// Every member is here, and the one that is to be rank 0 was asked for its offer (its
+    /// NCCL unique id): the group forms when it comes back with it.
+    awaiting_blob_from: Option<String>,
 }
 
 enum Phase {
@@ -313,6 +319,7 @@ impl Worker {
             leaving: false,
             released: false,
             needs_rendezvous: false,
+            collective: None,
             generation: 0,
             step: 0,
             loss: f64::NAN,

@@ -83,8 +83,20 @@ impl Harness {
             known_generation: known,
             holds_step: holds,
             blob: id.as_bytes().to_vec(),
+            ..Default::default()
         };
         self.state.rendezvous(&req, self.now).unwrap()
+    }
+
+    /// Rendezvous of a worker whose rank runs NCCL, offering `blob` (empty: none yet).
+    fn rendezvous_nccl(&mut self, id: &str, blob: &[u8]) -> Result<RendezvousOutcome, StateError> {
+        let req = RendezvousRequest {
+            worker_id: id.into(),
+            collective: CollectiveKind::Nccl,
+            blob: blob.to_vec(),
+            ..Default::default()
+        };
+        self.state.rendezvous(&req, self.now)
     }
 
     /// Rendezvous for every worker until each is Ready; returns the assignments in order.
@@ -176,6 +188,82 @@ fn a_group_forms_once_every_proposed_member_has_come_to_rendezvous() {
     // Rank 0's offer is everyone's.
     assert_eq!(got[1].blob, a.as_bytes());
     assert_eq!(h.state.status(h.now).phase, "running");
+}
+
+/// Each NCCL unique id starts a bootstrap thread in NCCL that lives until a communicator uses
+/// it. Before, every worker made one at every rendezvous poll; now the group waits, once every
+/// member is here, for the one that is to be rank 0, and only it is asked.
+#[test]
+fn with_nccl_only_rank_0_is_asked_for_its_unique_id_and_every_member_gets_it() {
+    let mut h = Harness::new("min_workers = 2");
+    let a = h.join("a");
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    assert!(matches!(
+        h.rendezvous_nccl(&a, &[]).unwrap(),
+        RendezvousOutcome::Wait(_)
+    ));
+    // Every member is here: b is not asked, and nothing forms without the id.
+    match h.rendezvous_nccl(&b, &[]).unwrap() {
+        RendezvousOutcome::Wait(why) => assert!(why.contains("rank 0's NCCL unique id"), "{why}"),
+        other => panic!("formed without rank 0's id: {other:?}"),
+    }
+    match h.rendezvous_nccl(&a, &[]).unwrap() {
+        RendezvousOutcome::SendBlob(why) => assert!(why.contains("rank 0"), "{why}"),
+        other => panic!("rank 0 was not asked for its id: {other:?}"),
+    }
+    assert!(matches!(
+        h.rendezvous_nccl(&b, &[]).unwrap(),
+        RendezvousOutcome::Wait(_)
+    ));
+    let ready = |o: RendezvousOutcome| match o {
+        RendezvousOutcome::Ready(a) => a,
+        other => panic!("{other:?}"),
+    };
+    let a_side = ready(h.rendezvous_nccl(&a, b"id-of-a").unwrap());
+    let b_side = ready(h.rendezvous_nccl(&b, &[]).unwrap());
+    assert_eq!((a_side.rank, b_side.rank), (0, 1));
+    assert_eq!(a_side.blob, b"id-of-a");
+    assert_eq!(b_side.blob, b"id-of-a");
+}
+
+/// A GPU worker (NCCL) that joins a job of CPU workers (the ring), or the other way round,
+/// could never connect to their group: before, it was proposed into every generation, which
+/// then failed to connect, over and over. Now it is refused at rendezvous with the reason
+/// and leaves the job; the workers already there go on.
+#[test]
+fn a_worker_whose_collective_differs_from_the_jobs_is_refused_with_the_reason() {
+    let mut h = Harness::new("min_workers = 1");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let first = h.form(&[&a], 0, &[None]);
+    h.run(&[(&a, &first[0])], 1);
+    let b = h.join("gpu-host");
+    match h.rendezvous_nccl(&b, &[]) {
+        Err(StateError::FailedPrecondition(why)) => {
+            for part in [
+                &b,
+                "NCCL (GPU)",
+                "the ring (CPU)",
+                &a,
+                "--device",
+                "backend",
+            ] {
+                assert!(why.contains(part), "{part:?} missing from: {why}");
+            }
+        }
+        other => panic!("a mixed group was not refused: {other:?}"),
+    }
+    let workers = h.state.status(h.now).workers;
+    assert_eq!(workers.len(), 1, "the refused worker stays: {workers:?}");
+    // The job goes on with the workers it had.
+    let again = match h.next_step(&a, &first[0], 1) {
+        NextStepOutcome::Plan(_) => first,
+        NextStepOutcome::Regroup => h.form(&[&a], first[0].generation, &[Some(1)]),
+        other => panic!("{other:?}"),
+    };
+    h.run(&[(&a, &again[0])], 1);
+    assert_eq!(h.state.committed(), 2);
 }
 
 #[test]

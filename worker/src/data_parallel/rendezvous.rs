@@ -18,18 +18,22 @@ use tonic::Code;
 impl Worker {
     pub(super) fn rendezvous(&mut self) -> Result<proto::RendezvousReply> {
         let mut last_message = String::new();
+        let collective = match self.nccl_device {
+            Some(_) => proto::Collective::Nccl,
+            None => proto::Collective::Ring,
+        };
         loop {
-            // With NCCL every worker offers a unique id; the coordinator hands rank 0's to all.
-            let blob = match self.nccl_device {
-                Some(_) => nccl::unique_id().map_err(|e| anyhow::anyhow!("NCCL unique id: {e}"))?,
-                None => Vec::new(),
-            };
+            // An NCCL unique id is made only when the coordinator asks this worker, as rank
+            // 0 of the forming group, for one (`send_blob`); it hands it to every member.
+            // Each id starts a bootstrap thread in NCCL that lives until a communicator uses
+            // it, so one made but not used yet is offered again rather than made anew.
             let req = proto::RendezvousRequest {
                 worker_id: self.id(),
                 known_generation: self.generation,
                 has_state: self.state_step.is_some(),
                 state_step: self.state_step.unwrap_or(0),
-                blob,
+                blob: self.nccl_id.clone().unwrap_or_default(),
+                collective: collective as i32,
             };
             let reply = match self.call_status(|mut c| {
                 let req = req.clone();
@@ -43,8 +47,26 @@ impl Worker {
                 Err(s) => return Err(rpc(&self.coordinator, "rendezvous", s)),
             };
             telemetry::beat();
+            if reply.status() == rendezvous_reply::Status::Ready && reply.rank == 0 {
+                // The group's communicator uses this rank's id: it cannot serve another.
+                self.nccl_id = None;
+            }
             if reply.status() != rendezvous_reply::Status::Wait {
                 return Ok(reply);
+            }
+            if reply.send_blob {
+                if self.nccl_device.is_none() {
+                    bail!(
+                        "the coordinator asked this worker, which runs the ring, for an NCCL \
+                         unique id"
+                    );
+                }
+                if self.nccl_id.is_none() {
+                    let id =
+                        nccl::unique_id().map_err(|e| anyhow::anyhow!("NCCL unique id: {e}"))?;
+                    self.nccl_id = Some(id);
+                }
+                continue;
             }
             if reply.message != last_message {
                 eprintln!("rendezvous: {}", reply.message);
@@ -97,7 +119,9 @@ impl Worker {
                 let membership = event.kind() == proto::watch_event::Kind::Membership
                     || event.kind() == proto::watch_event::Kind::WorkerLost;
                 if membership && event.generation > generation {
-                    abort.abort();
+                    // Off this runtime's one worker thread: `ncclCommAbort` blocks (up to
+                    // seconds), and heartbeats run on it.
+                    abort.abort_in_background();
                     return;
                 }
             }

@@ -87,6 +87,9 @@ pub(super) struct Worker {
     pub(super) engine: Engine,
     /// The CUDA device when the group talks NCCL; `None` for the CPU ring.
     pub(super) nccl_device: Option<usize>,
+    /// An NCCL unique id this worker made as rank 0 of a forming group and no communicator
+    /// has used yet.
+    pub(super) nccl_id: Option<Vec<u8>>,
     pub(super) watchdog: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Steps applied to the weights this worker holds; `None` until it holds a group's state.
     pub(super) state_step: Option<u64>,
@@ -206,6 +209,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         listener,
         engine,
         nccl_device,
+        nccl_id: None,
         watchdog: Mutex::new(None),
         state_step: None,
         generation: 0,

@@ -59,6 +59,26 @@ impl NcclAbortHandle {
         }
     }
 
+    /// [`abort`](Self::abort) on a thread of its own, for callers that must not block: an
+    /// async runtime's worker thread (heartbeats run there) would otherwise stall for as
+    /// long as `ncclCommAbort` or a busy operation takes. The abort is requested before this
+    /// returns. The thread's handle is returned for those who want to wait; `None` when no
+    /// thread could be started, in which case the abort ran here.
+    pub fn abort_in_background(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.shared.abort_requested.store(true, Ordering::SeqCst);
+        let handle = self.clone();
+        match std::thread::Builder::new()
+            .name("nccl-abort".into())
+            .spawn(move || handle.abort())
+        {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.abort();
+                None
+            }
+        }
+    }
+
     /// Whether `abort` has been called on this handle or a clone.
     pub fn abort_requested(&self) -> bool {
         self.shared.abort_requested.load(Ordering::SeqCst)

@@ -8,6 +8,7 @@ use crate::collective::{Collective, GroupSpec, StreamMark};
 use cudarc::nccl::sys::ncclDataType_t;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 fn spec() -> GroupSpec {
@@ -154,6 +155,36 @@ fn an_unattached_abort_handle_aborts_nothing_and_stays_aborted() {
     handle.abort();
     assert!(clone.abort_requested());
     assert!(lock(&clone.shared.slot).comm.is_null());
+}
+
+/// The data-parallel watchdog aborts from a task on the worker's async runtime, whose one
+/// worker thread also sends heartbeats. While an operation holds the communicator (here the
+/// test holds its slot, as a blocked NCCL call does), `abort` waits up to 5 s; run there, it
+/// stalled every other task that long. `abort_in_background` must leave the thread free.
+#[test]
+fn an_abort_from_the_runtime_leaves_its_thread_free_while_an_operation_holds_the_communicator() {
+    let handle = NcclAbortHandle::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let busy = lock(&handle.shared.slot);
+    let h = handle.clone();
+    let aborter = rt.spawn(async move { h.abort_in_background() });
+    std::thread::sleep(Duration::from_millis(100));
+    let asked = Instant::now();
+    let heartbeat = rt.spawn(async { Instant::now() });
+    let ran = rt.block_on(heartbeat).unwrap();
+    assert!(
+        ran.duration_since(asked) < Duration::from_secs(1),
+        "a task on the runtime waited {:?} behind the abort",
+        ran.duration_since(asked)
+    );
+    assert!(handle.abort_requested());
+    drop(busy);
+    let thread = rt.block_on(aborter).unwrap().expect("an abort thread");
+    thread.join().unwrap();
+    assert!(lock(&handle.shared.slot).comm.is_null());
 }
 
 /// The overlapped sum on a one-rank communicator: the side stream waits for the marked
