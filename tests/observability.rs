@@ -651,3 +651,72 @@ fn sigterm_makes_a_worker_leave_at_a_step_boundary_so_no_step_fails() {
         c.log_text()
     );
 }
+
+#[test]
+fn sigterm_of_the_only_worker_holding_the_state_hands_it_to_a_newcomer_first() {
+    // A one-worker job, no checkpoint yet; a replacement starts and the old worker gets
+    // SIGTERM (a rolling update). Released at once, the old worker took every step with it
+    // and the newcomer started over from the seed.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = support::scratch("observe-handover");
+    let c = support::cluster::CoordinatorProc::start(
+        "observe-handover-coord",
+        &support::cluster::job_toml(
+            &dir.join("run"),
+            8,
+            4,
+            64,
+            "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 30.0\ncollective_timeout_s = 30.0",
+        ),
+        &[],
+    );
+    let mut a = WorkerProc::start(&c, "a");
+    let wait = |what: &str, ok: &dyn Fn(&ferry_common::proto::StatusReply) -> bool| {
+        let start = Instant::now();
+        loop {
+            let st = rt.block_on(c.status());
+            if ok(&st) {
+                return st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "no {what}: {st:?}\n{}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the first worker training", &|s| s.committed_steps >= 3);
+    let b = WorkerProc::start(&c, "b");
+    wait("the newcomer joined", &|s| s.workers.len() == 2);
+    unsafe { libc::kill(a.child.id() as libc::pid_t, libc::SIGTERM) };
+    let left_at = rt.block_on(c.status()).committed_steps;
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "still running after SIGTERM:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit}: {}", a.log_text());
+    let st = wait("the newcomer training alone", &|s| {
+        s.world_size == 1 && s.workers.len() == 1 && s.committed_steps >= left_at + 2
+    });
+    assert_eq!(
+        (st.rollbacks, st.redone_steps),
+        (0, 0),
+        "the job went back: {st:?}\n{}\n{}",
+        c.log_text(),
+        b.log_text()
+    );
+    assert!(
+        c.log_text().contains("hand"),
+        "no handover in the coordinator's log:\n{}",
+        c.log_text()
+    );
+}

@@ -17,7 +17,17 @@ impl JobState {
         if self.job.stopped || self.finished() {
             return Ok(());
         }
-        let (members, extras) = self.candidates(now);
+        let (mut members, extras) = self.candidates(now);
+        let handover = self.handover_from(&members, &extras);
+        if let Some(id) = &handover {
+            tracing::info!(
+                worker = %id,
+                step = self.job.committed,
+                "the only holder of the committed state is going: it stays one more \
+                 generation to hand the state over"
+            );
+            members.insert(0, id.clone());
+        }
         let min = self.spec.cluster.min_workers as usize;
         if members.len() < min {
             if force || !matches!(self.phase, Phase::Formed) {
@@ -54,7 +64,9 @@ impl JobState {
             Phase::Forming(f) if same(&f.members) => return Ok(()),
             Phase::Formed if !force => {
                 if self.job.formed.as_ref().is_some_and(|f| same(&f.ranks)) {
-                    self.membership_pending = false;
+                    // A handover is done once the others hold the state: look again at the
+                    // next boundary.
+                    self.membership_pending = handover.is_some();
                     return Ok(());
                 }
             }
@@ -62,7 +74,7 @@ impl JobState {
         }
         // Scale-down: workers beyond the target are sent away, not kept on standby.
         if self.job.target_workers < self.spec.max_workers() {
-            for id in &extras {
+            for id in extras.iter().filter(|&id| Some(id) != handover.as_ref()) {
                 if let Some(w) = self.workers.get_mut(id) {
                     w.released = true;
                 }
@@ -72,7 +84,7 @@ impl JobState {
         let leaving: Vec<String> = self
             .workers
             .values()
-            .filter(|w| w.leaving && !w.released)
+            .filter(|w| w.leaving && !w.released && Some(&w.rec.id) != handover.as_ref())
             .map(|w| w.rec.id.clone())
             .collect();
         for id in leaving {
@@ -95,7 +107,7 @@ impl JobState {
         }
         self.index_ranks();
         self.job.generation += 1;
-        self.membership_pending = false;
+        self.membership_pending = handover.is_some();
         tracing::info!(
             generation = self.job.generation,
             "proposing generation of {} workers",
@@ -112,6 +124,44 @@ impl JobState {
         self.emit(EventKind::Membership, "", "new generation proposed".into());
         self.publish_gauges();
         self.try_form()
+    }
+
+    /// The worker to keep for one more generation so that it hands the committed state over
+    /// before it goes: when every worker that holds the state is going (a graceful leave, or
+    /// beyond the target after a scale-down), others stay, and no checkpoint has the step.
+    /// Released at once, it would take every step since the checkpoint with it.
+    ///
+    /// A member of the group holds the committed state once that group committed a step
+    /// (every rank applied it); before that only its rank 0, if it held the state already.
+    pub(super) fn handover_from(&self, staying: &[String], extras: &[String]) -> Option<String> {
+        let checkpointed = self.job.checkpoint.as_ref().map_or(0, |c| c.step);
+        if staying.is_empty() || self.job.committed <= checkpointed {
+            return None;
+        }
+        let group = self.job.formed.as_ref().or(self.previous.as_ref())?;
+        let holds = |id: &String| {
+            group.start_step < self.job.committed
+                || (group.source == StateSourceRecord::Held
+                    && group.start_step == self.job.committed
+                    && group.ranks.first() == Some(id))
+        };
+        if group
+            .ranks
+            .iter()
+            .any(|id| staying.contains(id) && holds(id))
+        {
+            return None;
+        }
+        group
+            .ranks
+            .iter()
+            .filter(|id| holds(id))
+            .find(|id| {
+                self.workers.get(*id).is_some_and(|w| {
+                    !w.released && !w.needs_rendezvous && (w.leaving || extras.contains(id))
+                })
+            })
+            .cloned()
     }
 
     /// Forms the proposed group once every member has arrived.

@@ -104,6 +104,17 @@ impl JobState {
         }
         let in_proposal =
             matches!(&self.phase, Phase::Forming(f) if f.members.iter().any(|m| m == id));
+        if in_proposal {
+            // The only holder of the committed state, leaving while its next group forms:
+            // it stays in that group to hand the state over, and goes at its first boundary
+            // after a commit (see `handover_from`).
+            let (staying, extras) = self.candidates(now);
+            if self.handover_from(&staying, &extras).as_deref() == Some(id) {
+                self.membership_pending = true;
+                tracing::info!(worker = %id, "worker leaves once it has handed its state over");
+                return Ok(false);
+            }
+        }
         self.remove_worker(id, "left");
         if in_proposal {
             self.propose(now, true)?;
