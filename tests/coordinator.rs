@@ -998,6 +998,45 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         .await
         .unwrap_err();
     assert_ne!(err.code(), Code::Ok);
+    // A client that trusts another CA is refused for good: no retrying for --patience-s.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other_path = dir.join("other-ca.pem");
+    std::fs::write(&other_path, other.cert.pem()).unwrap();
+    let wrong = ferry_common::client::Clients::connect_lazy(&ferry_common::client::ClientConfig {
+        address: format!("localhost:{port}"),
+        token: TOKEN.into(),
+        tls_ca: Some(other_path.clone()),
+        tls_domain: None,
+    })
+    .unwrap();
+    let err = wrong
+        .admin
+        .clone()
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("invalid peer certificate"),
+        "{err:?}"
+    );
+    assert!(!ferry_common::client::is_transient(&err), "{err:?}");
+    let started = std::time::Instant::now();
+    let out = support::ferry()
+        .args(["status", "--coordinator", &format!("localhost:{port}")])
+        .arg("--token-file")
+        .arg(&c.token_file)
+        .arg("--tls-ca")
+        .arg(&other_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid peer certificate"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "ferry status took {:?} to give up on a certificate that cannot verify",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -149,12 +149,21 @@ impl Clients {
 }
 
 /// Whether a failed call may succeed if simply tried again later: the coordinator was down,
-/// restarting or overloaded. Everything else is a real answer and is returned at once.
+/// restarting or overloaded. Everything else is a real answer and is returned at once, among
+/// them a coordinator certificate that does not verify with `--tls-ca` (tonic reports it as
+/// `Unavailable`, but trying again cannot change the certificate or the CA).
 pub fn is_transient(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::ResourceExhausted
     ) && !status.message().contains("message length too large")
+        && !is_certificate_error(status)
+}
+
+/// The coordinator's TLS certificate did not verify (rustls' "invalid peer certificate": an
+/// unknown issuer, a bad signature, a name that does not match, an expired certificate).
+pub fn is_certificate_error(status: &Status) -> bool {
+    status.message().contains("invalid peer certificate")
 }
 
 /// The longest one attempt of [`with_backoff`] waits for an answer. A partition drops packets
