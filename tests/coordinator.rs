@@ -998,6 +998,17 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         .await
         .unwrap_err();
     assert_ne!(err.code(), Code::Ok);
+    // So does `ferry status` without --tls-ca, and it says what is missing.
+    let out = support::ferry()
+        .args(["status", "--coordinator", &format!("localhost:{port}")])
+        .arg("--token-file")
+        .arg(&c.token_file)
+        .env_remove("FERRY_TLS_CA")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pass --tls-ca"), "no hint at TLS: {stderr}");
     // A client that trusts another CA is refused for good: no retrying for --patience-s.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let other_path = dir.join("other-ca.pem");
@@ -1032,6 +1043,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("invalid peer certificate"), "{stderr}");
+    assert!(stderr.contains("ca.crt"), "no hint at the fix: {stderr}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(20),
         "ferry status took {:?} to give up on a certificate that cannot verify",

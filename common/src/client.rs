@@ -160,6 +160,31 @@ pub fn is_transient(status: &Status) -> bool {
         && !is_certificate_error(status)
 }
 
+/// A failed call to the coordinator at `address`, for a person: its message and code, and for
+/// the two TLS mistakes that otherwise read as riddles, what to do.
+pub fn describe_failure(address: &str, what: &str, status: &Status) -> String {
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {what}")
+    };
+    let hint = if is_certificate_error(status) {
+        "; the coordinator's certificate does not verify with --tls-ca: pass the CA that signed \
+         it (deploy/make-certs.sh writes it as ca.crt), and --tls-domain if the certificate \
+         names the coordinator otherwise than --coordinator does"
+    } else if status.message() == "transport error" || status.message().contains("h2 protocol") {
+        "; if the coordinator serves TLS (--tls-cert), pass --tls-ca with the CA that signed its \
+         certificate"
+    } else {
+        ""
+    };
+    format!(
+        "coordinator {address}{what}: {} ({:?}){hint}",
+        status.message(),
+        status.code()
+    )
+}
+
 /// The coordinator's TLS certificate did not verify (rustls' "invalid peer certificate": an
 /// unknown issuer, a bad signature, a name that does not match, an expired certificate).
 pub fn is_certificate_error(status: &Status) -> bool {

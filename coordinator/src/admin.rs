@@ -97,12 +97,11 @@ impl AdminClient {
                 async move { fut.await.map(|r| r.into_inner()) }
             }))
             .map_err(|s| {
-                anyhow::anyhow!(
-                    "coordinator {}: {} ({:?})",
-                    self.address,
-                    s.message(),
-                    s.code()
-                )
+                anyhow::anyhow!(ferry_common::client::describe_failure(
+                    &self.address,
+                    "",
+                    &s
+                ))
             })
     }
 

@@ -29,11 +29,11 @@ impl Failure {
 /// A failed coordinator call, naming the coordinator: after `--patience-s` of an unreachable
 /// coordinator this is the line the worker exits with.
 pub(super) fn rpc(coordinator: &str, what: &str, s: Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "coordinator {coordinator} {what}: {} ({:?})",
-        s.message(),
-        s.code()
-    )
+    anyhow::anyhow!(ferry_common::client::describe_failure(
+        coordinator,
+        what,
+        &s
+    ))
 }
 
 /// Heartbeats, at the interval the coordinator asked for, on the async runtime. A worker the
