@@ -1,7 +1,9 @@
 //! The NCCL backend of [`Collective`]: one communicator per generation, one process per GPU.
 //!
-//! Rank 0 makes an id with [`unique_id`]; it travels to the other ranks in the coordinator's
-//! Rendezvous blob; every rank then calls [`NcclCollective::new`] with it. The peers' data-plane
+//! Rank 0 makes an id with [`unique_id`], only when the coordinator asks it (once every member
+//! of the forming group is there: each id starts a bootstrap thread in NCCL that lives until a
+//! communicator uses it); it travels to the other ranks in the coordinator's Rendezvous blob;
+//! every rank then calls [`NcclCollective::new`] with it. The peers' data-plane
 //! addresses in [`GroupSpec`] are not used: NCCL bootstraps from the address inside the id and
 //! picks its own transports (NVLink, PCIe, InfiniBand, sockets; see the `NCCL_*` variables).
 //!
