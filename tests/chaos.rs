@@ -18,10 +18,9 @@ mod support;
 
 use ferry_common::proto;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use support::cluster::CoordinatorProc;
+use support::cluster::{CoordinatorProc, WorkerProc};
 
 const SEED: u64 = 5;
 const GLOBAL_BATCH: u64 = 8;
@@ -86,49 +85,22 @@ enum Fate {
     Terminated,
 }
 
+/// A worker process and what the test did to it.
 struct Worker {
     name: String,
-    child: Child,
-    log: PathBuf,
+    process: WorkerProc,
     fate: Fate,
 }
 
 impl Worker {
     fn start(c: &CoordinatorProc, name: String, samples: &Path) -> Worker {
-        let log = c.dir.join(format!("{name}.log"));
-        let child = support::ferry()
-            .env("FERRY_TRAINED_SAMPLES_DIR", samples)
-            .args(["worker", "--threads", "1", "--data-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .arg("--state")
-            .arg(&c.state)
-            .arg("--token-file")
-            .arg(&c.token_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let samples = samples.display().to_string();
+        let env = [("FERRY_TRAINED_SAMPLES_DIR", samples.as_str())];
         Worker {
+            process: WorkerProc::start_with_env(c, &name, &env),
             name,
-            child,
-            log,
             fate: Fate::Running,
         }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -196,12 +168,12 @@ fn chaos(events: usize, steps: u64) {
     let mut last_step = 0;
     let check_no_unexpected_exit = |workers: &mut Vec<Worker>, finished: bool| {
         for w in workers.iter_mut() {
-            if w.fate == Fate::Running && !w.alive() && !finished {
+            if w.fate == Fate::Running && !w.process.alive() && !finished {
                 panic!(
                     "worker {} exited although nothing was done to it and the job is not \
                      finished:\n{}",
                     w.name,
-                    w.log_text()
+                    w.process.log_text()
                 );
             }
         }
@@ -244,13 +216,13 @@ fn chaos(events: usize, steps: u64) {
             format!("start {}", workers.last().unwrap().name)
         } else if pick < 60 {
             let w = &mut workers[running[rng.below(running.len() as u64) as usize]];
-            w.child.kill().unwrap();
+            w.process.child.kill().unwrap();
             w.fate = Fate::Killed;
             worker_kills += 1;
             format!("kill -9 {}", w.name)
         } else if pick < 80 {
             let w = &mut workers[running[rng.below(running.len() as u64) as usize]];
-            unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+            w.process.signal(libc::SIGTERM);
             w.fate = Fate::Terminated;
             leaves += 1;
             format!("SIGTERM {}", w.name)
@@ -298,7 +270,7 @@ fn chaos(events: usize, steps: u64) {
         match w.fate {
             Fate::Running | Fate::Terminated => {
                 let exit = loop {
-                    if let Some(s) = w.child.try_wait().unwrap() {
+                    if let Some(s) = w.process.child.try_wait().unwrap() {
                         break s;
                     }
                     assert!(
@@ -316,7 +288,7 @@ fn chaos(events: usize, steps: u64) {
                     "worker {} ({:?}) exited with {exit}:\n{}",
                     w.name,
                     w.fate,
-                    w.log_text()
+                    w.process.log_text()
                 );
             }
             Fate::Killed => {}
@@ -324,7 +296,7 @@ fn chaos(events: usize, steps: u64) {
     }
     let forgotten: Vec<&str> = workers
         .iter()
-        .filter(|w| w.log_text().contains("joined again as"))
+        .filter(|w| w.process.log_text().contains("joined again as"))
         .map(|w| w.name.as_str())
         .collect();
     eprintln!(

@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::cluster::CoordinatorProc;
+use support::cluster::{CoordinatorProc, WorkerProc};
 use support::dp::{
     assert_same_training, final_weights, job, launched_run, launched_run_from, single_worker_run,
     step_losses, STEPS,
@@ -59,56 +59,6 @@ fn two_bert_workers_train_the_same_model_as_one() {
     let reference = (one.clone(), final_weights(&one), step_losses(&one));
     let two = launched_run("dp-bert-two", "bert", 2);
     assert_same_training(&reference, &two);
-}
-
-struct WorkerProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProc {
-    fn start(c: &CoordinatorProc, name: &str) -> WorkerProc {
-        Self::start_with_env(c, name, &[])
-    }
-
-    fn start_with_env(c: &CoordinatorProc, name: &str, env: &[(&str, &str)]) -> WorkerProc {
-        let log = c.dir.join(format!("{name}.log"));
-        let child = support::ferry()
-            .envs(env.iter().copied())
-            .args([
-                "worker",
-                "--threads",
-                "1",
-                "--data-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--state",
-            ])
-            .arg(&c.state)
-            .arg("--token-file")
-            .arg(&c.token_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        WorkerProc { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn wait_for_step(

@@ -542,46 +542,11 @@ fn a_worker_that_has_not_joined_is_live_but_not_ready_and_a_stalled_one_is_not_l
     drop(worker);
 }
 
-struct WorkerProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProc {
-    fn start(c: &support::cluster::CoordinatorProc, name: &str) -> WorkerProc {
-        let log = c.dir.join(format!("{name}.log"));
-        let child = support::ferry()
-            .args(["worker", "--threads", "1", "--data-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--state"])
-            .arg(&c.state)
-            .arg("--token-file")
-            .arg(&c.token_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        WorkerProc { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn sigterm_makes_a_worker_leave_at_a_step_boundary_so_no_step_fails() {
-    // What `kubectl scale statefulset ferry-worker --replicas 1` does to the second pod.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = support::scratch("observe-leave");
-    let c = support::cluster::CoordinatorProc::start(
-        "observe-leave-coord",
+/// A coordinator for the leave tests: one worker is enough, generous timeouts.
+fn leave_test_coordinator(name: &str) -> support::cluster::CoordinatorProc {
+    let dir = support::scratch(name);
+    support::cluster::CoordinatorProc::start(
+        &format!("{name}-coord"),
         &support::cluster::job_toml(
             &dir.join("run"),
             8,
@@ -590,44 +555,62 @@ fn sigterm_makes_a_worker_leave_at_a_step_boundary_so_no_step_fails() {
             "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 30.0\ncollective_timeout_s = 30.0",
         ),
         &[],
-    );
-    let a = WorkerProc::start(&c, "a");
-    let mut b = WorkerProc::start(&c, "b");
-    let wait = |what: &str, ok: &dyn Fn(&ferry_common::proto::StatusReply) -> bool| {
-        let start = Instant::now();
-        loop {
-            let st = rt.block_on(c.status());
-            if ok(&st) {
-                return st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "no {what}: {st:?}\n{}\n{}",
-                a.log_text(),
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+    )
+}
+
+/// Polls the coordinator's status until `ok`; fails after 180 s naming `what`.
+fn wait_status(
+    rt: &tokio::runtime::Runtime,
+    c: &support::cluster::CoordinatorProc,
+    what: &str,
+    ok: &dyn Fn(&ferry_common::proto::StatusReply) -> bool,
+) -> ferry_common::proto::StatusReply {
+    let start = Instant::now();
+    loop {
+        let st = rt.block_on(c.status());
+        if ok(&st) {
+            return st;
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no {what}: {st:?}\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM to `w`, then waits (at most `within`) for it to exit, with success.
+fn terminate_and_wait(w: &mut support::cluster::WorkerProc, within: Duration) {
+    w.signal(libc::SIGTERM);
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = w.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < within,
+            "still running after SIGTERM:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     };
-    let st = wait("two workers training", &|s| {
+    assert!(exit.success(), "{exit}: {}", w.log_text());
+}
+
+#[test]
+fn sigterm_makes_a_worker_leave_at_a_step_boundary_so_no_step_fails() {
+    // What `kubectl scale statefulset ferry-worker --replicas 1` does to the second pod.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = leave_test_coordinator("observe-leave");
+    let a = support::cluster::WorkerProc::start(&c, "a");
+    let mut b = support::cluster::WorkerProc::start(&c, "b");
+    let st = wait_status(&rt, &c, "two workers training", &|s| {
         s.world_size == 2 && s.committed_steps >= 3
     });
     let generation = st.generation;
 
-    unsafe { libc::kill(b.child.id() as libc::pid_t, libc::SIGTERM) };
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(s) = b.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "still running after SIGTERM:\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit}: {}", b.log_text());
+    terminate_and_wait(&mut b, Duration::from_secs(60));
     assert!(
         b.log_text().contains("SIGTERM: leaving the job"),
         "{}",
@@ -636,7 +619,7 @@ fn sigterm_makes_a_worker_leave_at_a_step_boundary_so_no_step_fails() {
 
     // The survivor trains on alone; it never saw a failed all-reduce.
     let left_at = rt.block_on(c.status()).committed_steps;
-    let st = wait("the survivor training alone", &|s| {
+    let st = wait_status(&rt, &c, "the survivor training alone", &|s| {
         s.world_size == 1 && s.generation > generation && s.committed_steps >= left_at + 2
     });
     assert_eq!(st.workers.len(), 1, "{st:?}");
@@ -658,53 +641,16 @@ fn sigterm_of_the_only_worker_holding_the_state_hands_it_to_a_newcomer_first() {
     // SIGTERM (a rolling update). Released at once, the old worker took every step with it
     // and the newcomer started over from the seed.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = support::scratch("observe-handover");
-    let c = support::cluster::CoordinatorProc::start(
-        "observe-handover-coord",
-        &support::cluster::job_toml(
-            &dir.join("run"),
-            8,
-            4,
-            64,
-            "min_workers = 1\nsettle_s = 0.0\nheartbeat_timeout_s = 30.0\ncollective_timeout_s = 30.0",
-        ),
-        &[],
-    );
-    let mut a = WorkerProc::start(&c, "a");
-    let wait = |what: &str, ok: &dyn Fn(&ferry_common::proto::StatusReply) -> bool| {
-        let start = Instant::now();
-        loop {
-            let st = rt.block_on(c.status());
-            if ok(&st) {
-                return st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "no {what}: {st:?}\n{}",
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait("the first worker training", &|s| s.committed_steps >= 3);
-    let b = WorkerProc::start(&c, "b");
-    wait("the newcomer joined", &|s| s.workers.len() == 2);
-    unsafe { libc::kill(a.child.id() as libc::pid_t, libc::SIGTERM) };
+    let c = leave_test_coordinator("observe-handover");
+    let mut a = support::cluster::WorkerProc::start(&c, "a");
+    wait_status(&rt, &c, "the first worker training", &|s| {
+        s.committed_steps >= 3
+    });
+    let b = support::cluster::WorkerProc::start(&c, "b");
+    wait_status(&rt, &c, "the newcomer joined", &|s| s.workers.len() == 2);
     let left_at = rt.block_on(c.status()).committed_steps;
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(s) = a.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "still running after SIGTERM:\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit}: {}", a.log_text());
-    let st = wait("the newcomer training alone", &|s| {
+    terminate_and_wait(&mut a, Duration::from_secs(120));
+    let st = wait_status(&rt, &c, "the newcomer training alone", &|s| {
         s.world_size == 1 && s.workers.len() == 1 && s.committed_steps >= left_at + 2
     });
     assert_eq!(

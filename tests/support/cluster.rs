@@ -198,6 +198,56 @@ impl Drop for CoordinatorProc {
     }
 }
 
+/// A `ferry worker` process of the coordinator `c`'s job, on loopback ports of its own, its
+/// stderr in `<name>.log` beside the coordinator's files. Killed when dropped.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProc {
+    pub fn start(c: &CoordinatorProc, name: &str) -> WorkerProc {
+        Self::start_with_env(c, name, &[])
+    }
+
+    pub fn start_with_env(c: &CoordinatorProc, name: &str, env: &[(&str, &str)]) -> WorkerProc {
+        let log = c.dir.join(format!("{name}.log"));
+        let child = super::ferry()
+            .envs(env.iter().copied())
+            .args(["worker", "--threads", "1", "--data-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--state"])
+            .arg(&c.state)
+            .arg("--token-file")
+            .arg(&c.token_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        WorkerProc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What one simulated worker trained in one committed step.
 #[derive(Clone, Debug)]
 pub struct Trained {

@@ -351,23 +351,32 @@ fn a_join_regroups_at_the_next_step_boundary_and_the_holder_becomes_rank_0() {
 }
 
 /// A graceful leave (SIGTERM) of the only worker holding the committed state, while a new
-/// worker joins and no checkpoint exists: before, the leaver was released at the boundary and
-/// the newcomer started over from the seed, losing every step. Now the leaver stays one more
-/// generation as rank 0, hands its state over (the broadcast, proved by one committed step),
-/// and only then is released; the newcomer goes on from there.
-#[test]
-fn a_graceful_leave_of_the_only_holder_hands_the_state_over_first() {
+/// worker joins and no checkpoint exists: before, the leaver was released at the boundary (or
+/// removed at once, when it left while its next group was forming) and the newcomer started
+/// over from the seed, losing every step. Now the leaver stays one more generation as rank 0,
+/// hands its state over (the broadcast, proved by one committed step), and only then is
+/// released; the newcomer goes on from there.
+fn the_only_holder_leaves_while_a_newcomer_joins(while_forming: bool) {
     let mut h = Harness::new("min_workers = 1");
     let a = h.join("a");
     h.state.tick(h.now).unwrap();
     let alone = h.form(&[&a], 0, &[None]);
     h.run(&[(&a, &alone[0])], 2);
     let b = h.join("b");
-    assert!(
-        !h.state.leave(&a, h.now).unwrap(),
-        "a leaves at the boundary"
-    );
+    if !while_forming {
+        assert!(
+            !h.state.leave(&a, h.now).unwrap(),
+            "a leaves at the boundary"
+        );
+    }
     assert_eq!(h.next_step(&a, &alone[0], 2), NextStepOutcome::Regroup);
+    if while_forming {
+        h.rendezvous(&a, alone[0].generation, Some(2));
+        assert!(
+            !h.state.leave(&a, h.now).unwrap(),
+            "a leaves once it handed over"
+        );
+    }
     let handover = h.form(&[&a, &b], alone[0].generation, &[Some(2), None]);
     assert_eq!(
         (handover[0].rank, handover[0].source, handover[0].start_step),
@@ -396,40 +405,14 @@ fn a_graceful_leave_of_the_only_holder_hands_the_state_over_first() {
     );
 }
 
-/// The same leave while the next group is forming (the newcomer is still loading): before,
-/// the leaver was removed at once.
+#[test]
+fn a_graceful_leave_of_the_only_holder_hands_the_state_over_first() {
+    the_only_holder_leaves_while_a_newcomer_joins(false);
+}
+
 #[test]
 fn the_only_holder_leaving_while_its_next_group_forms_hands_the_state_over_first() {
-    let mut h = Harness::new("min_workers = 1");
-    let a = h.join("a");
-    h.state.tick(h.now).unwrap();
-    let alone = h.form(&[&a], 0, &[None]);
-    h.run(&[(&a, &alone[0])], 2);
-    let b = h.join("b");
-    assert_eq!(h.next_step(&a, &alone[0], 2), NextStepOutcome::Regroup);
-    h.rendezvous(&a, alone[0].generation, Some(2));
-    assert!(
-        !h.state.leave(&a, h.now).unwrap(),
-        "a leaves once it handed over"
-    );
-    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(2), None]);
-    assert_eq!(
-        (handover[0].rank, handover[0].source, handover[0].start_step),
-        (0, StateSourceRecord::Held, 2)
-    );
-    h.run(&[(&a, &handover[0]), (&b, &handover[1])], 1);
-    assert_eq!(h.next_step(&a, &handover[0], 3), NextStepOutcome::Regroup);
-    assert_eq!(
-        h.rendezvous(&a, handover[0].generation, Some(3)),
-        RendezvousOutcome::Released
-    );
-    assert_eq!(h.next_step(&b, &handover[1], 3), NextStepOutcome::Regroup);
-    let after = h.form(&[&b], handover[1].generation, &[Some(3)]);
-    assert_eq!(
-        (after[0].source, after[0].start_step),
-        (StateSourceRecord::Held, 3)
-    );
-    assert_eq!(h.state.ledger_meta().rollbacks, 0);
+    the_only_holder_leaves_while_a_newcomer_joins(true);
 }
 
 #[test]
