@@ -52,6 +52,23 @@ fn dropout_overrides_outside_0_1_are_refused() {
     JobSpec::from_toml(&with("resid_pdrop = 0.1\nembd_pdrop = 0"), "job.toml").unwrap();
 }
 
+/// Found by the job_spec fuzz target: overrides written as nested tables were accepted, and
+/// the spec then did not read back from the TOML the coordinator hands to workers ("invalid
+/// table header recursion limit exceeded"). An override is one plain field.
+#[test]
+fn overrides_that_are_tables_or_arrays_are_refused() {
+    let with = |o: &str| MINIMAL.replace("[data]", &format!("{o}\n\n[data]"));
+    for (bad, kind) in [
+        ("[model.overrides.a.b.c]\nx = 1", "table"),
+        ("[model.overrides]\nn_layer = [2, 3]", "array"),
+    ] {
+        let e = error_of(&with(bad));
+        assert!(e.contains("model.overrides.") && e.contains(kind), "{e}");
+    }
+    let ok = with("[model.overrides]\nn_layer = 2\nactivation_function = \"gelu\"");
+    JobSpec::from_toml(&ok, "job.toml").unwrap();
+}
+
 #[test]
 fn errors_name_line_field_and_allowed_values() {
     let e = error_of(&MINIMAL.replace("family = \"gpt2\"", "family = \"gpt5\""));

@@ -49,6 +49,27 @@ impl JobSpec {
             },
             None => context,
         };
+        // Each override is one field of the model's config.json, a plain value: a table would
+        // be a field the model does not have, and a spec with nested tables need not even
+        // read back from the TOML the coordinator hands to workers.
+        for (key, v) in &self.model.overrides {
+            if !matches!(
+                v,
+                toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+                    | toml::Value::Boolean(_)
+                    | toml::Value::String(_)
+            ) {
+                return err(
+                    &format!("model.overrides.{key}"),
+                    format!(
+                        "must be a number, boolean or string (one field of the model's \
+                         config.json), got {}",
+                        v.type_str()
+                    ),
+                );
+            }
+        }
         // Dropout probabilities (GPT-2 and GPT `*_pdrop`, BERT `*_dropout_prob`) in [0, 1).
         for (key, v) in &self.model.overrides {
             if !(key.ends_with("_pdrop") || key.ends_with("_dropout_prob")) {
