@@ -10,7 +10,7 @@ use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
 use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
 use ferry_worker::collective::Transport;
 use ferry_worker::generate::{continue_text, SamplingConfig};
-use ferry_worker::models::Family;
+use ferry_worker::models::parse_family;
 use ferry_worker::runtime;
 use std::io::IsTerminal;
 
@@ -350,7 +350,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => ferry_worker::finetune::cli::run_predict(a)?,
         Command::Examples(a) => examples::run(&examples::ExamplesRequest {
             data: a.data,
-            family: Family::parse(&a.model)?,
+            family: parse_family(&a.model)?,
             seq_len: a.seq_len,
             seed: a.seed,
             split: a.split,
@@ -361,7 +361,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Coordinator(a)) => ferry_coordinator::loadgen::run(a)?,
         Command::Bench(BenchCommand::Train(a)) => {
             let r = run_train_bench(&TrainBenchConfig {
-                family: Family::parse(&a.model)?,
+                family: parse_family(&a.model)?,
                 layers: a.layers,
                 d_model: a.d_model,
                 heads: a.heads,

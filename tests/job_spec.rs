@@ -95,9 +95,9 @@ fn each_wrong_field_is_named_with_its_line() {
         ),
         (
             "seq_len = 128",
-            "seq_len = 1",
+            "seq_len = 0",
             "data.seq_len",
-            "outside 2..=",
+            "outside 1..=",
         ),
         ("global = 64", "global = 0", "batch.global", "at least 1"),
         ("micro = 8", "micro = 7", "batch.micro", "does not divide"),

@@ -47,11 +47,51 @@ pub enum ModelFamily {
 }
 
 impl ModelFamily {
+    pub const ALL: [ModelFamily; 3] = [ModelFamily::Gpt2, ModelFamily::Gpt, ModelFamily::Bert];
+
+    /// The family of a name jobs and the CLI use (`gpt2`, `gpt`, `bert`).
+    pub fn from_name(name: &str) -> Option<ModelFamily> {
+        ModelFamily::ALL.into_iter().find(|f| f.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ModelFamily::Gpt2 => "gpt2",
             ModelFamily::Gpt => "gpt",
             ModelFamily::Bert => "bert",
+        }
+    }
+
+    /// `model_type` in a `transformers` `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            ModelFamily::Gpt2 => "gpt2",
+            ModelFamily::Gpt => "openai-gpt",
+            ModelFamily::Bert => "bert",
+        }
+    }
+
+    /// The base-model prefix of the family's tensor names; `transformers` checkpoints of the
+    /// bare base model (`GPT2Model`, `BertModel`) leave it out.
+    pub fn base_prefix(self) -> &'static str {
+        match self {
+            ModelFamily::Gpt2 | ModelFamily::Gpt => "transformer.",
+            ModelFamily::Bert => "bert.",
+        }
+    }
+
+    /// Whether the family is a causal LM (trained on next tokens, can generate).
+    pub fn is_causal(self) -> bool {
+        !matches!(self, ModelFamily::Bert)
+    }
+
+    /// The shortest `seq_len` a training example of the family fits in. A causal window is
+    /// `seq_len + 1` tokens (inputs and their next tokens), so one token of input will do; a
+    /// BERT example needs [CLS] a [SEP] b [SEP].
+    pub fn shortest_seq_len(self) -> u64 {
+        match self {
+            ModelFamily::Bert => 5,
+            ModelFamily::Gpt2 | ModelFamily::Gpt => 1,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Checking a parsed job spec, and finding the line and field an error is about.
 
-use super::{JobSpec, JobSpecError, ModelFamily, MODEL_SIZES};
+use super::{JobSpec, JobSpecError, MODEL_SIZES};
 
 impl JobSpec {
     pub(super) fn validate(&self, text: &str, origin: &str) -> Result<(), JobSpecError> {
@@ -89,8 +89,7 @@ impl JobSpec {
                 "must name a directory written by `ferry prepare`".into(),
             );
         }
-        // A BERT example needs [CLS] a [SEP] b [SEP]; a causal window an input and a target.
-        let shortest = if family == ModelFamily::Bert { 5 } else { 2 };
+        let shortest = family.shortest_seq_len();
         if self.data.seq_len < shortest || self.data.seq_len > context {
             return err(
                 "data.seq_len",

@@ -16,57 +16,15 @@ pub use params::ParamStore;
 use std::path::Path;
 use tch::Tensor;
 
-/// The model families ferry pretrains, by the names jobs and the CLI use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    Gpt2,
-    Gpt,
-    Bert,
-}
+/// The model families ferry pretrains: the job spec's type, one for the whole project.
+pub use ferry_common::job::ModelFamily as Family;
 
-impl Family {
-    pub const ALL: [Family; 3] = [Family::Gpt2, Family::Gpt, Family::Bert];
-
-    pub fn parse(name: &str) -> Result<Family> {
-        Family::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| EngineError::Config {
-                field: "model".into(),
-                message: format!("`{name}` is not a known model family (gpt2, gpt, bert)"),
-            })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Gpt2 => "gpt2",
-            Family::Gpt => "gpt",
-            Family::Bert => "bert",
-        }
-    }
-
-    /// `model_type` in a `transformers` `config.json`.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Family::Gpt2 => "gpt2",
-            Family::Gpt => "openai-gpt",
-            Family::Bert => "bert",
-        }
-    }
-
-    /// The base-model prefix of the family's tensor names; `transformers` checkpoints of the
-    /// bare base model (`GPT2Model`, `BertModel`) leave it out.
-    pub fn base_prefix(self) -> &'static str {
-        match self {
-            Family::Gpt2 | Family::Gpt => "transformer.",
-            Family::Bert => "bert.",
-        }
-    }
-
-    /// Whether the family is a causal LM (trained on next tokens, can generate).
-    pub fn is_causal(self) -> bool {
-        !matches!(self, Family::Bert)
-    }
+/// The family of a name jobs and the CLI use, or an error naming the known ones.
+pub fn parse_family(name: &str) -> Result<Family> {
+    Family::from_name(name).ok_or_else(|| EngineError::Config {
+        field: "model".into(),
+        message: format!("`{name}` is not a known model family (gpt2, gpt, bert)"),
+    })
 }
 
 /// A model's configuration, of any family: what `config.json` holds.
@@ -378,27 +336,22 @@ pub(crate) fn check_heads(field: &str, width: i64, heads: i64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::job::{ModelFamily, MODEL_SIZES};
+    use ferry_common::job::MODEL_SIZES;
 
     /// The job spec checks `data.seq_len` against a context table of its own (the coordinator
     /// does not link the models); it must agree with the models' named sizes.
     #[test]
     fn job_spec_context_lengths_match_the_models() {
-        for (family, job_family) in [
-            (Family::Gpt2, ModelFamily::Gpt2),
-            (Family::Gpt, ModelFamily::Gpt),
-            (Family::Bert, ModelFamily::Bert),
-        ] {
-            assert_eq!(job_family.name(), family.name());
+        for family in Family::ALL {
             for size in MODEL_SIZES {
                 let model = ModelConfig::sized(family, size, 100).unwrap();
                 assert_eq!(
-                    job_family.context_length(size),
+                    family.context_length(size),
                     Some(model.context() as u64),
                     "{} {size}",
                     family.name()
                 );
-                assert_eq!(job_family.context_field(), model.context_field());
+                assert_eq!(family.context_field(), model.context_field());
             }
         }
     }

@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, write_json};
 use crate::metrics::MetricsLog;
-use crate::models::{Family, Model, ModelConfig, ParamStore};
+use crate::models::{parse_family, Family, Model, ModelConfig, ParamStore};
 use crate::objective::{EvalReport, Objective};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
@@ -99,7 +99,7 @@ impl TrainConfig {
             return Ok(None);
         };
         let manifest = ferry_common::shards::Manifest::load(&self.data)?;
-        let family = Family::parse(&self.model)?;
+        let family = parse_family(&self.model)?;
         check_initial_weights(source, family, &self.data, &manifest).map(Some)
     }
 }
