@@ -154,10 +154,13 @@ impl JobState {
         }
         if let Phase::Forming(f) = &self.phase {
             if now.duration_since(f.proposed_at) > self.timing.formation_deadline {
+                // Also the member asked for its NCCL unique id that never sent it: without
+                // it the group cannot form.
                 let missing: Vec<String> = f
                     .members
                     .iter()
                     .filter(|m| !f.arrived.contains_key(*m))
+                    .chain(f.awaiting_blob_from.iter())
                     .cloned()
                     .collect();
                 for id in &missing {

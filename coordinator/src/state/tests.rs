@@ -227,6 +227,43 @@ fn with_nccl_only_rank_0_is_asked_for_its_unique_id_and_every_member_gets_it() {
     assert_eq!(b_side.blob, b"id-of-a");
 }
 
+/// Rank 0 asked for its unique id and never sending it must not hold the group for ever: at
+/// the formation deadline it is set aside like a member that never came, and the others form
+/// without it.
+#[test]
+fn a_rank_0_that_never_sends_its_unique_id_is_set_aside_at_the_formation_deadline() {
+    let mut h = Harness::new("min_workers = 1\ncollective_timeout_s = 30.0");
+    let a = h.join("a");
+    let b = h.join("b");
+    h.state.tick(h.now).unwrap();
+    h.rendezvous_nccl(&a, &[]).unwrap();
+    h.rendezvous_nccl(&b, &[]).unwrap();
+    assert!(matches!(
+        h.rendezvous_nccl(&a, &[]).unwrap(),
+        RendezvousOutcome::SendBlob(_)
+    ));
+    // Both stay alive (heartbeats) past the deadline: heartbeat timeout + collective timeout.
+    for _ in 0..8 {
+        h.later(9);
+        for id in [&a, &b] {
+            let beat = Heartbeat {
+                worker_id: id.to_string(),
+                ..Default::default()
+            };
+            h.state.heartbeat(&beat, h.now).unwrap();
+        }
+        h.state.tick(h.now).unwrap();
+    }
+    h.rendezvous_nccl(&b, &[]).unwrap();
+    match h.rendezvous_nccl(&b, b"id-of-b").unwrap() {
+        RendezvousOutcome::Ready(got) => {
+            assert_eq!((got.rank, got.world_size), (0, 1));
+            assert_eq!(got.blob, b"id-of-b");
+        }
+        other => panic!("the group still waits for a: {other:?}"),
+    }
+}
+
 /// A GPU worker (NCCL) that joins a job of CPU workers (the ring), or the other way round,
 /// could never connect to their group: before, it was proposed into every generation, which
 /// then failed to connect, over and over. Now it is refused at rendezvous with the reason
