@@ -225,6 +225,8 @@ impl JobState {
                 }
             },
         };
+        // A fallback's rollback continues only into the formation right after it.
+        self.rollback_continues = false;
         let peers = ranks
             .iter()
             .map(|id| {

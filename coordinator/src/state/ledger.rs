@@ -228,6 +228,7 @@ impl JobState {
     }
 
     pub(super) fn roll_back(&mut self, to_step: u64) -> Result<(), StateError> {
+        let continues = std::mem::take(&mut self.rollback_continues);
         if to_step == self.job.committed {
             return Ok(());
         }
@@ -238,7 +239,9 @@ impl JobState {
         );
         self.job.redone_steps += self.job.committed - to_step;
         self.job.committed = to_step;
-        self.job.rollbacks += 1;
+        if !continues {
+            self.job.rollbacks += 1;
+        }
         self.store
             .truncate_ledger(to_step, &self.job)
             .map_err(store_err)?;
@@ -370,6 +373,8 @@ impl JobState {
         );
         self.job.checkpoint = fallback;
         self.store.save_job(&self.job).map_err(store_err)?;
+        // Going back further than the restore that failed is the same rollback, not a second.
+        self.rollback_continues = true;
         self.propose(now, true)?;
         // The group that could not restore trained no step: it has none in flight for a
         // member to complete late (see `try_form`).

@@ -126,6 +126,9 @@ pub struct JobState {
     last_join: Instant,
     order: SampleOrder,
     ledger_tail: Option<LedgerRecord>,
+    /// The next roll-back continues the last one (its checkpoint did not verify, no step ran
+    /// in between): its steps count as redone, but it is not another rollback.
+    rollback_continues: bool,
     loss_history: Vec<(u64, f64)>,
     /// Broken links between workers and who is set aside for them (see [`crate::links`]).
     links: LinkHealth,
@@ -178,6 +181,7 @@ impl JobState {
             rank_index: HashMap::new(),
             last_join: now,
             ledger_tail: None,
+            rollback_continues: false,
             loss_history: Vec::new(),
             links: LinkHealth::default(),
             store,
