@@ -27,6 +27,8 @@ impl JobState {
                  generation to hand the state over"
             );
             members.insert(0, id.clone());
+            // It takes a place of its own: the last to join waits on standby meanwhile.
+            members.truncate(self.job.target_workers.min(self.spec.max_workers()).max(1) as usize);
         }
         let min = self.spec.cluster.min_workers as usize;
         if members.len() < min {

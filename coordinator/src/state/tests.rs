@@ -452,6 +452,31 @@ fn the_only_holder_leaving_while_its_next_group_forms_hands_the_state_over_first
     the_only_holder_leaves_while_a_newcomer_joins(true);
 }
 
+/// Found by the coordinator_requests fuzz target: the leaver kept for the handover took a
+/// place beyond max_workers when the job was full of newcomers.
+#[test]
+fn a_handover_never_makes_the_group_larger_than_max_workers() {
+    let mut h = Harness::new("min_workers = 1\nmax_workers = 2");
+    let a = h.join("a");
+    h.state.tick(h.now).unwrap();
+    let alone = h.form(&[&a], 0, &[None]);
+    h.run(&[(&a, &alone[0])], 2);
+    let b = h.join("b");
+    let c = h.join("c");
+    assert!(!h.state.leave(&a, h.now).unwrap());
+    assert_eq!(h.next_step(&a, &alone[0], 2), NextStepOutcome::Regroup);
+    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(2), None]);
+    assert_eq!(handover[0].world_size, 2, "a hands over to b; c waits");
+    assert_eq!(
+        (handover[0].rank, handover[0].source),
+        (0, StateSourceRecord::Held)
+    );
+    assert!(matches!(
+        h.rendezvous(&c, alone[0].generation, None),
+        RendezvousOutcome::Wait(_)
+    ));
+}
+
 #[test]
 fn a_silent_member_is_declared_dead_and_the_step_in_flight_is_redone() {
     let mut h = Harness::new("min_workers = 1");
