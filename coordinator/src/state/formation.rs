@@ -374,6 +374,12 @@ impl JobState {
     /// live worker is refused with the reason and leaves the job, instead of being proposed
     /// into groups that can never connect. The workers already there keep the job.
     fn check_collective(&mut self, req: &RendezvousRequest) -> Result<(), StateError> {
+        // Checked once per worker, when it first says (or changes) what it runs, not at every
+        // rendezvous poll: the scan is over every worker of the job.
+        let known = self.workers.get(&req.worker_id).and_then(|w| w.collective);
+        if known == Some(req.collective) {
+            return Ok(());
+        }
         let other = self.workers.values().find(|w| {
             w.rec.id != req.worker_id
                 && !w.released
