@@ -1,4 +1,4 @@
-// The targets link libtorch through ferry-worker: find it at run time without
+// The targets link libtorch through ferry-engine: find it at run time without
 // LD_LIBRARY_PATH, as the `ferry` binary does (build-support/libtorch_rpath.rs), but without
 // forcing libtorch_cuda in.
 fn main() {

@@ -18,7 +18,7 @@
 #   5. hf       ferry trains GPT-2 tiny on the GPU; transformers opens the checkpoint on the CPU
 #               and matches ferry's held-out loss (ferry on the CPU, float32) and its greedy
 #               continuation (`ferry generate`)
-#   6. nccl     ferry-worker's collective::nccl unit tests and the ignored one-rank NCCL test
+#   6. nccl     ferry-collective's nccl unit tests and the ignored one-rank NCCL test
 #               (overlapped sum on a side stream), through cargo
 #   7. logits   tests/hf_parity.rs's ferry -> transformers logits test; on a GPU machine its
 #               `ferry train` (device auto) trains on the GPU: max |logit difference| < 1e-3
@@ -414,7 +414,7 @@ step_bench() {
         record bench "GPT-2 small: ferry bench train --device $DEV" PASS "$(fmt "$(jget "$W/bench_ferry.out" tokens_per_s)") tokens/s, dtype $(jget "$W/bench_ferry.out" dtype)" "$(jget "$W/bench_ferry.out")"
         # The issue assumes bf16 autocast here; the JSON says what actually ran.
         if [ "$DEV" = cuda ] && [ "$(jget "$W/bench_ferry.out" dtype)" = float32 ]; then
-            record bench "bf16 autocast in ferry bench train on CUDA" WARN "it reports dtype float32 (worker/src/bench.rs never calls runtime::precision_for); ferry's bf16 row is ferry train's"
+            record bench "bf16 autocast in ferry bench train on CUDA" WARN "it reports dtype float32 (engine/src/bench.rs never calls runtime::precision_for); ferry's bf16 row is ferry train's"
         fi
     else
         record bench "GPT-2 small: ferry bench train --device $DEV" FAIL "$(why bench_ferry)"
@@ -690,31 +690,31 @@ PY
 passed_count() { grep -o 'test result: [a-zA-Z]*\. [0-9]* passed' "$W/$1.out" 2>/dev/null | awk '{ s += $4 } END { print s + 0 }'; }
 
 step_nccl() {
-    section "6. nccl: collective::nccl unit tests and the one-rank GPU test"
+    section "6. nccl: ferry-collective nccl unit tests and the one-rank GPU test"
     if [ "$SELFTEST" = 1 ]; then
         record nccl "cargo tests" SKIP "GPU_CHECK_SELFTEST: no cargo"
         return 0
     fi
     if ((!DRY_RUN)) && ! command -v cargo >/dev/null 2>&1; then
-        record nccl "collective::nccl tests" FAIL "cargo is not installed"
+        record nccl "nccl tests" FAIL "cargo is not installed"
         return 0
     fi
     # Build first, under its own limit, so a slow compile reads as such and not as a test hang.
     # CARGO_NET_RETRY=0: GPU machines are offline; a missing crate should fail at once.
-    if run nccl_build 240 env CARGO_NET_RETRY=0 cargo test --release -p ferry-worker --lib --no-run; then
-        record nccl "build ferry-worker's unit tests" PASS "${SECS}s"
+    if run nccl_build 240 env CARGO_NET_RETRY=0 cargo test --release -p ferry-collective --lib --no-run; then
+        record nccl "build ferry-collective's unit tests" PASS "${SECS}s"
     else
-        record nccl "build ferry-worker's unit tests" FAIL "$(why nccl_build)"
+        record nccl "build ferry-collective's unit tests" FAIL "$(why nccl_build)"
         return 0
     fi
     # A filter that matches nothing passes, so the counts are checked too.
-    if run nccl_unit 90 env RUST_BACKTRACE=1 cargo test --release -p ferry-worker --lib collective::nccl &&
+    if run nccl_unit 90 env RUST_BACKTRACE=1 cargo test --release -p ferry-collective --lib nccl:: &&
         { ((DRY_RUN)) || (($(passed_count nccl_unit) >= 8)); }; then
-        record nccl "collective::nccl unit tests" PASS "$(passed_count nccl_unit) passed"
+        record nccl "nccl unit tests" PASS "$(passed_count nccl_unit) passed"
     else
-        record nccl "collective::nccl unit tests" FAIL "$(why nccl_unit) ($(passed_count nccl_unit) passed)"
+        record nccl "nccl unit tests" FAIL "$(why nccl_unit) ($(passed_count nccl_unit) passed)"
     fi
-    if run nccl_gpu 90 env RUST_BACKTRACE=1 cargo test --release -p ferry-worker --lib -- --ignored \
+    if run nccl_gpu 90 env RUST_BACKTRACE=1 cargo test --release -p ferry-collective --lib -- --ignored \
         overlapped_sum_waits_for_its_mark_on_a_gpu && { ((DRY_RUN)) || (($(passed_count nccl_gpu) == 1)); }; then
         record nccl "overlapped NCCL sum, one-rank NcclCollective" PASS "overlapped_sum_waits_for_its_mark_on_a_gpu passed in ${SECS}s"
     else

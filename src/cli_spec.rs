@@ -11,15 +11,15 @@ use serde_json::{json, Value};
 /// sources is either here or a clap `env`.
 pub fn direct_env_vars() -> Vec<&'static str> {
     vec![
-        ferry_common::client::TOKEN_ENV,
+        ferry_rpc::client::TOKEN_ENV,
         crate::cluster::LOG_ENV,
-        ferry_worker::collective::Transport::ENV,
-        ferry_worker::collective::nccl::NCCL_LIB_ENV,
+        ferry_collective::Transport::ENV,
+        ferry_collective::nccl::NCCL_LIB_ENV,
         // Test-only fault injection; listed so the manifest check sees every name.
-        ferry_worker::data_parallel::worker::PAUSE_BEFORE_STEP_LINE,
+        ferry_dp::worker::PAUSE_BEFORE_STEP_LINE,
         ferry_coordinator::store::SYNC_DELAY_ENV,
         // Test and debugging record of what each worker trained.
-        ferry_worker::train::trained_log::TRAINED_SAMPLES_DIR_ENV,
+        ferry_engine::train::trained_log::TRAINED_SAMPLES_DIR_ENV,
     ]
 }
 

@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_common::client::{load_token, ClientConfig};
 pub use ferry_coordinator::admin::LOG_ENV;
 use ferry_coordinator::admin::{endpoint_from_state, status_json, status_table, AdminClient};
+use ferry_rpc::client::{load_token, ClientConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -204,24 +204,23 @@ pub fn run_worker(a: WorkerArgs) -> Result<()> {
             std::env::var("HOSTNAME").context("no --advertise given and $HOSTNAME is not set")?
         }
     };
-    let exit =
-        ferry_worker::data_parallel::run_worker(ferry_worker::data_parallel::WorkerOptions {
-            coordinator: ClientConfig {
-                address,
-                token: load_token(a.connect.token_file.as_deref())?,
-                tls_ca: a.connect.tls_ca.clone(),
-                tls_domain: a.connect.tls_domain.clone(),
-            },
-            data_listen: a.data_listen,
-            advertise_host: advertise,
-            threads: a.threads,
-            device: a.device,
-            patience: Duration::from_secs(a.patience_s),
-            telemetry: ferry_worker::data_parallel::TelemetryOptions {
-                listen: (a.metrics_listen != "off").then_some(a.metrics_listen),
-                stall_timeout: Duration::from_secs(a.stall_timeout_s),
-            },
-        })?;
+    let exit = ferry_dp::run_worker(ferry_dp::WorkerOptions {
+        coordinator: ClientConfig {
+            address,
+            token: load_token(a.connect.token_file.as_deref())?,
+            tls_ca: a.connect.tls_ca.clone(),
+            tls_domain: a.connect.tls_domain.clone(),
+        },
+        data_listen: a.data_listen,
+        advertise_host: advertise,
+        threads: a.threads,
+        device: a.device,
+        patience: Duration::from_secs(a.patience_s),
+        telemetry: ferry_dp::TelemetryOptions {
+            listen: (a.metrics_listen != "off").then_some(a.metrics_listen),
+            stall_timeout: Duration::from_secs(a.stall_timeout_s),
+        },
+    })?;
     eprintln!("worker done: {exit:?}");
     Ok(())
 }

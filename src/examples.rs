@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use ferry_common::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
 use ferry_common::shards::{TokenSplit, MANIFEST_FILE};
 use ferry_common::tokenizer::load_tokenizer;
-use ferry_worker::models::Family;
+use ferry_engine::models::Family;
 use serde_json::json;
 use std::path::PathBuf;
 

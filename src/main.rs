@@ -2,16 +2,16 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ferry_collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
+use ferry_collective::Transport;
 use ferry_common::corpus::CsvTexts;
 use ferry_common::prepare::{prepare, PrepareOptions};
 use ferry_common::textcls::{CsvEncoding, Part};
 use ferry_common::tokenizer::TokenizerKind;
-use ferry_worker::bench::{run_train_bench, TrainBenchConfig};
-use ferry_worker::collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
-use ferry_worker::collective::Transport;
-use ferry_worker::generate::{continue_text, SamplingConfig};
-use ferry_worker::models::parse_family;
-use ferry_worker::runtime;
+use ferry_engine::bench::{run_train_bench, TrainBenchConfig};
+use ferry_engine::generate::{continue_text, SamplingConfig};
+use ferry_engine::models::parse_family;
+use ferry_engine::runtime;
 use std::io::IsTerminal;
 
 mod cli_spec;
@@ -40,14 +40,14 @@ enum Command {
     /// Tokenize corpora (WikiText files, plain-text books, a labelled CSV's texts) into token shards.
     Prepare(PrepareArgs),
     /// Pretrain a model in this process.
-    Train(ferry_worker::train::cli::TrainArgs),
+    Train(ferry_engine::train::cli::TrainArgs),
     /// Sample text from a trained model (GPT-2 or GPT).
     Generate(GenerateArgs),
     /// Fine-tune a pretrained checkpoint (or the same architecture from scratch) on a labelled
     /// CSV: stratified split, dev evaluation, report (JSON, table, SVG), transformers-format model.
-    Finetune(ferry_worker::finetune::cli::FinetuneArgs),
+    Finetune(ferry_engine::finetune::cli::FinetuneArgs),
     /// Classify texts with a fine-tuned model.
-    Predict(ferry_worker::finetune::cli::PredictArgs),
+    Predict(ferry_engine::finetune::cli::PredictArgs),
     /// Show the training examples a model family builds from prepared data (BERT's sentence
     /// pairs and masks, GPT windows), exactly as every worker builds them.
     Examples(ExamplesArgs),
@@ -346,8 +346,8 @@ fn run(cli: Cli) -> Result<()> {
             let text = continue_text(&a.model, &a.prompt, sampling, device)?;
             println!("{}{}", a.prompt, text);
         }
-        Command::Finetune(a) => ferry_worker::finetune::cli::run_finetune(a)?,
-        Command::Predict(a) => ferry_worker::finetune::cli::run_predict(a)?,
+        Command::Finetune(a) => ferry_engine::finetune::cli::run_finetune(a)?,
+        Command::Predict(a) => ferry_engine::finetune::cli::run_predict(a)?,
         Command::Examples(a) => examples::run(&examples::ExamplesRequest {
             data: a.data,
             family: parse_family(&a.model)?,

@@ -16,7 +16,7 @@
 
 mod support;
 
-use ferry_common::proto;
+use ferry_rpc::proto;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};

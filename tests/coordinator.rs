@@ -3,8 +3,8 @@
 
 mod support;
 
-use ferry_common::client::with_backoff;
-use ferry_common::proto::{self, rendezvous_reply::Status as Rdzv};
+use ferry_rpc::client::with_backoff;
+use ferry_rpc::proto::{self, rendezvous_reply::Status as Rdzv};
 use std::time::{Duration, Instant};
 use support::cluster::*;
 use tokio_stream::StreamExt;
@@ -974,7 +974,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         ],
     );
     let port = c.grpc.rsplit_once(':').unwrap().1.to_string();
-    let secure = ferry_common::client::Clients::connect_lazy(&ferry_common::client::ClientConfig {
+    let secure = ferry_rpc::client::Clients::connect_lazy(&ferry_rpc::client::ClientConfig {
         address: format!("localhost:{port}"),
         token: TOKEN.into(),
         tls_ca: Some(cert_path.clone()),
@@ -1013,7 +1013,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let other_path = dir.join("other-ca.pem");
     std::fs::write(&other_path, other.cert.pem()).unwrap();
-    let wrong = ferry_common::client::Clients::connect_lazy(&ferry_common::client::ClientConfig {
+    let wrong = ferry_rpc::client::Clients::connect_lazy(&ferry_rpc::client::ClientConfig {
         address: format!("localhost:{port}"),
         token: TOKEN.into(),
         tls_ca: Some(other_path.clone()),
@@ -1030,7 +1030,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         err.message().contains("invalid peer certificate"),
         "{err:?}"
     );
-    assert!(!ferry_common::client::is_transient(&err), "{err:?}");
+    assert!(!ferry_rpc::client::is_transient(&err), "{err:?}");
     let started = std::time::Instant::now();
     let out = support::ferry()
         .args(["status", "--coordinator", &format!("localhost:{port}")])

@@ -82,7 +82,7 @@ async fn wait_for_step(
 }
 
 mod proto_status {
-    pub use ferry_common::proto::StatusReply;
+    pub use ferry_rpc::proto::StatusReply;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,11 +496,11 @@ impl Drop for StopOnDrop {
 }
 
 /// The ledger of a launched job's running coordinator, over its admin API.
-fn launched_ledger(state: &Path) -> ferry_common::proto::LedgerReply {
+fn launched_ledger(state: &Path) -> ferry_rpc::proto::LedgerReply {
     let endpoint = std::fs::read_to_string(state.join("endpoint.json")).unwrap();
     let endpoint: serde_json::Value = serde_json::from_str(&endpoint).unwrap();
     let token = std::fs::read_to_string(state.join("token")).unwrap();
-    let config = ferry_common::client::ClientConfig {
+    let config = ferry_rpc::client::ClientConfig {
         address: endpoint["grpc"].as_str().unwrap().to_string(),
         token: token.trim().to_string(),
         tls_ca: None,
@@ -511,9 +511,9 @@ fn launched_ledger(state: &Path) -> ferry_common::proto::LedgerReply {
         .build()
         .unwrap()
         .block_on(async {
-            let mut c = ferry_common::client::Clients::connect_lazy(&config).unwrap();
+            let mut c = ferry_rpc::client::Clients::connect_lazy(&config).unwrap();
             c.admin
-                .ledger(ferry_common::proto::LedgerRequest::default())
+                .ledger(ferry_rpc::proto::LedgerRequest::default())
                 .await
                 .unwrap()
                 .into_inner()

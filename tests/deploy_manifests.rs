@@ -273,14 +273,23 @@ fn every_ferry_variable_the_sources_read_is_in_the_dump() {
     // `std::env::var("FERRY_...")` that is not listed would make the manifest check blind to it.
     let root = support::root();
     let mut found = BTreeSet::new();
-    for dir in [
-        "src",
-        "common/src",
-        "coordinator/src",
-        "worker/src",
-        "launch/src",
-        "fetch/src",
-    ] {
+    // The binary's sources and every workspace crate's, read from the workspace's `members`
+    // so that a new crate cannot be missed.
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = ["))
+        .expect("Cargo.toml: a one-line `members = [...]`");
+    let mut dirs = vec!["src".to_string()];
+    dirs.extend(
+        members
+            .trim_end_matches(']')
+            .split(',')
+            .map(|m| format!("{}/src", m.trim().trim_matches('"'))),
+    );
+    assert!(dirs.len() > 5, "workspace members not found: {dirs:?}");
+    for dir in &dirs {
+        assert!(root.join(dir).is_dir(), "{dir}: no such directory");
         for f in files_under(&root.join(dir)) {
             let name = f.file_name().unwrap().to_str().unwrap();
             // Unit-test helpers only (FERRY_RING_TEST_CHILD and the like).
@@ -439,7 +448,7 @@ fn check_kubernetes_build(docs: &[Yaml], variant: &str) -> Vec<String> {
             .and_then(|e| e.as_sequence())
             .unwrap()
             .iter()
-            .find(|e| str_at(e, &["name"]) == Some(ferry_common::client::TOKEN_ENV))
+            .find(|e| str_at(e, &["name"]) == Some(ferry_rpc::client::TOKEN_ENV))
             .expect("FERRY_JOB_TOKEN is set");
         assert_eq!(
             str_at(token, &["valueFrom", "secretKeyRef", "name"]),

@@ -3,10 +3,10 @@
 
 mod support;
 
-use ferry_worker::models::bert::BertInputs;
-use ferry_worker::models::Model;
-use ferry_worker::pretrained::load_model;
-use ferry_worker::weights::load_safetensors;
+use ferry_engine::models::bert::BertInputs;
+use ferry_engine::models::Model;
+use ferry_engine::pretrained::load_model;
+use ferry_engine::weights::load_safetensors;
 use std::collections::HashMap;
 use support::*;
 use tch::{Device, Tensor};

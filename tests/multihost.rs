@@ -11,7 +11,7 @@
 
 mod support;
 
-use ferry_common::proto;
+use ferry_rpc::proto;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -485,7 +485,7 @@ fn a_coordinator_cut_off_past_the_patience_stops_every_worker_and_new_workers_re
     // attempt waits at most ATTEMPT_DEADLINE, and a worker may first wait out a collective
     // timeout and a failure report.
     let limit =
-        Duration::from_secs(patience_s + 2 * ferry_common::client::ATTEMPT_DEADLINE.as_secs() + 30);
+        Duration::from_secs(patience_s + 2 * ferry_rpc::client::ATTEMPT_DEADLINE.as_secs() + 30);
     for w in &mut first {
         let status = loop {
             if let Some(status) = w.child.try_wait().unwrap() {

@@ -563,8 +563,8 @@ fn wait_status(
     rt: &tokio::runtime::Runtime,
     c: &support::cluster::CoordinatorProc,
     what: &str,
-    ok: &dyn Fn(&ferry_common::proto::StatusReply) -> bool,
-) -> ferry_common::proto::StatusReply {
+    ok: &dyn Fn(&ferry_rpc::proto::StatusReply) -> bool,
+) -> ferry_rpc::proto::StatusReply {
     let start = Instant::now();
     loop {
         let st = rt.block_on(c.status());

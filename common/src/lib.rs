@@ -2,11 +2,10 @@
 //! corpus readers ([`corpus`]), tokenizer training ([`tokenizer`]), the on-disk token shard
 //! format and its reader ([`shards`]), and the `prepare` step that ties them together
 //! ([`prepare`]). So do the job spec ([`job`]), the sample order every worker follows
-//! ([`sampler`]), and the coordinator's gRPC protocol with an authenticated client ([`proto`],
-//! [`client`]), and the layout of a run directory ([`run_dir`]). Fine-tuning's model-free half, labelled CSV, split, metrics, report picture and
+//! ([`sampler`]) and the layout of a run directory ([`run_dir`]). The coordinator's protocol
+//! is `ferry-rpc`'s. Fine-tuning's model-free half, labelled CSV, split, metrics, report picture and
 //! learning-rate recipes, is [`textcls`].
 
-pub mod client;
 pub mod corpus;
 pub mod error;
 pub mod job;
@@ -17,11 +16,5 @@ pub mod sentence_pairs;
 pub mod shards;
 pub mod textcls;
 pub mod tokenizer;
-
-/// Code generated from `proto/ferry.proto`.
-pub mod proto {
-    #![allow(clippy::all)]
-    tonic::include_proto!("ferry.v1");
-}
 
 pub use error::DataError;

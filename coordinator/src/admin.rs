@@ -5,8 +5,8 @@
 
 use crate::ENDPOINT_FILE;
 use anyhow::{bail, Context, Result};
-use ferry_common::client::{with_backoff, ClientConfig, Clients};
-use ferry_common::proto;
+use ferry_rpc::client::{with_backoff, ClientConfig, Clients};
+use ferry_rpc::proto;
 use std::path::Path;
 use std::time::Duration;
 
@@ -87,7 +87,7 @@ impl AdminClient {
     /// [`ADMIN_PATIENCE`]; a refusal names the coordinator and the status code.
     fn call<T, F, Fut>(&self, f: F) -> Result<T>
     where
-        F: Fn(proto::admin_client::AdminClient<ferry_common::client::Authed>) -> Fut,
+        F: Fn(proto::admin_client::AdminClient<ferry_rpc::client::Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let admin = self.clients.admin.clone();
@@ -97,11 +97,7 @@ impl AdminClient {
                 async move { fut.await.map(|r| r.into_inner()) }
             }))
             .map_err(|s| {
-                anyhow::anyhow!(ferry_common::client::describe_failure(
-                    &self.address,
-                    "",
-                    &s
-                ))
+                anyhow::anyhow!(ferry_rpc::client::describe_failure(&self.address, "", &s))
             })
     }
 

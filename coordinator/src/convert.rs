@@ -7,7 +7,7 @@ use crate::state::{
     StepPlan, StepRequest,
 };
 use crate::store::StateSourceRecord;
-use ferry_common::proto::{self, rendezvous_reply, watch_event};
+use ferry_rpc::proto::{self, rendezvous_reply, watch_event};
 
 impl From<proto::JoinRequest> for JoinRequest {
     fn from(r: proto::JoinRequest) -> Self {

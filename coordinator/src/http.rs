@@ -3,7 +3,7 @@
 
 use crate::state::JobState;
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
-use ferry_common::proto::StatusReply;
+use ferry_rpc::proto::StatusReply;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -135,7 +135,7 @@ pub fn render_page(st: &StatusReply) -> String {
 }
 
 /// The loss curve as an inline SVG line chart with labelled axes.
-fn loss_chart(points: &[ferry_common::proto::LossPoint]) -> String {
+fn loss_chart(points: &[ferry_rpc::proto::LossPoint]) -> String {
     let pts: Vec<(f64, f64)> = points
         .iter()
         .filter(|p| p.loss.is_finite())

@@ -3,7 +3,7 @@
 
 use crate::state::{JobState, NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError};
 use crate::store::DurableWaiter;
-use ferry_common::proto::{
+use ferry_rpc::proto::{
     self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply, rendezvous_reply,
 };
 use std::pin::Pin;

@@ -11,9 +11,9 @@
 
 #![no_main]
 
-use ferry_worker::checkpoint::{self, CHECKSUMS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE};
-use ferry_worker::models::ParamStore;
-use ferry_worker::optim::{AdamW, AdamWConfig};
+use ferry_engine::checkpoint::{self, CHECKSUMS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE};
+use ferry_engine::models::ParamStore;
+use ferry_engine::optim::{AdamW, AdamWConfig};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -88,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(state.step, step);
     assert_eq!(opt.steps(), state.optimizer_steps);
     // What was loaded is what the file holds, for every parameter.
-    let file = ferry_worker::weights::load_safetensors(&dir.join(MODEL_FILE))
+    let file = ferry_engine::weights::load_safetensors(&dir.join(MODEL_FILE))
         .expect("the model file restored from reads again");
     for (name, param) in ps.named() {
         let src = file

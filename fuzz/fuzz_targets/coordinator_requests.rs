@@ -8,7 +8,7 @@
 
 use arbitrary::Arbitrary;
 use ferry_common::job::JobSpec;
-use ferry_common::proto;
+use ferry_rpc::proto;
 use ferry_common::sampler::sequences_digest;
 use ferry_coordinator::state::{
     CheckpointReport, CollectiveKind, FailureReport, Heartbeat, JobState, JobStatus, JoinRequest,

@@ -6,7 +6,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use ferry_worker::collective::fuzzing::{FuzzLink, Reply, ACCEPTED_BYTE};
+use ferry_collective::fuzzing::{FuzzLink, Reply, ACCEPTED_BYTE};
 use libfuzzer_sys::fuzz_target;
 
 const HELLO_BYTES: usize = 68;

@@ -7,7 +7,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use ferry_worker::collective::fuzzing::{
+use ferry_collective::fuzzing::{
     bf16_round_trip, expect_header, header_bytes, message_tag, ring_with_scripted_peer, Header,
     RingOp, RingResult,
 };

@@ -9,9 +9,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_common::client::{ClientConfig, Clients, TOKEN_ENV};
 use ferry_common::job::JobSpec;
-use ferry_common::proto;
+use ferry_rpc::client::{ClientConfig, Clients, TOKEN_ENV};
+use ferry_rpc::proto;
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -241,9 +241,9 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     // A new job that starts from other weights: check them once here, or every worker would
     // fail on them in turn and be restarted before the job gives up.
     if spec.model.init_from.is_some()
-        && ferry_worker::checkpoint::latest(&spec.job.run_dir)?.is_none()
+        && ferry_engine::checkpoint::latest(&spec.job.run_dir)?.is_none()
     {
-        ferry_worker::train::TrainConfig::from_job(&spec, 1, "cpu")
+        ferry_engine::train::TrainConfig::from_job(&spec, 1, "cpu")
             .check_init_from()
             .with_context(|| format!("{}: [model] init_from", a.job.display()))?;
     }

@@ -3,9 +3,9 @@
 #![allow(dead_code)]
 
 use super::{ferry, prepared_shared_corpus, scratch};
-use ferry_common::client::{ClientConfig, Clients};
-use ferry_common::proto::{self, next_step_reply, rendezvous_reply};
 use ferry_common::sampler::sequences_digest;
+use ferry_rpc::client::{ClientConfig, Clients};
+use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -152,7 +152,7 @@ pub fn trained_samples_env(dir: &Path) -> (&'static str, String) {
 /// [`super::cluster::verify_exactly_once_by_workers`]) for the test job on `family`'s
 /// corpus; returns how many records did not count (attempts rolled back or abandoned).
 pub fn verify_workers_trained_exactly_once(
-    ledger: &ferry_common::proto::LedgerReply,
+    ledger: &ferry_rpc::proto::LedgerReply,
     dir: &Path,
     family: &str,
 ) -> usize {

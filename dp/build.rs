@@ -2,15 +2,13 @@ include!("../build-support/libtorch_rpath.rs");
 
 fn main() {
     emit_libtorch_link_args();
-    compile_shims();
+    compile_grad_hooks();
 }
 
-/// Builds csrc/*.cpp (bf16 autocast, gradient-ready hooks, fused AdamW) against the libtorch headers tch
-/// uses.
-fn compile_shims() {
-    println!("cargo:rerun-if-changed=csrc/autocast_bf16.cpp");
+/// Builds csrc/grad_hooks.cpp (libtorch's post-accumulate-grad hook, for the all-reduce that
+/// overlaps backward) against the libtorch headers tch uses.
+fn compile_grad_hooks() {
     println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
-    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
     };
@@ -26,8 +24,6 @@ fn compile_shims() {
             "-D_GLIBCXX_USE_CXX11_ABI={}",
             std::env::var("LIBTORCH_CXX11_ABI").unwrap_or("1".into())
         ))
-        .file("csrc/autocast_bf16.cpp")
         .file("csrc/grad_hooks.cpp")
-        .file("csrc/fused_adamw.cpp")
-        .compile("ferry_shims");
+        .compile("ferry_grad_hooks");
 }

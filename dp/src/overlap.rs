@@ -23,10 +23,10 @@
 //! [`all_reduce_grads`]: super::flat::all_reduce_grads
 
 use super::flat::{all_reduce_scalars, ensure_grads, reduce_bucket, Buckets};
-use crate::collective::{Collective, CollectiveError, StreamMark, StreamMarker};
-use crate::models::ParamStore;
-use crate::train::Engine;
+use ferry_collective::{Collective, CollectiveError, StreamMark, StreamMarker};
 use ferry_common::job::GradientDtype;
+use ferry_engine::models::ParamStore;
+use ferry_engine::train::Engine;
 use std::collections::BTreeMap;
 use std::os::raw::c_void;
 use std::sync::mpsc;

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 /// The directory of the records; unset, nothing is recorded.
 pub const TRAINED_SAMPLES_DIR_ENV: &str = "FERRY_TRAINED_SAMPLES_DIR";
 
-pub(crate) struct TrainedSamplesLog {
+pub struct TrainedSamplesLog {
     path: PathBuf,
     file: std::fs::File,
     generation: u64,
@@ -33,7 +33,7 @@ pub(crate) struct TrainedSamplesLog {
 
 impl TrainedSamplesLog {
     /// The log [`TRAINED_SAMPLES_DIR_ENV`] asks for, if it does.
-    pub(crate) fn from_env() -> Result<Option<TrainedSamplesLog>> {
+    pub fn from_env() -> Result<Option<TrainedSamplesLog>> {
         let Some(dir) = std::env::var_os(TRAINED_SAMPLES_DIR_ENV).filter(|d| !d.is_empty()) else {
             return Ok(None);
         };
@@ -60,7 +60,7 @@ impl TrainedSamplesLog {
     }
 
     /// The group the following steps are trained in.
-    pub(crate) fn enter(&mut self, generation: u64, rank: u32, world_size: u32, worker_id: &str) {
+    pub fn enter(&mut self, generation: u64, rank: u32, world_size: u32, worker_id: &str) {
         self.generation = generation;
         self.rank = rank;
         self.world_size = world_size;
@@ -69,7 +69,7 @@ impl TrainedSamplesLog {
 
     /// One step's line, in one write: a process killed meanwhile leaves at most a last line
     /// without its newline.
-    pub(crate) fn record(
+    pub fn record(
         &mut self,
         step: u64,
         first_micro_batch: u64,

@@ -1,7 +1,7 @@
 //! The group a rendezvous reply describes, checked before anything is sized by it: the
 //! reply comes over the network, so its counts are untrusted until bounded by the job.
 
-use ferry_common::proto;
+use ferry_rpc::proto;
 
 /// The group's peer addresses in rank order, from a rendezvous reply, checked before anything
 /// is sized by it: the world size must be within the job's `max_workers`, the rank inside the

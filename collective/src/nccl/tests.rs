@@ -4,7 +4,7 @@ use super::loader::{
     candidate_files, dlopen_name, libtorch_dirs, nccl_lib, open_nccl, version_string,
 };
 use super::*;
-use crate::collective::{Collective, GroupSpec, StreamMark};
+use crate::{Collective, GroupSpec, StreamMark};
 use cudarc::nccl::sys::ncclDataType_t;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -233,7 +233,7 @@ fn announced_all_gather_lengths_are_bounded_before_allocation() {
         announced_block_sizes(&[3, 0, 17]).expect("small blocks"),
         vec![3, 0, 17]
     );
-    let max = crate::collective::MAX_ALL_GATHER_BLOCK_BYTES as i64;
+    let max = crate::MAX_ALL_GATHER_BLOCK_BYTES as i64;
     assert!(announced_block_sizes(&[1, max]).is_ok());
     for bad in [max + 1, 1 << 40, -1, i64::MIN] {
         let e = announced_block_sizes(&[1, bad]).expect_err("an unbounded length was taken");

@@ -6,8 +6,8 @@
 //! still ends it at once.
 
 use super::worker::SharedId;
-use ferry_common::client::Clients;
-use ferry_common::proto;
+use ferry_rpc::client::Clients;
+use ferry_rpc::proto;
 use std::time::Duration;
 
 /// How long to wait for the coordinator to acknowledge the leave before exiting anyway.

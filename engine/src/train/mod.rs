@@ -10,7 +10,7 @@ mod config;
 pub mod trained_log;
 
 pub use config::TrainConfig;
-pub(crate) use trained_log::TrainedSamplesLog;
+pub use trained_log::TrainedSamplesLog;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
@@ -124,25 +124,26 @@ fn load_initial_weights(
     Ok(dir)
 }
 
-/// Training state that lives across steps.
-pub(crate) struct Engine {
+/// Training state that lives across steps. Data parallelism (`ferry-dp`) drives one from
+/// outside: its step in pieces, its optimizer state and parameters.
+pub struct Engine {
     pub(crate) cfg: TrainConfig,
-    pub(crate) device: Device,
+    pub device: Device,
     pub(crate) seq_len: i64,
-    pub(crate) ps: ParamStore,
+    pub ps: ParamStore,
     pub(crate) model: Model,
     pub(crate) model_config: ModelConfig,
     pub(crate) objective: Objective,
-    pub(crate) opt: AdamW,
-    pub(crate) schedule: LrSchedule,
+    pub opt: AdamW,
+    pub schedule: LrSchedule,
     pub(crate) order: SampleOrder,
     pub(crate) data: Data,
-    pub(crate) flops_per_token: f64,
-    pub(crate) peak_gflops: f64,
+    pub flops_per_token: f64,
+    pub peak_gflops: f64,
     pub(crate) precision: runtime::Precision,
     /// Where a data-parallel worker records the sequences it trains, when asked to
     /// ([`trained_log`]).
-    pub(crate) trained_log: Option<TrainedSamplesLog>,
+    pub trained_log: Option<TrainedSamplesLog>,
 }
 
 /// Starts a new run in `run_dir`, or continues its newest checkpoint when `resume` is set.
@@ -344,7 +345,7 @@ pub(crate) fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::Pro
 }
 
 impl Engine {
-    pub(crate) fn new(cfg: &TrainConfig) -> Result<Self> {
+    pub fn new(cfg: &TrainConfig) -> Result<Self> {
         runtime::keep_freed_memory();
         runtime::configure_threads(cfg.threads);
         let device = runtime::select_device(&cfg.device)?;
@@ -462,7 +463,7 @@ impl Engine {
     /// starting at micro-batch `first_micro`. Losses are divided by the counts of the whole
     /// global step (see [`crate::objective`]), so gradients (and the returned loss) summed
     /// over all the step's micro-batches, in one process or many, are the step's mean.
-    pub(crate) fn forward_backward(
+    pub fn forward_backward(
         &mut self,
         step: u64,
         first_micro: u64,
@@ -473,8 +474,8 @@ impl Engine {
 
     /// [`forward_backward`](Self::forward_backward), calling `before_last_backward` just
     /// before the last micro-batch's backward, after which every gradient is final: data
-    /// parallelism arms its gradient hooks there (`data_parallel::overlap`).
-    pub(crate) fn forward_backward_hooked(
+    /// parallelism arms its gradient hooks there (`ferry_dp::overlap`).
+    pub fn forward_backward_hooked(
         &mut self,
         step: u64,
         first_micro: u64,
@@ -541,7 +542,7 @@ impl Engine {
 
     /// Clips the accumulated gradients, takes the optimizer step and clears the gradients;
     /// returns the gradient norm. `loss` is the step's loss, checked for divergence.
-    pub(crate) fn apply_update(&mut self, step: u64, lr: f64, loss: f64) -> Result<f64> {
+    pub fn apply_update(&mut self, step: u64, lr: f64, loss: f64) -> Result<f64> {
         let grad_norm = clip_grad_norm(&self.ps, self.cfg.grad_clip);
         self.opt.step(lr);
         self.ps.zero_grad();
@@ -558,7 +559,7 @@ impl Engine {
     }
 
     /// Held-out metrics over the first `eval_sequences` sequences of the val split.
-    pub(crate) fn evaluate(&self) -> Result<EvalReport> {
+    pub fn evaluate(&self) -> Result<EvalReport> {
         let val = &self.data.val;
         let n = val
             .num_sequences(self.seq_len as usize)
@@ -574,7 +575,7 @@ impl Engine {
         )
     }
 
-    pub(crate) fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
+    pub fn save_checkpoint(&self, run_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
         checkpoint::save(run_dir, state.step, |dir| {
             weights::save_safetensors(&dir.join(checkpoint::MODEL_FILE), self.ps.named())?;
             write_json(
@@ -594,11 +595,7 @@ impl Engine {
 
     /// Loads checkpoint `dir`, already verified ([`checkpoint::verify_checkpoint`]), whose
     /// trainer state is `state`.
-    pub(crate) fn load_checkpoint(
-        &mut self,
-        dir: &Path,
-        state: TrainerState,
-    ) -> Result<TrainerState> {
+    pub fn load_checkpoint(&mut self, dir: &Path, state: TrainerState) -> Result<TrainerState> {
         checkpoint::load(
             dir,
             state,

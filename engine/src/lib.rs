@@ -3,8 +3,6 @@
 
 pub mod bench;
 pub mod checkpoint;
-pub mod collective;
-pub mod data_parallel;
 pub mod error;
 pub mod finetune;
 pub mod fsutil;

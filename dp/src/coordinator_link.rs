@@ -2,10 +2,10 @@
 
 use super::telemetry;
 use super::worker::{Progress, SharedId, Worker};
-use crate::collective::CollectiveError;
 use anyhow::{bail, Result};
-use ferry_common::client::{with_backoff, Clients};
-use ferry_common::proto;
+use ferry_collective::CollectiveError;
+use ferry_rpc::client::{with_backoff, Clients};
+use ferry_rpc::proto;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::{Code, Status};
@@ -29,11 +29,7 @@ impl Failure {
 /// A failed coordinator call, naming the coordinator: after `--patience-s` of an unreachable
 /// coordinator this is the line the worker exits with.
 pub(super) fn rpc(coordinator: &str, what: &str, s: Status) -> anyhow::Error {
-    anyhow::anyhow!(ferry_common::client::describe_failure(
-        coordinator,
-        what,
-        &s
-    ))
+    anyhow::anyhow!(ferry_rpc::client::describe_failure(coordinator, what, &s))
 }
 
 /// Heartbeats, at the interval the coordinator asked for, on the async runtime. A worker the
@@ -90,7 +86,7 @@ impl Worker {
     /// A unary call with retries while the coordinator is unreachable.
     pub(super) fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
     where
-        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
+        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_rpc::client::Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_status(f)
@@ -100,7 +96,7 @@ impl Worker {
     /// [`call`](Self::call), keeping the coordinator's answer for callers that act on its code.
     pub(super) fn call_status<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
-        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_common::client::Authed>) -> Fut,
+        F: Fn(proto::coordinator_client::CoordinatorClient<ferry_rpc::client::Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let c = self.clients.coordinator.clone();

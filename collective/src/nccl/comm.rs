@@ -9,10 +9,8 @@ use super::{
     cuda_err, nccl_err, nccl_error, Stream, CONFIG_LAYOUT_VERSION, CONFIG_MAGIC, CONFIG_UNDEF_INT,
     IN_PROGRESS, SUCCESS, UNIQUE_ID_BYTES,
 };
-use crate::collective::{
-    validate, Collective, CollectiveError, GroupSpec, MAX_ALL_GATHER_BLOCK_BYTES,
-};
-use crate::collective::{StreamMark, StreamMarker};
+use crate::{validate, Collective, CollectiveError, GroupSpec, MAX_ALL_GATHER_BLOCK_BYTES};
+use crate::{StreamMark, StreamMarker};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};

@@ -3,9 +3,9 @@
 use super::coordinator_link::rpc;
 use super::telemetry;
 use super::worker::Worker;
-use crate::checkpoint::{self, TrainerState};
 use anyhow::Result;
-use ferry_common::proto;
+use ferry_engine::checkpoint::{self, TrainerState};
+use ferry_rpc::proto;
 use serde_json::json;
 use tonic::Code;
 

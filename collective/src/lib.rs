@@ -76,7 +76,7 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// Every rank contributes bytes (lengths may differ); returns all ranks' bytes, index = rank.
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
-    /// For the all-reduce overlapped with backward (`data_parallel::overlap`): what a
+    /// For the all-reduce overlapped with backward (`ferry_dp::overlap`): what a
     /// gradient hook calls right after enqueueing a bucket's copy, when this collective runs
     /// its sums on a device stream of its own and must wait for exactly that work (NCCL).
     /// None, the default, for host collectives: a bucket is complete when the hook returns.

@@ -449,7 +449,7 @@ pub(crate) fn into_data_socket(
     Ok(s)
 }
 
-/// For the fuzz targets in `fuzz/` only, by way of `collective::fuzzing`.
+/// For the fuzz targets in `fuzz/` only, by way of `ferry_collective::fuzzing`.
 #[doc(hidden)]
 pub(super) mod fuzzing;
 

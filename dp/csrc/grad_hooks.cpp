@@ -1,5 +1,5 @@
 // A hook that runs once a parameter's gradient is final in the backward pass, for the
-// all-reduce overlapped with backward (worker/src/data_parallel/overlap.rs). tch exposes no
+// all-reduce overlapped with backward (dp/src/overlap.rs). tch exposes no
 // autograd hooks; libtorch's post-accumulate-grad hook is the one DDP-style bucketing needs:
 // it fires after AccumulateGrad has added this backward's gradient into `.grad`.
 // Exceptions must not cross into Rust.

@@ -1,10 +1,10 @@
 //! Flat views of the model for collectives: gradients in buckets, the whole training state in
 //! one buffer for the broadcast to joiners, and a bit-exact parameter checksum.
 
-use crate::collective::{Collective, CollectiveError};
-use crate::models::ParamStore;
-use crate::optim::AdamW;
+use ferry_collective::{Collective, CollectiveError};
 use ferry_common::job::GradientDtype;
+use ferry_engine::models::ParamStore;
+use ferry_engine::optim::AdamW;
 use tch::{Device, Kind, Tensor};
 
 /// Parameters grouped for reduction, DDP's way: in reverse order of registration, which is
