@@ -21,5 +21,6 @@ torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch._
 ln -sfn "$torch_dir" .venv/libtorch
 
 echo "setup: building ferry (the first build compiles tch against libtorch: ~5 minutes)"
-cargo build --release --bin ferry
-echo "setup: done; the binary is target/release/ferry"
+# ferry-coordinator: `ferry coordinator` without libtorch, for hosts that only run the control plane.
+cargo build --release -p ferry -p ferry-coordinator --bins
+echo "setup: done; the binaries are target/release/ferry and target/release/ferry-coordinator"

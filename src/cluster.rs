@@ -4,35 +4,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 pub use ferry_coordinator::admin::LOG_ENV;
 use ferry_coordinator::admin::{endpoint_from_state, status_json, status_table, AdminClient};
+pub use ferry_coordinator::cli::{run as run_coordinator, CoordinatorArgs};
 use ferry_rpc::client::{load_token, ClientConfig};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Args)]
-pub struct CoordinatorArgs {
-    /// Job spec (TOML). May be left out to resume the job stored in --state.
-    #[arg(long)]
-    job: Option<PathBuf>,
-    /// gRPC address to listen on.
-    #[arg(long, default_value = "0.0.0.0:29400")]
-    listen: SocketAddr,
-    /// HTTP address for /metrics and the status page [default: gRPC port + 1].
-    #[arg(long)]
-    http: Option<SocketAddr>,
-    /// Directory for the durable job state; a restarted coordinator continues from it.
-    #[arg(long)]
-    state: PathBuf,
-    /// File holding the job token [default: $FERRY_JOB_TOKEN].
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// PEM certificate: serve gRPC over TLS (with --tls-key; deploy/make-certs.sh makes both).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-}
 
 /// How admin commands find the coordinator.
 #[derive(Args, Clone)]
@@ -77,38 +52,6 @@ pub struct ScaleArgs {
 pub struct StopArgs {
     #[command(flatten)]
     connect: ConnectArgs,
-}
-
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-pub fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
-    init_logging();
-    let token = load_token(a.token_file.as_deref())?;
-    runtime()?.block_on(ferry_coordinator::serve(ferry_coordinator::ServeConfig {
-        job: a.job,
-        listen: a.listen,
-        http: a.http,
-        state_dir: a.state,
-        token,
-        tls_cert: a.tls_cert,
-        tls_key: a.tls_key,
-    }))
 }
 
 /// An admin client for the coordinator these arguments name.

@@ -10,9 +10,11 @@
 //! * [`admin`]: finding a running coordinator and calling its admin service (status, scale,
 //!   stop), and printing a status;
 //! * [`loadgen`]: `ferry bench coordinator`, a real coordinator under many simulated workers;
-//! * [`server`]: `ferry coordinator`, wiring it all together.
+//! * [`server`]: wiring it all together; [`cli`]: the arguments and the call of both
+//!   `ferry coordinator` and the slim `ferry-coordinator` binary (`main.rs`).
 
 pub mod admin;
+pub mod cli;
 mod convert;
 pub mod http;
 pub mod links;

@@ -36,6 +36,10 @@ pub struct BenchCoordinatorArgs {
     /// HTTP/2 connections the simulated workers share.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// The coordinator to measure: a `ferry-coordinator` binary (the slim one, without
+    /// libtorch) [default: this binary's `coordinator` subcommand].
+    #[arg(long)]
+    coordinator_bin: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -132,8 +136,16 @@ heartbeat_timeout_s = {hb_timeout}
     let token = crate::state::new_id();
     std::fs::write(dir.join("token"), &token)?;
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--job"])
+    let mut cmd = match &a.coordinator_bin {
+        Some(bin) => std::process::Command::new(bin),
+        None => {
+            let mut c = std::process::Command::new(std::env::current_exe()?);
+            c.arg("coordinator");
+            c
+        }
+    };
+    let child = cmd
+        .args(["--listen", "127.0.0.1:0", "--job"])
         .arg(dir.join("job.toml"))
         .arg("--state")
         .arg(dir.join("state"))
@@ -143,7 +155,7 @@ heartbeat_timeout_s = {hb_timeout}
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("cannot start the coordinator")?;
+        .with_context(|| format!("cannot start the coordinator {:?}", cmd.get_program()))?;
     let mut child = CoordinatorChild { child };
     let addr = crate::admin::wait_for_endpoint(&dir.join("state"), &mut child.child).with_context(
         || std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default(),
@@ -370,6 +382,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             "bench": "coordinator", "workers": a.workers, "summary": true,
             "steps": a.steps, "step_interval_s": a.step_interval_s, "heartbeat_s": a.heartbeat_s,
             "connections": a.connections,
+            "coordinator_bin": a.coordinator_bin.as_ref().map_or("ferry coordinator".into(), |b| b.display().to_string()),
             "join_all_s": (join_s * 1000.0).round() / 1000.0,
             "rendezvous_all_s": (rendezvous_s * 1000.0).round() / 1000.0,
             "coordinator_cpu_cores": ((cpu1 - cpu0) / wall * 1000.0).round() / 1000.0,

@@ -338,6 +338,12 @@ pub fn is_ferry_word(w: &str) -> bool {
     !w.contains('=') && (w == "ferry" || w.ends_with("/ferry") || w == "$ferry" || w == "${ferry}")
 }
 
+/// Whether a shell word runs the slim `ferry-coordinator` binary.
+pub fn is_slim_coordinator_word(w: &str) -> bool {
+    let w = w.trim_matches('"');
+    !w.contains('=') && (w == "ferry-coordinator" || w.ends_with("/ferry-coordinator"))
+}
+
 /// Logical lines of a shell script (continuations joined), with the line each starts on.
 fn logical_lines(script: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
@@ -404,13 +410,23 @@ pub fn shell_invocations(origin: &str, script: &str) -> Vec<Invocation> {
         let mut i = 0;
         while i < words.len() {
             let w = &words[i];
-            if at_command && is_ferry_word(w) && !w.contains(' ') {
+            let slim = is_slim_coordinator_word(w);
+            if at_command && (is_ferry_word(w) || slim) && !w.contains(' ') {
                 let argv: Vec<String> = words[i + 1..]
                     .iter()
                     .take_while(|w| !ends_command(w))
                     .cloned()
                     .collect();
                 i += 1 + argv.len();
+                // `ferry-coordinator ARGS` is `ferry coordinator ARGS` (the same clap
+                // arguments), so it is checked as that.
+                let argv = if slim {
+                    std::iter::once("coordinator".to_string())
+                        .chain(argv)
+                        .collect()
+                } else {
+                    argv
+                };
                 out.push(Invocation {
                     origin: format!("{origin}:{line_no}"),
                     argv,
