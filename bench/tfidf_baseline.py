@@ -2,7 +2,7 @@
 
 Features: word 1-2-grams and character 2-5-grams (within word boundaries), both TF-IDF with
 sublinear tf; logistic regression with C chosen on dev accuracy, then scored on dev and test.
-The records and their numbering are ferry's (`ferry_common::textcls::csv`): Python's csv
+The records and their numbering are ferry's (`ferry_dataset::textcls::csv`): Python's csv
 DictReader order, the same HTML entities decoded, labels trimmed; the split is a ferry
 `split.json`, so the numbers compare with a fine-tuning run on the same split.
 
@@ -12,7 +12,7 @@ It needs scikit-learn, which the project's requirements leave out to keep CI lea
 
 Then, from the repository root:
 
-    cargo run -p ferry-common --example airline_split -- \\
+    cargo run -p ferry-dataset --example airline_split -- \\
         ../shared/data/airline/Tweets.csv runs/airline-split-seed0.json 0
     .venv/bin/python bench/tfidf_baseline.py \\
         --csv ../shared/data/airline/Tweets.csv --split runs/airline-split-seed0.json

@@ -3,9 +3,9 @@
 //! this is also how to check that two machines build the same data.
 
 use anyhow::{Context, Result};
-use ferry_common::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
-use ferry_common::shards::{TokenSplit, MANIFEST_FILE};
-use ferry_common::tokenizer::load_tokenizer;
+use ferry_dataset::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
+use ferry_dataset::shards::{TokenSplit, MANIFEST_FILE};
+use ferry_dataset::tokenizer::load_tokenizer;
 use ferry_engine::models::Family;
 use serde_json::json;
 use std::path::PathBuf;

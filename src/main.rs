@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_collective::bench::{run_allreduce_bench, AllReduceBenchConfig};
 use ferry_collective::Transport;
-use ferry_common::corpus::CsvTexts;
-use ferry_common::prepare::{prepare, PrepareOptions};
-use ferry_common::textcls::{CsvEncoding, Part};
-use ferry_common::tokenizer::TokenizerKind;
+use ferry_dataset::corpus::CsvTexts;
+use ferry_dataset::prepare::{prepare, PrepareOptions};
+use ferry_dataset::textcls::{CsvEncoding, Part};
+use ferry_dataset::tokenizer::TokenizerKind;
 use ferry_engine::bench::{run_train_bench, TrainBenchConfig};
 use ferry_engine::generate::{continue_text, SamplingConfig};
 use ferry_engine::models::parse_family;
@@ -207,7 +207,7 @@ struct ExamplesArgs {
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
     /// The run's seed (BERT's pairs and masks derive from it and the example index).
-    #[arg(long, default_value_t = ferry_common::job::DEFAULT_SEED)]
+    #[arg(long, default_value_t = ferry_spec::job::DEFAULT_SEED)]
     seed: u64,
     /// train or val.
     #[arg(long, default_value = "train")]

@@ -4,11 +4,11 @@
 
 mod support;
 
-use ferry_common::sentence_pairs::{
+use ferry_dataset::sentence_pairs::{
     BertExample, MaskAction, MaskingRule, PairBuilder, SpecialIds, IGNORE_LABEL, IS_NEXT, IS_RANDOM,
 };
-use ferry_common::shards::TokenSplit;
-use ferry_common::tokenizer::load_tokenizer;
+use ferry_dataset::shards::TokenSplit;
+use ferry_dataset::tokenizer::load_tokenizer;
 use support::*;
 
 const SEQ_LEN: &str = "128";

@@ -172,7 +172,7 @@ async fn a_commit_arriving_after_a_join_dissolved_the_group_is_confirmed() {
             tokens: 1,
             step_time_s: 0.01,
             allreduce_s: 0.0,
-            sequences_digest: ferry_common::sampler::sequences_digest(&applied.ids) ^ 1,
+            sequences_digest: ferry_spec::sampler::sequences_digest(&applied.ids) ^ 1,
         })
         .await
         .unwrap_err();
@@ -865,7 +865,7 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
         let mut junk = std::net::TcpStream::connect(&c.grpc).unwrap();
         let mut seed = 0x1234_5678_u64;
         let bytes: Vec<u8> = (0..64 * 1024)
-            .map(|_| (ferry_common::sampler::splitmix64(&mut seed) & 0xff) as u8)
+            .map(|_| (ferry_spec::sampler::splitmix64(&mut seed) & 0xff) as u8)
             .collect();
         let _ = junk.write_all(&bytes);
         junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -340,9 +340,9 @@ fn port_of(addr: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{addr}: no port"))
 }
 
-fn job_of(configmap: &Yaml, origin: &str) -> ferry_common::job::JobSpec {
+fn job_of(configmap: &Yaml, origin: &str) -> ferry_spec::job::JobSpec {
     let toml = str_at(configmap, &["data", "job.toml"]).expect("data.job.toml");
-    ferry_common::job::JobSpec::from_toml(toml, origin).unwrap_or_else(|e| panic!("{e}"))
+    ferry_spec::job::JobSpec::from_toml(toml, origin).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn probe(c: &Yaml, which: &str) -> (String, u64) {
@@ -554,7 +554,7 @@ fn kubernetes_base_and_cpu_overlay_build_into_consistent_gpu_and_cpu_deployments
     );
     assert_eq!(flag_value(&cpu_argv, "--device").as_deref(), Some("cpu"));
     let cpu_job = job_of(by_kind(&cpu, "ConfigMap", "ferry-job"), "cpu overlay");
-    assert_eq!(cpu_job.cluster.backend, ferry_common::job::Backend::Ring);
+    assert_eq!(cpu_job.cluster.backend, ferry_spec::job::Backend::Ring);
 
     // Every YAML file under deploy/k8s is either built by a kustomization or applied by hand
     // as the README says; the hand-applied ones use the image the kustomization names.
@@ -619,7 +619,7 @@ fn compose_runs_one_coordinator_and_two_cpu_workers_of_a_real_job() {
                 .map(|rest| deploy().join(host).join(rest))
         })
         .unwrap_or_else(|| panic!("--job {job_arg} is not on a mounted volume: {mounts:?}"));
-    let job = ferry_common::job::JobSpec::from_file(&host_job).unwrap_or_else(|e| panic!("{e}"));
+    let job = ferry_spec::job::JobSpec::from_file(&host_job).unwrap_or_else(|e| panic!("{e}"));
     assert!(job.max_workers() >= 2 && job.cluster.min_workers <= 2);
     for (name, w, _) in &workers {
         assert_eq!(

@@ -5,7 +5,7 @@
 
 mod support;
 
-use ferry_common::textcls::{read_labelled_csv, Split};
+use ferry_dataset::textcls::{read_labelled_csv, Split};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -157,7 +157,7 @@ fn a_short_finetune_writes_a_consistent_report() {
     // ferry predict on the test split's texts reproduces the reported test accuracy.
     let test_csv = out.join("test-split.csv");
     let mut rows = String::from("text,airline_sentiment\n");
-    for e in split.examples(ferry_common::textcls::Part::Test, &set) {
+    for e in split.examples(ferry_dataset::textcls::Part::Test, &set) {
         let label = &set.labels[e.label.unwrap()];
         rows.push_str(&format!("\"{}\",{label}\n", e.text.replace('"', "\"\"")));
     }
@@ -351,7 +351,7 @@ fn windows_1252_csv() -> Vec<u8> {
 /// `--encoding` the error names the option.
 #[test]
 fn a_windows_1252_csv_finetunes_with_encoding() {
-    use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding};
+    use ferry_dataset::textcls::{read_labelled_csv_encoded, CsvEncoding};
     let dir = scratch("ft-windows-1252");
     std::fs::create_dir_all(&dir).unwrap();
     let csv = dir.join("spreadsheet.csv");

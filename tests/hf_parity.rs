@@ -205,7 +205,7 @@ fn ferry_tokenizer_encodes_like_python_tokenizers() {
         texts_file.as_os_str(),
     ]);
     let python_ids: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap();
-    let tok = ferry_common::tokenizer::load_tokenizer(&tokenizer_file).unwrap();
+    let tok = ferry_dataset::tokenizer::load_tokenizer(&tokenizer_file).unwrap();
     assert_eq!(python_ids.len(), texts.len());
     for (text, theirs) in texts.iter().zip(&python_ids) {
         let ours = tok.encode(*text, true).unwrap().get_ids().to_vec();
@@ -237,7 +237,7 @@ fn ferry_gpt_and_bert_tokenizers_encode_like_python_tokenizers() {
             texts_file.as_os_str(),
         ]);
         let python_ids: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap();
-        let tok = ferry_common::tokenizer::load_tokenizer(&tokenizer_file).unwrap();
+        let tok = ferry_dataset::tokenizer::load_tokenizer(&tokenizer_file).unwrap();
         assert_eq!(python_ids.len(), texts.len());
         for (text, theirs) in texts.iter().zip(&python_ids) {
             let ours = tok.encode(*text, true).unwrap().get_ids().to_vec();

@@ -77,7 +77,7 @@ fn tiny_gpt2_lowers_held_out_loss() {
     // WikiText writes `<unk>` for about one word in fifty; it is a special token now, and
     // generate never samples it (special tokens are decoded, so one would show here, and 300
     // tokens give it ample chance).
-    let tokenizer = ferry_common::tokenizer::load_tokenizer(&data.join("tokenizer.json")).unwrap();
+    let tokenizer = ferry_dataset::tokenizer::load_tokenizer(&data.join("tokenizer.json")).unwrap();
     assert!(tokenizer.token_to_id("<unk>").is_some());
     assert!(!sample.contains("<unk>"), "{sample}");
 }

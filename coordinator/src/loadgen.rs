@@ -9,9 +9,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_common::sampler::sequences_digest;
 use ferry_rpc::client::{ClientConfig, Clients};
 use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
+use ferry_spec::sampler::sequences_digest;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};

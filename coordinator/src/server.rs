@@ -5,9 +5,9 @@ use crate::service::{Service, TokenCheck};
 use crate::state::JobState;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
-use ferry_common::job::JobSpec;
-use ferry_common::shards::{sequences_in, Manifest};
+use ferry_dataset::shards::{sequences_in, Manifest};
 use ferry_rpc::proto::{admin_server::AdminServer, coordinator_server::CoordinatorServer};
+use ferry_spec::job::JobSpec;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -90,7 +90,7 @@ fn open_state(cfg: &ServeConfig) -> Result<JobState> {
             // where a step directory exists, prune both runs' checkpoints together and
             // rewrite metrics.jsonl: refuse before anything starts, as `ferry train` does.
             let run_dir = &spec.job.run_dir;
-            let held = ferry_common::run_dir::held_by_another_run(run_dir)
+            let held = ferry_spec::run_dir::held_by_another_run(run_dir)
                 .with_context(|| format!("{}: cannot read", run_dir.display()))?;
             if let Some(why) = held {
                 bail!(

@@ -1,7 +1,7 @@
 //! The slim `ferry-coordinator` binary: it serves a real job, maps no libtorch, and idles in
 //! under 50 MiB (`ferry coordinator`, in the one binary that links libtorch, idles near 400).
 
-use ferry_common::prepare::{prepare, PrepareOptions};
+use ferry_dataset::prepare::{prepare, PrepareOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

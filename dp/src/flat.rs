@@ -2,9 +2,9 @@
 //! one buffer for the broadcast to joiners, and a bit-exact parameter checksum.
 
 use ferry_collective::{Collective, CollectiveError};
-use ferry_common::job::GradientDtype;
 use ferry_engine::models::ParamStore;
 use ferry_engine::optim::AdamW;
+use ferry_spec::job::GradientDtype;
 use tch::{Device, Kind, Tensor};
 
 /// Parameters grouped for reduction, DDP's way: in reverse order of registration, which is
@@ -182,7 +182,7 @@ pub fn broadcast_state(
 /// FNV-1a over the bits of every parameter: equal on two ranks only if their weights are
 /// identical to the last bit.
 pub fn parameter_checksum(ps: &ParamStore) -> u64 {
-    let mut h = ferry_common::sampler::Fnv1a::new();
+    let mut h = ferry_spec::sampler::Fnv1a::new();
     for (_, p) in ps.named() {
         let v = Vec::<f32>::try_from(
             p.detach()

@@ -24,9 +24,9 @@
 
 use super::flat::{all_reduce_scalars, ensure_grads, reduce_bucket, Buckets};
 use ferry_collective::{Collective, CollectiveError, StreamMark, StreamMarker};
-use ferry_common::job::GradientDtype;
 use ferry_engine::models::ParamStore;
 use ferry_engine::train::Engine;
+use ferry_spec::job::GradientDtype;
 use std::collections::BTreeMap;
 use std::os::raw::c_void;
 use std::sync::mpsc;

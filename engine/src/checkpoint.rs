@@ -10,7 +10,7 @@ use crate::fsutil::{read_json, sha256_file, sync_dir, write_json};
 use crate::models::ParamStore;
 use crate::optim::AdamW;
 use crate::weights;
-use ferry_common::run_dir as layout;
+use ferry_spec::run_dir as layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

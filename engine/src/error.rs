@@ -27,7 +27,7 @@ pub enum EngineError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
-    Data(#[from] ferry_common::DataError),
+    Data(#[from] ferry_dataset::DataError),
 }
 
 impl EngineError {

@@ -3,7 +3,7 @@
 use crate::models::CausalLm;
 use crate::pretrained;
 use anyhow::{bail, Result};
-use ferry_common::tokenizer::TokenizerKind;
+use ferry_dataset::tokenizer::TokenizerKind;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Kind, Tensor};

@@ -13,7 +13,7 @@ pub mod objective;
 pub mod optim;
 pub mod pretrained;
 pub mod runtime;
-pub use ferry_common::sampler;
+pub use ferry_spec::sampler;
 pub mod schedule;
 pub mod train;
 pub mod weights;

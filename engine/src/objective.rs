@@ -3,7 +3,7 @@
 //! - Causal LM (GPT, GPT-2): sequence `i` is the window of `seq_len + 1` tokens from token
 //!   `i * seq_len`; every position predicts the next token.
 //! - Masked LM + next-sentence prediction (BERT): sequence `i` is sentence-pair example `i`
-//!   ([`ferry_common::sentence_pairs`]); the chosen ~15% of tokens and the pair label are
+//!   ([`ferry_dataset::sentence_pairs`]); the chosen ~15% of tokens and the pair label are
 //!   predicted.
 //!
 //! Losses are sums divided by counts over the whole global step (tokens for the causal LM;
@@ -14,8 +14,8 @@ use crate::error::Result;
 use crate::models::bert::{Bert, BertInputs};
 use crate::models::{CausalLm, Model};
 use crate::runtime::{with_precision, Precision};
-use ferry_common::sentence_pairs::{BertExample, PairBuilder, IGNORE_LABEL};
-use ferry_common::shards::TokenSplit;
+use ferry_dataset::sentence_pairs::{BertExample, PairBuilder, IGNORE_LABEL};
+use ferry_dataset::shards::TokenSplit;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 

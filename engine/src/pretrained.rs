@@ -6,7 +6,7 @@ use crate::error::{EngineError, Result};
 use crate::fsutil::read_json;
 use crate::models::{Model, ModelConfig, ParamStore};
 use crate::weights;
-use ferry_common::tokenizer::token_id_count;
+use ferry_dataset::tokenizer::token_id_count;
 use std::path::{Path, PathBuf};
 use tch::Device;
 use tokenizers::Tokenizer;
@@ -59,7 +59,7 @@ pub fn check_tokenizer_fits(
 /// [`check_tokenizer_fits`].
 pub fn load_tokenizer_for(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
     let path = dir.join(checkpoint::TOKENIZER_FILE);
-    let tokenizer = ferry_common::tokenizer::load_tokenizer(&path)?;
+    let tokenizer = ferry_dataset::tokenizer::load_tokenizer(&path)?;
     check_tokenizer_fits(
         &tokenizer,
         &path,

@@ -1,6 +1,6 @@
 //! Learning-rate schedules: linear warmup, then cosine or linear decay to a floor.
 
-pub use ferry_common::job::Decay;
+pub use ferry_spec::job::Decay;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LrSchedule {

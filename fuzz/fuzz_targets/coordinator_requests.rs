@@ -7,9 +7,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use ferry_common::job::JobSpec;
+use ferry_spec::job::JobSpec;
 use ferry_rpc::proto;
-use ferry_common::sampler::sequences_digest;
+use ferry_spec::sampler::sequences_digest;
 use ferry_coordinator::state::{
     CheckpointReport, CollectiveKind, FailureReport, Heartbeat, JobState, JobStatus, JoinRequest,
     NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError, StepCommit, StepPlan,
@@ -385,7 +385,7 @@ impl Harness {
                 let worker_id = self.who(&who);
                 let step = self.step(&step);
                 let path = path.unwrap_or_else(|| {
-                    ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, step)
+                    ferry_spec::run_dir::checkpoint_dir(&self.spec.job.run_dir, step)
                         .display()
                         .to_string()
                 });
@@ -489,7 +489,7 @@ impl Harness {
                 let step = self.step(&step);
                 let path = path.unwrap_or_else(|| match step {
                     0 => String::new(),
-                    s => ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, s)
+                    s => ferry_spec::run_dir::checkpoint_dir(&self.spec.job.run_dir, s)
                         .display()
                         .to_string(),
                 });
@@ -639,7 +639,7 @@ impl Harness {
         assert!(ranks.iter().all(|&r| r < s.world_size.max(1)));
         if let Some((step, path)) = &s.latest_checkpoint {
             assert!(*step >= 1);
-            let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, *step);
+            let expected = ferry_spec::run_dir::checkpoint_dir(&self.spec.job.run_dir, *step);
             assert_eq!(Path::new(path), expected);
         }
         self.before = s;

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use ferry_common::job::{JobSpec, JobSpecError};
+use ferry_spec::job::{JobSpec, JobSpecError};
 use ferry_coordinator::state::Timing;
 use libfuzzer_sys::fuzz_target;
 

@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use ferry_common::shards::{Manifest, TokenSplit};
+use ferry_dataset::shards::{Manifest, TokenSplit};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

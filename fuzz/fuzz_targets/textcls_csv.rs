@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use ferry_common::textcls::{decode_html_entities, read_labelled_csv_encoded, CsvEncoding};
+use ferry_dataset::textcls::{decode_html_entities, read_labelled_csv_encoded, CsvEncoding};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

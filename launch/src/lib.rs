@@ -9,9 +9,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_common::job::JobSpec;
 use ferry_rpc::client::{ClientConfig, Clients, TOKEN_ENV};
 use ferry_rpc::proto;
+use ferry_spec::job::JobSpec;
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -3,9 +3,9 @@
 #![allow(dead_code)]
 
 use super::{ferry, prepared_shared_corpus, scratch};
-use ferry_common::sampler::sequences_digest;
 use ferry_rpc::client::{ClientConfig, Clients};
 use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
+use ferry_spec::sampler::sequences_digest;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -486,7 +486,7 @@ pub async fn run_steps(workers: &mut Vec<SimWorker>, steps: u64) -> Vec<SimWorke
 /// What the ledger says each rank trained: its slices, mapped to sequence ids through the
 /// job's sample order.
 pub fn trained_by_ledger(ledger: &proto::LedgerReply) -> Vec<Trained> {
-    let mut order = ferry_common::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences);
+    let mut order = ferry_spec::sampler::SampleOrder::new(ledger.seed, ledger.num_sequences);
     let mut trained = Vec::new();
     for e in &ledger.entries {
         for s in &e.slices {
@@ -671,7 +671,7 @@ pub fn verify_exactly_once_by_workers(
         ledger.global_batch, global_batch,
         "the coordinator's global batch"
     );
-    let mut order = ferry_common::sampler::SampleOrder::new(seed, num_sequences);
+    let mut order = ferry_spec::sampler::SampleOrder::new(seed, num_sequences);
     let mut by_attempt: std::collections::BTreeMap<(u64, u64), Vec<&WorkerTrained>> =
         Default::default();
     for r in records {
@@ -743,7 +743,7 @@ pub fn verify_exactly_once_by_workers(
 
 /// The training split's sequence count for `seq_len`, from the prepared data itself.
 pub fn num_sequences(prepared: &Path, seq_len: usize) -> u64 {
-    ferry_common::shards::TokenSplit::open(prepared, "train", false)
+    ferry_dataset::shards::TokenSplit::open(prepared, "train", false)
         .unwrap()
         .num_sequences(seq_len)
 }

@@ -5,7 +5,7 @@
 use super::api::{CheckpointReport, EventKind, StepCommit, StepPlan, StepRequest};
 use super::{store_err, JobState, LedgerMeta, NextStepOutcome, Phase, StateError};
 use crate::store::{CheckpointRecord, FormedRecord, LedgerRecord, SliceRecord, StateSourceRecord};
-use ferry_common::sampler::{rank_micro_batches, sequences_digest};
+use ferry_spec::sampler::{rank_micro_batches, sequences_digest};
 use std::time::Instant;
 
 impl JobState {
@@ -300,7 +300,7 @@ impl JobState {
 
     /// The one place a checkpoint of `step` may be: the job's run directory.
     fn check_checkpoint_path(&self, step: u64, path: &str) -> Result<(), StateError> {
-        let expected = ferry_common::run_dir::checkpoint_dir(&self.spec.job.run_dir, step);
+        let expected = ferry_spec::run_dir::checkpoint_dir(&self.spec.job.run_dir, step);
         if std::path::Path::new(path) != expected {
             return Err(StateError::invalid_argument(format!(
                 "checkpoint path {:?} is not {} (the job's run directory)",

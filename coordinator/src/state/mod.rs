@@ -16,15 +16,15 @@
 //!   rolled back to it, or starts from the seed.
 //! * **Schedule.** Step `s` trains stream positions `s*G .. (s+1)*G` of the seeded endless
 //!   permutation ([`SampleOrder`]); rank `r` of `W` gets a contiguous run of whole micro-batches
-//!   of it ([`ferry_common::sampler::rank_micro_batches`]). A step commits on the first rank's report: a finished
+//!   of it ([`ferry_spec::sampler::rank_micro_batches`]). A step commits on the first rank's report: a finished
 //!   all-reduce on any rank proves every rank contributed. Later reports confirm it.
 
 pub use self::api::*;
 pub use self::error::StateError;
 use crate::links::LinkHealth;
 use crate::store::{FormedRecord, JobRecord, LedgerRecord, Store, StoreError, WorkerRecord};
-use ferry_common::job::JobSpec;
-use ferry_common::sampler::SampleOrder;
+use ferry_spec::job::JobSpec;
+use ferry_spec::sampler::SampleOrder;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::store::StateSourceRecord;
-use ferry_common::sampler::sequences_digest;
+use ferry_spec::sampler::sequences_digest;
 use std::collections::BTreeSet;
 
 /// 16 sequences per step in micro-batches of 4; 1,000 sequences in the corpus.
@@ -515,7 +515,7 @@ fn with_no_holder_the_job_rolls_back_to_its_checkpoint_and_counts_the_redone_ste
     h.state.tick(h.now).unwrap();
     let got = h.form(&[&a], 0, &[None]);
     let first = h.run(&[(&a, &got[0])], 5);
-    let path = ferry_common::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, 3);
+    let path = ferry_spec::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, 3);
     let report = CheckpointReport {
         worker_id: a.clone(),
         generation: got[0].generation,
@@ -619,7 +619,7 @@ fn a_group_whose_member_left_while_stopped_re_forms_after_a_restart() {
 fn a_checkpoint_that_does_not_verify_on_rank_0_gives_way_to_the_older_one_it_names() {
     let mut h = Harness::new("min_workers = 1");
     let at = |h: &Harness, step: u64| {
-        ferry_common::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, step)
+        ferry_spec::run_dir::checkpoint_dir(&h.state.spec.job.run_dir, step)
             .display()
             .to_string()
     };

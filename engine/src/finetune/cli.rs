@@ -8,7 +8,7 @@ use crate::finetune::saved;
 use crate::{fsutil, runtime};
 use anyhow::{bail, Result};
 use clap::Args;
-use ferry_common::textcls::{read_labelled_csv_encoded, CsvEncoding, Metrics, SplitFractions};
+use ferry_dataset::textcls::{read_labelled_csv_encoded, CsvEncoding, Metrics, SplitFractions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 

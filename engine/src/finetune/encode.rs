@@ -4,7 +4,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::models::Family;
-use ferry_common::sentence_pairs::SpecialIds;
+use ferry_dataset::sentence_pairs::SpecialIds;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 

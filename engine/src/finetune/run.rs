@@ -13,14 +13,14 @@ use crate::models::{ModelConfig, ParamStore};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::pretrained::{load_tokenizer_for, open_model_dir};
 use crate::{runtime, weights};
-use ferry_common::sampler::{mix_seed, shuffle};
-use ferry_common::textcls::recipe::{
+use ferry_dataset::textcls::recipe::{
     discriminative_lrs, lowest_trainable_group, warmup_linear_decay,
 };
-use ferry_common::textcls::{
+use ferry_dataset::textcls::{
     read_labelled_csv_encoded, render_report_svg, CsvEncoding, EarlyStopping, LabelledSet, Metrics,
     NamedConfusion, Part, ReportSeries, SlantedTriangular, Split, SplitFractions, Verdict,
 };
+use ferry_spec::sampler::{mix_seed, shuffle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -272,7 +272,7 @@ pub fn run(cfg: &FinetuneConfig, progress: bool) -> Result<FinetuneReport> {
         )?;
         eprintln!("loaded {}; new: {}", path.display(), fresh.join(", "));
     }
-    let tokenizer = ferry_common::tokenizer::load_tokenizer(&start.tokenizer)?;
+    let tokenizer = ferry_dataset::tokenizer::load_tokenizer(&start.tokenizer)?;
     let enc = TextEncoder::new(
         tokenizer,
         &start.tokenizer,

@@ -17,7 +17,7 @@ use std::path::Path;
 use tch::Tensor;
 
 /// The model families ferry pretrains: the job spec's type, one for the whole project.
-pub use ferry_common::job::ModelFamily as Family;
+pub use ferry_spec::job::ModelFamily as Family;
 
 /// The family of a name jobs and the CLI use, or an error naming the known ones.
 pub fn parse_family(name: &str) -> Result<Family> {
@@ -336,7 +336,7 @@ pub(crate) fn check_heads(field: &str, width: i64, heads: i64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::job::MODEL_SIZES;
+    use ferry_spec::job::MODEL_SIZES;
 
     /// The job spec checks `data.seq_len` against a context table of its own (the coordinator
     /// does not link the models); it must agree with the models' named sizes.

@@ -54,7 +54,7 @@ impl Default for TrainConfig {
     /// The optimizer, schedule, eval and checkpoint defaults are the job spec's, so a local
     /// `ferry train` and a cluster job with the same fields left out train the same way.
     fn default() -> Self {
-        use ferry_common::job::{CheckpointSection, EvalSection, OptimizerSection};
+        use ferry_spec::job::{CheckpointSection, EvalSection, OptimizerSection};
         TrainConfig::from_sections(
             &OptimizerSection::default(),
             &EvalSection::default(),
@@ -129,11 +129,7 @@ impl TrainConfig {
 impl TrainConfig {
     /// The engine settings of a cluster job: what every worker of the job trains with.
     /// `threads` and `device` are the worker's own.
-    pub fn from_job(
-        spec: &ferry_common::job::JobSpec,
-        threads: usize,
-        device: &str,
-    ) -> TrainConfig {
+    pub fn from_job(spec: &ferry_spec::job::JobSpec, threads: usize, device: &str) -> TrainConfig {
         TrainConfig {
             model: spec.model.family.name().into(),
             size: spec.model.size.clone(),
@@ -153,9 +149,9 @@ impl TrainConfig {
 
     /// The single-process defaults with the job spec's optimizer, eval and checkpoint settings.
     fn from_sections(
-        o: &ferry_common::job::OptimizerSection,
-        e: &ferry_common::job::EvalSection,
-        c: &ferry_common::job::CheckpointSection,
+        o: &ferry_spec::job::OptimizerSection,
+        e: &ferry_spec::job::EvalSection,
+        c: &ferry_spec::job::CheckpointSection,
     ) -> TrainConfig {
         TrainConfig {
             model: "gpt2".into(),
@@ -180,7 +176,7 @@ impl TrainConfig {
             eval_sequences: e.sequences,
             checkpoint_interval: c.every,
             keep_checkpoints: c.keep as usize,
-            seed: ferry_common::job::DEFAULT_SEED,
+            seed: ferry_spec::job::DEFAULT_SEED,
             threads: 0,
             device: "auto".into(),
         }
@@ -191,7 +187,7 @@ impl TrainConfig {
 mod tests {
     use super::*;
     use crate::models::Family;
-    use ferry_common::job::JobSpec;
+    use ferry_spec::job::JobSpec;
 
     /// A cluster job is checked by the job spec, `ferry train` by the engine's config: the
     /// two must draw the line for `seq_len` at the same place. They did not (2 and 1 for the

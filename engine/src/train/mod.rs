@@ -22,9 +22,9 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
 use crate::schedule::LrSchedule;
 use crate::weights;
-use ferry_common::sampler::{mix_seed, SampleOrder};
-use ferry_common::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
-use ferry_common::shards::TokenSplit;
+use ferry_dataset::sentence_pairs::{MaskingRule, PairBuilder, SpecialIds};
+use ferry_dataset::shards::TokenSplit;
+use ferry_spec::sampler::{mix_seed, SampleOrder};
 use serde::Serialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use tch::Device;
 
 pub const TRAIN_CONFIG_FILE: &str = "train.json";
 /// One JSON line per logged step, beside the checkpoints (the run directory's layout).
-pub use ferry_common::run_dir::METRICS_FILE;
+pub use ferry_spec::run_dir::METRICS_FILE;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
@@ -60,7 +60,7 @@ fn check_initial_weights(
     source: &Path,
     family: Family,
     data_dir: &Path,
-    manifest: &ferry_common::shards::Manifest,
+    manifest: &ferry_dataset::shards::Manifest,
 ) -> Result<PathBuf> {
     let (dir, theirs) = crate::pretrained::open_model_dir(source)?;
     if theirs.family() != family {
@@ -76,7 +76,7 @@ fn check_initial_weights(
     let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
     let tokenizer =
         std::fs::read(&tokenizer_path).map_err(|e| EngineError::io(&tokenizer_path, e))?;
-    if ferry_common::shards::sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
+    if ferry_dataset::shards::sha256_hex(&tokenizer) != manifest.tokenizer_sha256 {
         return Err(EngineError::file(
             &tokenizer_path,
             format!(
@@ -98,7 +98,7 @@ impl TrainConfig {
         let Some(source) = &self.init_from else {
             return Ok(None);
         };
-        let manifest = ferry_common::shards::Manifest::load(&self.data)?;
+        let manifest = ferry_dataset::shards::Manifest::load(&self.data)?;
         let family = parse_family(&self.model)?;
         check_initial_weights(source, family, &self.data, &manifest).map(Some)
     }
@@ -111,7 +111,7 @@ fn load_initial_weights(
     ps: &ParamStore,
     mc: &ModelConfig,
     data_dir: &Path,
-    manifest: &ferry_common::shards::Manifest,
+    manifest: &ferry_dataset::shards::Manifest,
 ) -> Result<PathBuf> {
     let dir = check_initial_weights(source, mc.family(), data_dir, manifest)?;
     let model_path = dir.join(checkpoint::MODEL_FILE);
@@ -298,7 +298,7 @@ fn resume_point(run_dir: &Path) -> Result<Option<ResumePoint>> {
             })
             .collect();
         return Err(EngineError::file(
-            run_dir.join(ferry_common::run_dir::CHECKPOINTS_DIR),
+            run_dir.join(ferry_spec::run_dir::CHECKPOINTS_DIR),
             format!(
                 "no checkpoint verifies, nothing to resume from: {}",
                 each.join("; ")
@@ -356,11 +356,11 @@ impl Engine {
         let manifest = train.manifest().clone();
         let tokenizer_path = cfg.data.join(&manifest.tokenizer_file);
         // Checkpoints carry the tokenizer; fail now, not at the first checkpoint.
-        let tokenizer = ferry_common::tokenizer::load_tokenizer(&tokenizer_path)?;
+        let tokenizer = ferry_dataset::tokenizer::load_tokenizer(&tokenizer_path)?;
         let mut mc = cfg.model_config(manifest.vocab_size as i64)?;
         // An override below the data's vocabulary leaves ids without an embedding row, which
         // libtorch finds only mid-step (a larger one pads the table, as GPT-2's 50304 does).
-        let ids = (ferry_common::tokenizer::token_id_count(&tokenizer) as i64)
+        let ids = (ferry_dataset::tokenizer::token_id_count(&tokenizer) as i64)
             .max(manifest.vocab_size as i64);
         if mc.vocab_size() < ids {
             return Err(EngineError::Config {

@@ -318,8 +318,8 @@ mod tests {
         let mut state = 42u64;
         for round in 0..200 {
             let k = 1 + round % 6;
-            let n = (crate::sampler::splitmix64(&mut state) % 300) as usize;
-            let mut draw = || (crate::sampler::splitmix64(&mut state) % k as u64) as usize;
+            let n = (ferry_spec::sampler::splitmix64(&mut state) % 300) as usize;
+            let mut draw = || (ferry_spec::sampler::splitmix64(&mut state) % k as u64) as usize;
             let gold: Vec<usize> = (0..n).map(|_| draw()).collect();
             // Biased toward correct answers, so that the trace is not always small.
             let pred: Vec<usize> = gold

@@ -16,9 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::{mix_seed, splitmix64};
 use crate::shards::TokenSplit;
 use crate::DataError;
+use ferry_spec::sampler::{mix_seed, splitmix64};
 
 /// Label of an example whose segment B is A's true continuation (`transformers`' convention
 /// for `next_sentence_label`).

@@ -7,9 +7,9 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use ferry_common::sampler::splitmix64;
-use ferry_common::textcls::{read_labelled_csv, read_labelled_csv_encoded, CsvEncoding};
-use ferry_common::DataError;
+use ferry_dataset::textcls::{read_labelled_csv, read_labelled_csv_encoded, CsvEncoding};
+use ferry_dataset::DataError;
+use ferry_spec::sampler::splitmix64;
 
 #[test]
 fn reads_the_airline_file() {
@@ -388,7 +388,7 @@ fn python_csv(path: &Path, encoding: &str) -> Result<Vec<(String, String)>, Stri
 }
 
 /// (text, label) of every example of a labelled set.
-fn texts_and_labels(set: &ferry_common::textcls::LabelledSet) -> Vec<(String, String)> {
+fn texts_and_labels(set: &ferry_dataset::textcls::LabelledSet) -> Vec<(String, String)> {
     set.examples
         .iter()
         .map(|e| (e.text.clone(), set.labels[e.label.unwrap()].clone()))

@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_common::corpus::{expand_inputs, read_documents, Document};
-use ferry_common::DataError;
+use ferry_dataset::corpus::{expand_inputs, read_documents, Document};
+use ferry_dataset::DataError;
 
 fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
     let path = dir.join(name);

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferry_common::prepare::{prepare, PrepareOptions};
-use ferry_common::shards::TokenSplit;
-use ferry_common::tokenizer::load_tokenizer;
+use ferry_dataset::prepare::{prepare, PrepareOptions};
+use ferry_dataset::shards::TokenSplit;
+use ferry_dataset::tokenizer::load_tokenizer;
 
 fn data_dir() -> PathBuf {
     std::env::var_os("FERRY_DATA_DIR").map_or_else(

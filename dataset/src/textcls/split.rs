@@ -1,7 +1,7 @@
 //! A seeded, stratified train/dev/test split over the records of a labelled CSV, and its file,
 //! `split.json`, which lets a later run (or the Python baseline) use exactly the same split.
 //!
-//! Each class is shuffled on its own (splitmix64 + Fisher-Yates, [`crate::sampler::shuffle`])
+//! Each class is shuffled on its own (splitmix64 + Fisher-Yates, [`ferry_spec::sampler::shuffle`])
 //! and cut by the fractions, so every split has the class proportions of the whole file, to
 //! within one record per class.
 
@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::csv::{Example, LabelledSet};
-use crate::sampler::{mix_seed, shuffle};
 use crate::DataError;
+use ferry_spec::sampler::{mix_seed, shuffle};
 
 /// Keeps the split's random stream apart from the sample order's (`mix_seed(&[seed, epoch])`),
 /// so that the same `--seed` does not correlate the two.

@@ -7,8 +7,8 @@ use support::*;
 use std::fs;
 use std::path::Path;
 
-use ferry_common::textcls::{read_labelled_csv, LabelledSet, Part, Split, SplitFractions};
-use ferry_common::DataError;
+use ferry_dataset::textcls::{read_labelled_csv, LabelledSet, Part, Split, SplitFractions};
+use ferry_dataset::DataError;
 
 fn ideal_within_one(set: &LabelledSet, split: &Split) {
     let fractions = [
@@ -187,8 +187,8 @@ fn tampered_split_files_are_refused() {
 /// tweets never reach the language model that is later scored on them.
 #[test]
 fn pretraining_texts_of_a_split_are_its_training_part_only() {
-    use ferry_common::corpus::{read_csv_documents, CsvTexts};
-    use ferry_common::prepare::{prepare, PrepareOptions};
+    use ferry_dataset::corpus::{read_csv_documents, CsvTexts};
+    use ferry_dataset::prepare::{prepare, PrepareOptions};
 
     let path = tweets();
     let set = read_tweets(&path);
@@ -241,8 +241,8 @@ fn pretraining_texts_of_a_split_are_its_training_part_only() {
 
 #[test]
 fn pretraining_texts_refuse_a_split_of_another_file_and_a_split_without_a_csv() {
-    use ferry_common::corpus::{read_csv_documents, CsvTexts};
-    use ferry_common::prepare::{prepare, PrepareOptions};
+    use ferry_dataset::corpus::{read_csv_documents, CsvTexts};
+    use ferry_dataset::prepare::{prepare, PrepareOptions};
 
     let set = read_tweets(&tweets());
     let split = Split::stratified(&set, SplitFractions::default(), 0).unwrap();

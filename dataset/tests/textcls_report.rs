@@ -1,7 +1,7 @@
 //! The report picture: well-formed XML, escaped labels, one cell per confusion-matrix entry,
 //! and the training curves.
 
-use ferry_common::textcls::{render_report_svg, Metrics, NamedConfusion, ReportSeries};
+use ferry_dataset::textcls::{render_report_svg, Metrics, NamedConfusion, ReportSeries};
 
 fn strings(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| s.to_string()).collect()

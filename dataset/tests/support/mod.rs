@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_common::textcls::{read_labelled_csv, LabelledSet};
+use ferry_dataset::textcls::{read_labelled_csv, LabelledSet};
 
 fn data_dir() -> PathBuf {
     std::env::var_os("FERRY_DATA_DIR").map_or_else(

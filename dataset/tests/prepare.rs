@@ -4,11 +4,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_common::corpus::{expand_inputs, read_documents, Document};
-use ferry_common::prepare::{prepare, PrepareOptions};
-use ferry_common::shards::{Manifest, TokenSplit};
-use ferry_common::tokenizer::{load_tokenizer, train_tokenizer, TokenizerKind, EOS_TOKEN};
-use ferry_common::DataError;
+use ferry_dataset::corpus::{expand_inputs, read_documents, Document};
+use ferry_dataset::prepare::{prepare, PrepareOptions};
+use ferry_dataset::shards::{Manifest, TokenSplit};
+use ferry_dataset::tokenizer::{load_tokenizer, train_tokenizer, TokenizerKind, EOS_TOKEN};
+use ferry_dataset::DataError;
 
 const WORDS: &[&str] = &[
     "the", "a", "lobster", "storm", "game", "was", "is", "in", "of", "and", "sea", "red", "blue",

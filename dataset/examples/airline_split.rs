@@ -2,7 +2,7 @@
 //! binary (and so without libtorch), for the TF-IDF baseline and for comparing runs:
 //!
 //! ```text
-//! cargo run -p ferry-common --example airline_split -- CSV OUT.json [SEED] [TEXT_COLUMN] [LABEL_COLUMN]
+//! cargo run -p ferry-dataset --example airline_split -- CSV OUT.json [SEED] [TEXT_COLUMN] [LABEL_COLUMN]
 //! ```
 //!
 //! SEED defaults to 0 and the columns to the airline file's `text` and `airline_sentiment`.
@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferry_common::textcls::{read_labelled_csv, Part, Split, SplitFractions};
+use ferry_dataset::textcls::{read_labelled_csv, Part, Split, SplitFractions};
 
 const USAGE: &str =
     "usage: airline_split CSV OUT.json [SEED] [TEXT_COLUMN] [LABEL_COLUMN]  (defaults: 0 text airline_sentiment)";
@@ -46,7 +46,7 @@ fn run(
     seed: u64,
     text_column: &str,
     label_column: &str,
-) -> Result<(), ferry_common::DataError> {
+) -> Result<(), ferry_dataset::DataError> {
     let set = read_labelled_csv(csv, text_column, Some(label_column), None)?;
     let counts: Vec<String> = set.counts().map(|(l, n)| format!("{l} {n}")).collect();
     println!(
@@ -57,7 +57,7 @@ fn run(
     );
     let split = Split::stratified(&set, SplitFractions::default(), seed)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| ferry_common::DataError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| ferry_dataset::DataError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
