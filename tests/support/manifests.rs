@@ -821,9 +821,11 @@ pub fn compose_services(origin: &str, doc: &Yaml) -> Vec<(String, Invocation, Ve
         let entrypoint = words(svc.get("entrypoint"));
         let mut argv = words(svc.get("command"));
         if let Some(first) = entrypoint.first() {
+            // The slim coordinator takes `ferry coordinator`'s arguments.
+            let slim = is_slim_coordinator_word(first);
             // Another program (the certificate step): it runs no ferry command, and must not
             // hide one either.
-            if !is_ferry_word(first) {
+            if !slim && !is_ferry_word(first) {
                 let all: Vec<String> = entrypoint.iter().chain(&argv).cloned().collect();
                 let script = shlex::try_join(all.iter().map(String::as_str)).unwrap_or_default();
                 assert!(
@@ -832,7 +834,12 @@ pub fn compose_services(origin: &str, doc: &Yaml) -> Vec<(String, Invocation, Ve
                 );
                 continue;
             }
-            let mut e = entrypoint[1..].to_vec();
+            let mut e = if slim {
+                vec!["coordinator".to_string()]
+            } else {
+                Vec::new()
+            };
+            e.extend(entrypoint[1..].iter().cloned());
             e.extend(argv);
             argv = e;
         }
