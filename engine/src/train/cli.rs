@@ -111,7 +111,13 @@ impl TrainArgs {
             };
         }
         set!(data, "--data", false);
-        set!(model, "--model", false);
+        if let Some(name) = &self.model {
+            let family = crate::models::parse_family(name)?;
+            if self.resume && c.model != family {
+                fixed.push("--model");
+            }
+            c.model = family;
+        }
         set!(size, "--size", false);
         set!(global_batch, "--global-batch", false);
         set!(micro_batch, "--micro-batch", false);

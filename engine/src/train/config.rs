@@ -2,7 +2,7 @@
 //! cluster job's spec becomes one.
 
 use crate::error::{EngineError, Result};
-use crate::models::{parse_family, ModelConfig};
+use crate::models::{Family, ModelConfig};
 use crate::schedule::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -11,8 +11,8 @@ use std::path::PathBuf;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model family: gpt2, gpt or bert.
-    pub model: String,
+    /// Model family: gpt2, gpt or bert (the job spec's type; `train.json` holds its name).
+    pub model: Family,
     /// Named size: tiny, mini, small, base, medium, large.
     pub size: String,
     /// Per-field overrides of the model config, `field=value`.
@@ -71,7 +71,7 @@ impl TrainConfig {
                 message,
             })
         };
-        ModelConfig::sized(parse_family(&self.model)?, &self.size, 1)?;
+        ModelConfig::sized(self.model, &self.size, 1)?;
         if self.micro_batch == 0 || self.global_batch == 0 {
             return bad(
                 "micro_batch",
@@ -105,7 +105,7 @@ impl TrainConfig {
     /// The model's config for a vocabulary: the named size, its context stretched to
     /// `seq_len` if that is longer, then the overrides.
     pub fn model_config(&self, vocab_size: i64) -> Result<ModelConfig> {
-        let mut c = ModelConfig::sized(parse_family(&self.model)?, &self.size, vocab_size)?;
+        let mut c = ModelConfig::sized(self.model, &self.size, vocab_size)?;
         if let Some(t) = self.seq_len {
             c.set_context(c.context().max(t));
         }
@@ -131,7 +131,7 @@ impl TrainConfig {
     /// `threads` and `device` are the worker's own.
     pub fn from_job(spec: &ferry_spec::job::JobSpec, threads: usize, device: &str) -> TrainConfig {
         TrainConfig {
-            model: spec.model.family.name().into(),
+            model: spec.model.family,
             size: spec.model.size.clone(),
             overrides: spec.override_strings(),
             data: spec.data.shards.clone(),
@@ -154,7 +154,7 @@ impl TrainConfig {
         c: &ferry_spec::job::CheckpointSection,
     ) -> TrainConfig {
         TrainConfig {
-            model: "gpt2".into(),
+            model: Family::Gpt2,
             size: "tiny".into(),
             overrides: Vec::new(),
             data: PathBuf::from("data-prepared"),
@@ -186,7 +186,6 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::Family;
     use ferry_spec::job::JobSpec;
 
     /// A cluster job is checked by the job spec, `ferry train` by the engine's config: the
@@ -205,7 +204,7 @@ mod tests {
                 );
                 let by_spec = JobSpec::from_toml(&toml, "job.toml");
                 let cfg = TrainConfig {
-                    model: family.name().into(),
+                    model: family,
                     seq_len: Some(seq_len as i64),
                     ..TrainConfig::default()
                 };

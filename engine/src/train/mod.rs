@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::error::{EngineError, Result};
 use crate::fsutil::{read_json, write_json};
 use crate::metrics::MetricsLog;
-use crate::models::{parse_family, Family, Model, ModelConfig, ParamStore};
+use crate::models::{Family, Model, ModelConfig, ParamStore};
 use crate::objective::{EvalReport, Objective};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::runtime;
@@ -99,8 +99,7 @@ impl TrainConfig {
             return Ok(None);
         };
         let manifest = ferry_dataset::shards::Manifest::load(&self.data)?;
-        let family = parse_family(&self.model)?;
-        check_initial_weights(source, family, &self.data, &manifest).map(Some)
+        check_initial_weights(source, self.model, &self.data, &manifest).map(Some)
     }
 }
 
