@@ -65,7 +65,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// (CPU seconds, resident MiB, peak resident MiB) of a process.
-fn proc_usage(pid: u32) -> Result<(f64, f64, f64)> {
+pub fn proc_usage(pid: u32) -> Result<(f64, f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')

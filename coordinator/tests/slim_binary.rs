@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const IDLE_RSS_LIMIT_KIB: u64 = 50 * 1024;
+const IDLE_RSS_LIMIT_MIB: f64 = 50.0;
 
 /// The shared corpora (`../shared/data`, or `FERRY_DATA_DIR`).
 fn data_dir() -> PathBuf {
@@ -31,16 +31,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A `/proc/PID/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("/proc/{pid}/status has no {field}"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -96,17 +86,11 @@ fn the_slim_coordinator_serves_a_job_without_libtorch_in_under_50_mib() {
             .unwrap(),
     );
     let pid = coordinator.0.id();
-    // Serving once it has written where it listens.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !state.join(ferry_coordinator::ENDPOINT_FILE).exists() {
-        if let Some(status) = coordinator.0.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(coordinator.0.stderr.as_mut().unwrap(), &mut err)
-                .unwrap();
-            panic!("ferry-coordinator exited with {status} before serving:\n{err}");
-        }
-        assert!(Instant::now() < deadline, "ferry-coordinator never served");
-        std::thread::sleep(Duration::from_millis(50));
+    // Serving once it has written where it listens (as `ferry launch` waits for it).
+    if let Err(e) = ferry_coordinator::admin::wait_for_endpoint(&state, &mut coordinator.0) {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(coordinator.0.stderr.as_mut().unwrap(), &mut err);
+        panic!("ferry-coordinator did not serve: {e:#}\n{err}");
     }
     // Its status page answers: it is the real server, not a process that wrote a file.
     let mut page = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
@@ -125,14 +109,13 @@ fn the_slim_coordinator_serves_a_job_without_libtorch_in_under_50_mib() {
         !maps.contains("libtorch") && !maps.contains("libc10"),
         "ferry-coordinator maps libtorch"
     );
-    let rss = status_kib(pid, "VmRSS:");
+    // As `ferry bench coordinator` measures it.
+    let (_, rss, _) = ferry_coordinator::loadgen::proc_usage(pid).unwrap();
     assert!(
-        rss < IDLE_RSS_LIMIT_KIB,
-        "idle RSS {} MiB, over {} MiB",
-        rss / 1024,
-        IDLE_RSS_LIMIT_KIB / 1024
+        rss < IDLE_RSS_LIMIT_MIB,
+        "idle RSS {rss:.1} MiB, over {IDLE_RSS_LIMIT_MIB} MiB"
     );
-    eprintln!("ferry-coordinator idle RSS: {:.1} MiB", rss as f64 / 1024.0);
+    eprintln!("ferry-coordinator idle RSS: {rss:.1} MiB");
 
     // SIGTERM stops it cleanly, as it stops `ferry coordinator`.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
