@@ -317,6 +317,24 @@ pub struct ClusterSection {
     /// smaller ones start sooner during backward, larger ones cost fewer round trips.
     #[serde(skip_serializing_if = "is_default_bucket")]
     pub bucket_mib: f64,
+    /// Rank 0 commits the group's steps to the coordinator once this many have been trained
+    /// since its last commit (1: every step). Larger values take the coordinator further off
+    /// the step path; a crash then redoes at most the steps not yet committed, and joins and
+    /// leaves wait for the next commit. Left out of serialized specs when 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub commit_every: u64,
+    /// ... or once the oldest uncommitted step is this many seconds old, whichever comes
+    /// first (0: no time limit). Left out of serialized specs when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub commit_interval_s: f64,
+}
+
+fn is_one(v: &u64) -> bool {
+    *v == 1
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// `cluster.bucket_mib` unless the job says otherwise. Smaller than DDP's 25 MiB: on two
@@ -345,6 +363,8 @@ impl Default for ClusterSection {
             gradient_dtype: GradientDtype::Fp32,
             overlap_backward: true,
             bucket_mib: DEFAULT_BUCKET_MIB,
+            commit_every: 1,
+            commit_interval_s: 0.0,
         }
     }
 }

@@ -186,6 +186,32 @@ impl JobSpec {
                 );
             }
         }
+        let max_workers = u64::from(self.max_workers());
+        if max_workers > crate::schedule::DigestLimbs::MAX_RANKS {
+            return err(
+                "cluster.max_workers",
+                format!(
+                    "{max_workers} is more ranks than one group can hold ({}: the group's \
+                     sequences digest is summed exactly in float32)",
+                    crate::schedule::DigestLimbs::MAX_RANKS
+                ),
+            );
+        }
+        if !(1..=100_000).contains(&c.commit_every) {
+            return err(
+                "cluster.commit_every",
+                format!("must be within 1..=100000 steps, got {}", c.commit_every),
+            );
+        }
+        if !(c.commit_interval_s >= 0.0 && c.commit_interval_s <= 3600.0) {
+            return err(
+                "cluster.commit_interval_s",
+                format!(
+                    "must be within 0..=3600 seconds (0: no time limit), got {}",
+                    c.commit_interval_s
+                ),
+            );
+        }
         if !(c.bucket_mib >= 0.0625 && c.bucket_mib <= 4096.0) {
             return err(
                 "cluster.bucket_mib",
