@@ -17,6 +17,7 @@ pub fn direct_env_vars() -> Vec<&'static str> {
         ferry_collective::nccl::NCCL_LIB_ENV,
         // Test-only fault injection; listed so the manifest check sees every name.
         ferry_dp::worker::PAUSE_BEFORE_STEP_LINE,
+        ferry_dp::worker::PAUSE_BEFORE_COMMIT,
         ferry_coordinator::store::SYNC_DELAY_ENV,
         // Test and debugging record of what each worker trained.
         ferry_engine::train::trained_log::TRAINED_SAMPLES_DIR_ENV,

@@ -4,7 +4,7 @@
 mod support;
 
 use ferry_rpc::client::with_backoff;
-use ferry_rpc::proto::{self, rendezvous_reply::Status as Rdzv};
+use ferry_rpc::proto::{self, commit_steps_reply::Directive, rendezvous_reply::Status as Rdzv};
 use std::time::{Duration, Instant};
 use support::cluster::*;
 use tokio_stream::StreamExt;
@@ -113,9 +113,12 @@ async fn world_size_changes_mid_epoch_keep_exactly_once() {
 
     let ledger = c.ledger().await;
     let sizes: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
-    assert_eq!(sizes[..7], [3; 7]);
-    assert_eq!(sizes[7..13], [5; 6]);
-    assert!(sizes[13..].iter().all(|&w| w == 4));
+    // A change takes effect at rank 0's next commit, which answers REGROUP: the old group
+    // trains that step and the one whose all-reduce carries the word (two steps), then the
+    // new group takes over.
+    assert_eq!(sizes[..9], [3; 9]);
+    assert_eq!(sizes[9..15], [5; 6]);
+    assert!(sizes[15..].iter().all(|&w| w == 4));
     let trained: Vec<Trained> = workers
         .iter()
         .chain(gone.iter())
@@ -127,11 +130,10 @@ async fn world_size_changes_mid_epoch_keep_exactly_once() {
     assert_eq!(status.workers.len(), 4, "the leaver is gone from the table");
 }
 
-/// The race CI caught: rank 1 commits step s and asks for s + 1, which is a step boundary, so a
-/// pending join proposes the next generation; rank 0's commit of s arrives after that. The step
-/// is in the ledger with rank 0's slice, so the coordinator confirms it rather than answering
-/// "not the running group" (which sent rank 0 to rendezvous with the step left out of its
-/// metrics).
+/// Rank 0's commit can arrive after the group it speaks for was dissolved: a join was
+/// proposed at its previous commit, the group trained its last step, and another member came
+/// to rendezvous first offering that step. The step is recorded once, from whichever comes
+/// first; rank 0's commit is then a confirmation, not an error, and a forged one is refused.
 #[tokio::test]
 async fn a_commit_arriving_after_a_join_dissolved_the_group_is_confirmed() {
     let c = CoordinatorProc::start(
@@ -143,51 +145,70 @@ async fn a_commit_arriving_after_a_join_dissolved_the_group_is_confirmed() {
     rendezvous_all(&mut workers).await;
     run_steps(&mut workers, 3).await;
     let g1 = workers[0].generation;
-    let (fast, slow) = if workers[0].rank == 1 { (0, 1) } else { (1, 0) };
-    for w in workers.iter_mut() {
-        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
-    }
-    assert_eq!(workers[fast].commit().await.unwrap(), 4);
+    let (r0, r1) = if workers[0].rank == 0 { (0, 1) } else { (1, 0) };
     workers.extend(join_n(&c, 1, "late").await);
-    assert_eq!(workers[fast].next_step().await.unwrap(), Next::Regroup);
+    // Step 3: rank 0's commit answers REGROUP (the join takes effect here) ...
+    workers[r0].train();
+    workers[r1].train();
+    let (committed, directive) = workers[r0].commit().await.unwrap();
+    assert_eq!((committed, directive), (4, Directive::Regroup));
+    workers[r1].heard_committed(4);
     assert_eq!(
         c.status().await.generation,
         g1 + 1,
         "the join proposed a generation"
     );
-
-    // Rank 0's commit of step 3 is confirmed, in the dissolved generation's name.
-    assert_eq!(workers[slow].commit().await.expect("late confirmation"), 4);
-    // A forged one is not: the digest must be the slice the ledger gave that rank.
-    let applied = workers[slow].trained.last().cloned().unwrap();
-    let err = workers[slow]
+    // ... and the group trains step 4 with the word in its all-reduce, then comes back.
+    workers[r0].train();
+    workers[r1].train();
+    // Rank 1 is at rendezvous first: its offer commits step 4.
+    let mut early = workers.remove(r1);
+    let offered = tokio::spawn(async move {
+        early.rendezvous(Duration::from_secs(30)).await;
+        early
+    });
+    let r0 = if r0 > r1 { r0 - 1 } else { r0 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.status().await.committed_steps < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "rank 1's offer was not committed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Rank 0's commit of the same step, in the dissolved generation's name, is a confirmation.
+    assert_eq!(
+        workers[r0].commit().await.expect("late confirmation"),
+        (5, Directive::Regroup)
+    );
+    // A forged one is not: the digest must be the schedule's.
+    let mut forged = workers[r0].trained_step(4);
+    forged.step = 5;
+    let err = workers[r0]
         .c
         .coordinator
         .clone()
-        .commit_step(proto::CommitStepRequest {
-            worker_id: workers[slow].id.clone(),
+        .commit_steps(proto::CommitStepsRequest {
+            worker_id: workers[r0].id.clone(),
             generation: g1,
-            step: 3,
-            loss: 1.0,
-            tokens: 1,
-            step_time_s: 0.01,
-            allreduce_s: 0.0,
-            sequences_digest: ferry_spec::sampler::sequences_digest(&applied.ids) ^ 1,
+            steps: vec![forged],
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    // The step after it, in the old generation, still sends the rank to rendezvous.
-    assert_eq!(workers[slow].next_step().await.unwrap(), Next::Regroup);
 
-    rendezvous_all(&mut workers).await;
+    let mut rest: Vec<SimWorker> = workers.drain(..).collect();
+    let statuses = rendezvous_all(&mut rest).await;
+    assert!(statuses.iter().all(|s| *s == Rdzv::Ready), "{statuses:?}");
+    workers = rest;
+    workers.push(offered.await.unwrap());
     assert!(workers
         .iter()
-        .all(|w| w.world == 3 && w.generation == g1 + 1 && w.state_step == Some(4)));
-    run_steps(&mut workers, 5).await;
+        .all(|w| w.world == 3 && w.generation == g1 + 1 && w.state_step == Some(5)));
+    run_steps(&mut workers, 4).await;
     let ledger = c.ledger().await;
     let sizes: Vec<u32> = ledger.entries.iter().map(|e| e.world_size).collect();
-    assert_eq!(sizes, [2, 2, 2, 2, 3, 3, 3, 3, 3]);
+    assert_eq!(sizes, [2, 2, 2, 2, 2, 3, 3, 3, 3]);
     let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
     verify_exactly_once(&ledger, &trained);
 }
@@ -229,9 +250,10 @@ async fn silent_worker_is_declared_dead_and_survivor_regroups() {
     );
     assert!(c.log_text().contains("declared dead"));
 
-    // The group re-forms without it; the uncommitted step is redone by the new group.
+    // The group re-forms without it; the uncommitted step is redone by the new group. A
+    // commit in the old group's name is answered REGROUP.
     let g = survivor.generation;
-    assert_eq!(survivor.next_step().await.unwrap(), Next::Regroup);
+    assert_eq!(survivor.commit().await.unwrap().1, Directive::Regroup);
     assert_eq!(
         survivor.rendezvous(Duration::from_secs(10)).await,
         Rdzv::Ready
@@ -363,13 +385,20 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
     let generation = workers[0].generation;
     run_steps(&mut workers, 5).await;
 
-    // Step 5 is in flight: both ranks have their plans, rank 0's commit lands, then kill -9.
-    for w in workers.iter_mut() {
-        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
+    // Rank 0 commits steps 5 and 6 in one batch; steps 7 and 8 are trained and held,
+    // uncommitted, when the coordinator is killed.
+    let r0 = workers.iter().position(|w| w.rank == 0).unwrap();
+    for _ in 0..2 {
+        workers.iter_mut().for_each(SimWorker::train);
     }
-    assert_eq!(workers[0].commit().await.unwrap(), 6);
+    assert_eq!(
+        workers[r0].commit().await.unwrap(),
+        (7, Directive::Continue)
+    );
+    for _ in 0..2 {
+        workers.iter_mut().for_each(SimWorker::train);
+    }
     c.kill9();
-
     // A worker calling while the coordinator is down retries with backoff until it is back.
     let hb_worker = workers[1].id.clone();
     let hb_clients = workers[1].c.clone();
@@ -402,7 +431,7 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
 
     let st = c.status().await;
     assert_eq!(
-        st.committed_steps, 6,
+        st.committed_steps, 7,
         "the commit made before the kill survived"
     );
     assert_eq!(
@@ -410,22 +439,28 @@ async fn coordinator_killed_with_sigkill_resumes_from_its_state_directory() {
         "the group goes on in the same generation"
     );
     assert_eq!(st.workers.len(), 2);
-    // Rank 1's late report of step 5 is a confirmation; then training continues.
-    assert_eq!(workers[1].commit().await.unwrap(), 6);
+    // The batch the kill interrupted is committed once the coordinator is back, once.
+    assert_eq!(
+        workers[r0].commit().await.unwrap(),
+        (9, Directive::Continue)
+    );
+    assert_eq!(
+        workers[r0].commit().await.unwrap(),
+        (9, Directive::Continue)
+    );
+    workers.iter_mut().for_each(|w| w.heard_committed(9));
     run_steps(&mut workers, 4).await;
     let ledger = c.ledger().await;
-    assert_eq!(ledger.entries.len(), 10);
+    assert_eq!(ledger.entries.len(), 13);
     let trained: Vec<Trained> = workers.iter().flat_map(|w| w.trained.clone()).collect();
     verify_exactly_once(&ledger, &trained);
     assert!(c.log_text().contains("resuming job"));
 }
 
-/// A late commit: both ranks applied step 3 (their all-reduce completed), one died before
-/// committing it, and the survivor's commit came after the group was dissolved. The survivor
-/// proves the step at rendezvous, so the coordinator records it without a loss (nobody
-/// reported one). That record must read back: through the ledger RPC, and from the state
-/// directory after `kill -9`. (A NaN loss stored as JSON `null` once made the ledger
-/// unreadable and the restarted coordinator unable to load its own state.)
+/// A late commit: both ranks applied step 3 (their all-reduce completed) and rank 0 died
+/// before committing it. The survivor offers the step at rendezvous and the coordinator
+/// records it, with the figures the group's all-reduce gave every rank. That record must read
+/// back: through the ledger RPC, and from the state directory after `kill -9`.
 #[tokio::test]
 async fn a_step_committed_late_reads_back_after_a_restart() {
     let mut c = CoordinatorProc::start(
@@ -439,13 +474,11 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
     let mut workers = join_n(&c, 2, "lr").await;
     rendezvous_all(&mut workers).await;
     run_steps(&mut workers, 3).await;
-    for w in workers.iter_mut() {
-        assert_eq!(w.next_step().await.unwrap(), Next::Plan);
-    }
-    // Both apply step 3; neither commit reaches the coordinator in time.
+    // Both apply step 3; rank 0 dies before its commit.
+    workers.iter_mut().for_each(SimWorker::train);
+    let r0 = workers.iter().position(|w| w.rank == 0).unwrap();
+    let silent = workers.remove(r0);
     let mut survivor = workers.remove(0);
-    let mut silent = workers.remove(0);
-    silent.apply();
     let since = Instant::now();
     while c.status().await.workers.len() == 2 {
         survivor.heartbeat().await.unwrap();
@@ -455,11 +488,6 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let err = survivor.commit().await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    // It applied the step all the same (a refused commit leaves the plan in hand).
-    survivor.apply();
-
     assert_eq!(
         survivor.rendezvous(Duration::from_secs(10)).await,
         Rdzv::Ready
@@ -469,7 +497,10 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
     let ledger = c.ledger().await;
     assert_eq!(ledger.entries.len(), 4);
     assert_eq!(ledger.entries[3].world_size, 2);
-    assert!(ledger.entries[3].loss.is_nan(), "no loss was reported");
+    assert_eq!(
+        ledger.entries[3].loss, 2.5,
+        "the group's loss, from the offer"
+    );
 
     c.kill9();
     c.restart();
@@ -478,7 +509,7 @@ async fn a_step_committed_late_reads_back_after_a_restart() {
     run_steps(&mut alone, 2).await;
     let ledger = c.ledger().await;
     assert_eq!(ledger.entries.len(), 6);
-    assert!(ledger.entries[3].loss.is_nan());
+    assert_eq!(ledger.entries[3].loss, 2.5);
     assert!(ledger.entries[5].loss.is_finite());
     let trained: Vec<Trained> = alone
         .iter()
@@ -677,7 +708,7 @@ async fn a_slow_disk_sync_holds_up_no_other_call() {
     rendezvous_all(&mut workers).await;
     let mut a = workers.remove(0);
     let b = workers.remove(0);
-    assert_eq!(a.next_step().await.unwrap(), Next::Plan);
+    a.train();
     let committing = tokio::spawn(async move {
         let t = Instant::now();
         a.commit().await.unwrap();
@@ -742,12 +773,14 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     let gen = workers[0].generation;
 
     // Wrong generation: one from the future, one from the past.
+    let step3 = workers[0].trained_step(3);
+    let commit = |generation: u64, steps: Vec<proto::TrainedStep>| proto::CommitStepsRequest {
+        worker_id: id.clone(),
+        generation,
+        steps,
+    };
     let err = coord
-        .next_step(proto::NextStepRequest {
-            worker_id: id.clone(),
-            generation: gen + 5,
-            step: 3,
-        })
+        .commit_steps(commit(gen + 5, vec![step3.clone()]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -757,12 +790,7 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
         err.message()
     );
     let err = coord
-        .commit_step(proto::CommitStepRequest {
-            worker_id: id.clone(),
-            generation: gen - 1,
-            step: 3,
-            ..Default::default()
-        })
+        .commit_steps(commit(gen - 1, vec![step3.clone()]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -779,34 +807,31 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("w999-nobody"));
 
-    // Out-of-range steps: far ahead, and a step already committed long ago.
-    for step in [1_000_000, 0] {
-        let err = coord
-            .next_step(proto::NextStepRequest {
-                worker_id: id.clone(),
-                generation: gen,
-                step,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::OutOfRange, "step {step}: {err:?}");
-        assert!(
-            err.message().contains("next step to run is 3"),
-            "{}",
-            err.message()
-        );
-    }
-
-    // A commit that does not match the plan it claims to have trained.
-    assert_eq!(workers[0].next_step().await.unwrap(), Next::Plan);
+    // A step far ahead is out of range; one committed long ago is skipped (a retried commit).
+    let mut far = step3.clone();
+    far.step = 1_000_000;
     let err = coord
-        .commit_step(proto::CommitStepRequest {
-            worker_id: id.clone(),
-            generation: gen,
-            step: 3,
-            sequences_digest: 12345,
-            ..Default::default()
-        })
+        .commit_steps(commit(gen, vec![far]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("the next step to commit is 3"),
+        "{}",
+        err.message()
+    );
+    let old = coord
+        .commit_steps(commit(gen, vec![workers[0].trained_step(0)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(old.committed_steps, 3);
+
+    // A commit that does not match the schedule it claims to have trained.
+    let mut forged = step3.clone();
+    forged.group_digest = 12345;
+    let err = coord
+        .commit_steps(commit(gen, vec![forged]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -877,9 +902,6 @@ async fn hostile_requests_get_clear_errors_and_leave_the_state_intact() {
     // Still serving, and nothing changed: the honest workers carry on.
     let after = c.ledger().await;
     assert_eq!(after.entries, before.entries);
-    for w in workers.iter_mut() {
-        w.plan = None;
-    }
     run_steps(&mut workers, 2).await;
     let ledger = c.ledger().await;
     assert_eq!(ledger.entries.len(), 5);
@@ -952,7 +974,11 @@ async fn metrics_status_page_and_admin_commands() {
     assert!(err.contains("cluster.max_workers"), "{err}");
 
     admin(&["stop"]);
-    assert_eq!(workers[0].next_step().await.unwrap(), Next::Stopped);
+    assert_eq!(workers[0].commit().await.unwrap().1, Directive::Stop);
+    assert_eq!(
+        workers[0].rendezvous(Duration::from_secs(10)).await,
+        Rdzv::Stopped
+    );
 }
 
 #[tokio::test]
@@ -1116,7 +1142,7 @@ async fn quorum_standby_and_watch_events() {
         })
         .await
         .unwrap();
-    assert_eq!(workers[0].next_step().await.unwrap(), Next::Regroup);
+    assert_eq!(workers[0].commit().await.unwrap().1, Directive::Regroup);
     workers.push(spare);
     let statuses = rendezvous_all(&mut workers).await;
     assert!(statuses.iter().all(|s| *s == Rdzv::Ready), "{statuses:?}");

@@ -271,6 +271,153 @@ async fn rank_0_killed_between_a_commit_and_its_metrics_line_loses_no_line() {
     );
 }
 
+/// Issue 19: rank 0 killed after a step's all-reduce (every rank applied it) and before its
+/// commit. The other rank holds the step uncommitted and offers it at rendezvous: it is
+/// committed once, from that offer, and nothing is lost or trained twice (the run reaches one
+/// worker's weights and losses, with no rollback and no step redone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_0_killed_between_the_all_reduce_and_its_commit_loses_nothing() {
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
+    let dir = support::scratch("dp-commit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let c = CoordinatorProc::start(
+        "dp-commit-coord",
+        &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
+        &[],
+    );
+    const AT: u64 = 5;
+    let paused = WorkerProc::start_with_env(
+        &c,
+        "paused",
+        &[("FERRY_FAULT_PAUSE_BEFORE_COMMIT", &format!("{AT}:20000"))],
+    );
+    let start = Instant::now();
+    while c.status().await.workers.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            paused.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let survivor = WorkerProc::start(&c, "survivor");
+    let start = Instant::now();
+    while !paused.log_text().contains("pausing") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{}\n{}",
+            paused.log_text(),
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        paused.log_text().contains("rank 0 of 2"),
+        "{}",
+        paused.log_text()
+    );
+    // Commits run in the background: the one before may still be on its way.
+    let committed = c.status().await.committed_steps;
+    assert!(
+        committed < AT,
+        "step {AT} is applied but not committed: {committed}"
+    );
+    paused.signal(libc::SIGKILL);
+    let start = Instant::now();
+    while c.status().await.phase != "finished" {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{}",
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_same_training(&reference, &run);
+    let ledger = c.ledger().await;
+    assert_eq!(
+        (ledger.rollbacks, ledger.redone_steps),
+        (0, 0),
+        "a committed step was trained again"
+    );
+    assert_eq!(
+        ledger.entries[(AT - 1) as usize].world_size,
+        2,
+        "step {AT} by the pair"
+    );
+    assert!(
+        c.log_text()
+            .lines()
+            .any(|l| l.contains("late commit of steps") && l.contains(&format!("..{AT}"))),
+        "{}",
+        c.log_text()
+    );
+}
+
+/// Issue 19: rank 0 commits every 4 steps; the coordinator is killed with SIGKILL mid-run
+/// and restarted on its state directory. The group trains on meanwhile, and the batch the
+/// kill interrupted is committed when the coordinator is back: the run reaches one worker's
+/// weights, with no step redone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_commit_interrupted_by_a_coordinator_kill_9_loses_nothing() {
+    let reference = tokio::task::spawn_blocking(single_worker_run)
+        .await
+        .unwrap();
+    let dir = support::scratch("dp-batch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let mut c = CoordinatorProc::start(
+        "dp-batch-coord",
+        &job(&run, "min_workers = 2\nsettle_s = 0.0\nheartbeat_timeout_s = 10.0\ncollective_timeout_s = 10.0\ncommit_every = 4"),
+        &[],
+    );
+    let a = WorkerProc::start(&c, "a");
+    let b = WorkerProc::start(&c, "b");
+    let st = wait_for_step(&c, 4, Duration::from_secs(120)).await;
+    assert_eq!(st.committed_steps % 4, 0, "commits come in batches of 4");
+    c.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.restart();
+    let start = Instant::now();
+    while c.status().await.phase != "finished" {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_same_training(&reference, &run);
+    let ledger = c.ledger().await;
+    assert_eq!((ledger.rollbacks, ledger.redone_steps), (0, 0));
+    assert!(ledger.entries.iter().all(|e| e.world_size == 2));
+}
+
 /// Issue 22: no worker holds the state and the checkpoint the coordinator recorded does not
 /// verify on the worker that loads it. That worker falls back to the newest older checkpoint
 /// that verifies and says so, the coordinator rolls the ledger back to that step, and the job

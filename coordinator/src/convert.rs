@@ -2,12 +2,12 @@
 //! ([`crate::state`]): the only place that knows both.
 
 use crate::state::{
-    Assignment, CheckpointReport, CollectiveKind, Event, EventKind, FailureReport, Heartbeat,
-    HeartbeatAnswer, JobStatus, JoinRequest, Joined, RendezvousRequest, Scaled, StepCommit,
-    StepPlan, StepRequest,
+    Assignment, CheckpointReport, CollectiveKind, CommitAnswer, Directive, Event, EventKind,
+    FailureReport, Heartbeat, HeartbeatAnswer, JobStatus, JoinRequest, Joined, RendezvousRequest,
+    Scaled, StepsCommit, TrainedStep,
 };
 use crate::store::StateSourceRecord;
-use ferry_rpc::proto::{self, rendezvous_reply, watch_event};
+use ferry_rpc::proto::{self, commit_steps_reply, rendezvous_reply, watch_event};
 
 impl From<proto::JoinRequest> for JoinRequest {
     fn from(r: proto::JoinRequest) -> Self {
@@ -28,6 +28,7 @@ impl From<Joined> for proto::JoinReply {
             job_id: j.job_id,
             job_toml: j.job_toml,
             heartbeat_interval_s: j.heartbeat_interval.as_secs_f64(),
+            num_sequences: j.num_sequences,
             generation: j.generation,
         }
     }
@@ -88,6 +89,8 @@ impl From<&proto::RendezvousRequest> for RendezvousRequest {
                 proto::Collective::Nccl => CollectiveKind::Nccl,
             },
             blob: r.blob.clone(),
+            uncommitted: r.uncommitted.iter().map(TrainedStep::from).collect(),
+            trained_as: Some(r.trained_as.clone()).filter(|id| !id.is_empty()),
         }
     }
 }
@@ -115,44 +118,39 @@ impl From<Assignment> for proto::RendezvousReply {
     }
 }
 
-impl From<&proto::NextStepRequest> for StepRequest {
-    fn from(r: &proto::NextStepRequest) -> Self {
-        StepRequest {
-            worker_id: r.worker_id.clone(),
-            generation: r.generation,
-            step: r.step,
+impl From<&proto::TrainedStep> for TrainedStep {
+    fn from(s: &proto::TrainedStep) -> Self {
+        TrainedStep {
+            step: s.step,
+            loss: s.loss,
+            tokens: s.tokens,
+            step_time_s: s.step_time_s,
+            allreduce_s: s.allreduce_s,
+            group_digest: s.group_digest,
         }
     }
 }
 
-impl From<StepPlan> for proto::StepPlan {
-    fn from(p: StepPlan) -> Self {
-        proto::StepPlan {
-            step: p.step,
-            generation: p.generation,
-            rank: p.rank,
-            world_size: p.world_size,
-            sequence_ids: p.sequence_ids,
-            first_micro_batch: p.first_micro_batch,
-            micro_batch: p.micro_batch,
-            global_batch: p.global_batch,
-            stream_start: p.stream_start,
-            epoch: p.epoch,
+impl From<&proto::CommitStepsRequest> for StepsCommit {
+    fn from(r: &proto::CommitStepsRequest) -> Self {
+        StepsCommit {
+            worker_id: r.worker_id.clone(),
+            generation: r.generation,
+            steps: r.steps.iter().map(TrainedStep::from).collect(),
         }
     }
 }
 
-impl From<&proto::CommitStepRequest> for StepCommit {
-    fn from(r: &proto::CommitStepRequest) -> Self {
-        StepCommit {
-            worker_id: r.worker_id.clone(),
-            generation: r.generation,
-            step: r.step,
-            loss: r.loss,
-            tokens: r.tokens,
-            step_time_s: r.step_time_s,
-            allreduce_s: r.allreduce_s,
-            sequences_digest: r.sequences_digest,
+impl From<CommitAnswer> for proto::CommitStepsReply {
+    fn from(a: CommitAnswer) -> Self {
+        let directive = match a.directive {
+            Directive::Continue => commit_steps_reply::Directive::Continue,
+            Directive::Regroup => commit_steps_reply::Directive::Regroup,
+            Directive::Stop => commit_steps_reply::Directive::Stop,
+        };
+        proto::CommitStepsReply {
+            committed_steps: a.committed,
+            directive: directive as i32,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `ferry bench coordinator`: load-tests a real coordinator process with many simulated workers.
 //!
 //! Every simulated worker joins, heartbeats every `--heartbeat-s`, comes to rendezvous, and then
-//! the whole group runs steps in lockstep at `--step-interval-s`: every rank asks `NextStep`,
-//! then every rank sends `CommitStep`, as the all-reduce would order them. Latency is measured
+//! the group runs steps at `--step-interval-s` as ferry's ranks do: each plans its step itself
+//! and only rank 0 calls the coordinator, `CommitSteps` with the group's digest (summed, as
+//! the all-reduce would, from every simulated rank's schedule). Latency is measured
 //! per RPC on the client; the coordinator's CPU time and resident memory are read from /proc.
 //! Workers share `--connections` HTTP/2 connections (10,000 sockets from one process would
 //! measure this machine's loopback, not the coordinator).
@@ -10,8 +11,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferry_rpc::client::{ClientConfig, Clients};
-use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
-use ferry_spec::sampler::sequences_digest;
+use ferry_rpc::proto::{self, commit_steps_reply, rendezvous_reply};
+use ferry_spec::schedule::StepSchedule;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,10 @@ pub struct BenchCoordinatorArgs {
     /// A prepared data directory (only its manifest is read).
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, default_value_t = 1.0)]
-    heartbeat_s: f64,
+    /// The job's `cluster.heartbeat_timeout_s`: workers heartbeat every quarter of it, as the
+    /// coordinator tells them at join.
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_timeout_s: f64,
     /// Time between steps (the simulated compute time of one step).
     #[arg(long, default_value_t = 1.0)]
     step_interval_s: f64,
@@ -130,7 +133,7 @@ heartbeat_timeout_s = {hb_timeout}
         w = a.workers,
         dir = dir.display(),
         data = a.data.display(),
-        hb_timeout = (a.heartbeat_s * 30.0).max(30.0),
+        hb_timeout = a.heartbeat_timeout_s,
     );
     std::fs::write(dir.join("job.toml"), job)?;
     let token = crate::state::new_id();
@@ -167,7 +170,7 @@ heartbeat_timeout_s = {hb_timeout}
 struct Sim {
     id: String,
     generation: u64,
-    step: u64,
+    rank: u32,
 }
 
 pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
@@ -197,15 +200,17 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
     let n = a.workers as usize;
 
     rt.block_on(async {
-        // Join everyone; each starts heartbeating (every heartbeat_s) as soon as it has joined.
+        // Join everyone; each starts heartbeating, at the interval the join answers, as soon as
+        // it has joined.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hb_every = Duration::from_secs_f64(a.heartbeat_s);
+        let heartbeat_s = Arc::new(Mutex::new(f64::NAN));
         let t_join = Instant::now();
         let mut joins = tokio::task::JoinSet::new();
         for i in 0..n {
             let mut c = pool[i % pool.len()].coordinator.clone();
             let lat = lat.clone();
             let stop = stop.clone();
+            let heartbeat_s = heartbeat_s.clone();
             joins.spawn(async move {
                 let t = Instant::now();
                 let r = c
@@ -218,11 +223,16 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                     })
                     .await;
                 lat.lock().unwrap().record("join", t);
-                let id = r?.into_inner().worker_id;
+                let reply = r?.into_inner();
+                let (id, num_sequences) = (reply.worker_id, reply.num_sequences);
+                *heartbeat_s.lock().unwrap() = reply.heartbeat_interval_s;
+                let every = Duration::from_secs_f64(reply.heartbeat_interval_s.max(0.05));
                 let mut hb = c.clone();
                 let hb_id = id.clone();
                 tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(hb_every);
+                    // Spread over the interval, as workers that joined at different times are.
+                    let first = every.mul_f64((i % 1000) as f64 / 1000.0);
+                    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         tick.tick().await;
                         let t = Instant::now();
@@ -241,16 +251,18 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                         }
                     }
                 });
-                Ok::<_, tonic::Status>((i, id))
+                Ok::<_, tonic::Status>((i, id, num_sequences))
             });
         }
         let mut sims: Vec<Option<Sim>> = (0..n).map(|_| None).collect();
+        let mut num_sequences = 0;
         while let Some(r) = joins.join_next().await {
-            let (i, id) = r??;
+            let (i, id, sequences) = r??;
+            num_sequences = sequences;
             sims[i] = Some(Sim {
                 id,
                 generation: 0,
-                step: 0,
+                rank: 0,
             });
         }
         let sims: Vec<Sim> = sims.into_iter().map(|s| s.expect("joined")).collect();
@@ -273,6 +285,8 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                             state_step: 0,
                             blob: Vec::new(),
                             collective: proto::Collective::Ring as i32,
+                            uncommitted: Vec::new(),
+                            trained_as: String::new(),
                         })
                         .await?
                         .into_inner();
@@ -282,6 +296,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                             i,
                             Sim {
                                 generation: r.generation,
+                                rank: r.rank,
                                 ..s
                             },
                         ));
@@ -294,73 +309,43 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             let (i, s) = r??;
             sims[i] = Some(s);
         }
-        let mut sims: Vec<Sim> = sims.into_iter().map(|s| s.expect("formed")).collect();
+        let sims: Vec<Sim> = sims.into_iter().map(|s| s.expect("formed")).collect();
         let rendezvous_s = t_rdzv.elapsed().as_secs_f64();
 
-        // Steps in lockstep: all NextStep, then all CommitStep, then the "compute" gap.
+        // Steps: the ranks plan and all-reduce among themselves; rank 0 commits each step
+        // with the group digest the all-reduce would have summed.
+        let rank0 = sims.iter().find(|s| s.rank == 0).context("no rank 0 in the group")?;
+        let mut schedule = StepSchedule::new(1234, num_sequences.max(1), u64::from(a.workers), 1);
+        let mut c = pool[0].coordinator.clone();
         let (cpu0, _, _) = proc_usage(pid)?;
+        let (own0, _, _) = proc_usage(std::process::id())?;
         let t_steps = Instant::now();
         let interval = Duration::from_secs_f64(a.step_interval_s);
-        for _ in 0..a.steps {
+        for step in 0..a.steps {
             let step_started = Instant::now();
-            let mut plans = tokio::task::JoinSet::new();
-            for (i, s) in sims.iter().enumerate() {
-                let mut c = pool[i % pool.len()].coordinator.clone();
-                let lat = lat.clone();
-                let req = proto::NextStepRequest {
-                    worker_id: s.id.clone(),
-                    generation: s.generation,
-                    step: s.step,
-                };
-                plans.spawn(async move {
-                    let t = Instant::now();
-                    let r = c.next_step(req).await?.into_inner();
-                    lat.lock().unwrap().record("next_step", t);
-                    if r.status() != next_step_reply::Status::Plan {
-                        return Err(tonic::Status::internal(format!(
-                            "expected a plan, got {:?}",
-                            r.status()
-                        )));
-                    }
-                    Ok((i, r.plan.unwrap_or_default()))
-                });
-            }
-            let mut digests = vec![0u64; n];
-            while let Some(r) = plans.join_next().await {
-                let (i, plan) = r??;
-                digests[i] = sequences_digest(&plan.sequence_ids);
-            }
-            let mut commits = tokio::task::JoinSet::new();
-            for (i, s) in sims.iter().enumerate() {
-                let mut c = pool[i % pool.len()].coordinator.clone();
-                let lat = lat.clone();
-                let req = proto::CommitStepRequest {
-                    worker_id: s.id.clone(),
-                    generation: s.generation,
-                    step: s.step,
+            let req = proto::CommitStepsRequest {
+                worker_id: rank0.id.clone(),
+                generation: rank0.generation,
+                steps: vec![proto::TrainedStep {
+                    step,
                     loss: 3.0,
                     tokens: 128 * u64::from(a.workers),
                     step_time_s: a.step_interval_s,
                     allreduce_s: 0.1,
-                    sequences_digest: digests[i],
-                };
-                commits.spawn(async move {
-                    let t = Instant::now();
-                    c.commit_step(req).await?;
-                    lat.lock().unwrap().record("commit_step", t);
-                    Ok::<_, tonic::Status>(())
-                });
-            }
-            while let Some(r) = commits.join_next().await {
-                r??;
-            }
-            for s in sims.iter_mut() {
-                s.step += 1;
+                    group_digest: schedule.group_digest(step, u64::from(a.workers)),
+                }],
+            };
+            let t = Instant::now();
+            let r = c.commit_steps(req).await?.into_inner();
+            lat.lock().unwrap().record("commit_steps", t);
+            if r.directive() != commit_steps_reply::Directive::Continue {
+                bail!("step {step}: expected to continue, the coordinator said {:?}", r.directive());
             }
             tokio::time::sleep(interval.saturating_sub(step_started.elapsed())).await;
         }
         let wall = t_steps.elapsed().as_secs_f64();
         let (cpu1, rss, peak) = proc_usage(pid)?;
+        let (own1, _, _) = proc_usage(std::process::id())?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
 
         let lat = lat.lock().unwrap();
@@ -380,12 +365,14 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
         }
         let summary = serde_json::json!({
             "bench": "coordinator", "workers": a.workers, "summary": true,
-            "steps": a.steps, "step_interval_s": a.step_interval_s, "heartbeat_s": a.heartbeat_s,
+            "steps": a.steps, "step_interval_s": a.step_interval_s, "heartbeat_s": *heartbeat_s.lock().unwrap(),
             "connections": a.connections,
             "coordinator_bin": a.coordinator_bin.as_ref().map_or("ferry coordinator".into(), |b| b.display().to_string()),
             "join_all_s": (join_s * 1000.0).round() / 1000.0,
             "rendezvous_all_s": (rendezvous_s * 1000.0).round() / 1000.0,
             "coordinator_cpu_cores": ((cpu1 - cpu0) / wall * 1000.0).round() / 1000.0,
+            // The simulated workers' own cost, on the same cores.
+            "loadgen_cpu_cores": ((own1 - own0) / wall * 1000.0).round() / 1000.0,
             "coordinator_idle_rss_mib": idle_rss.round(),
             "coordinator_rss_mib": rss.round(),
             "coordinator_peak_rss_mib": peak.round(),
@@ -394,7 +381,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
         println!("{summary}");
         eprintln!(
             "\n{} workers, {} steps at one per {:.1} s, heartbeats every {:.1} s",
-            a.workers, a.steps, a.step_interval_s, a.heartbeat_s
+            a.workers, a.steps, a.step_interval_s, *heartbeat_s.lock().unwrap()
         );
         eprintln!(
             "{:<12} {:>8} {:>9} {:>9} {:>9}",
@@ -411,13 +398,14 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             );
         }
         eprintln!(
-            "join all {:.2} s, rendezvous all {:.2} s; coordinator CPU {:.2} cores during steps, \
-             RSS {} MiB (peak {} MiB, {} MiB before any worker)",
+            "join all {:.2} s, rendezvous all {:.2} s; coordinator CPU {:.3} cores during steps \
+             (the simulated workers {:.3}), RSS {} MiB (peak {} MiB, {} MiB before any worker)",
             join_s,
             rendezvous_s,
             summary["coordinator_cpu_cores"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
+            summary["loadgen_cpu_cores"].as_f64().unwrap_or(f64::NAN),
             rss.round(),
             peak.round(),
             idle_rss.round()

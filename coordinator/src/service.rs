@@ -1,10 +1,10 @@
 //! The gRPC services: thin translations between protobuf messages and [`JobState`], plus
 //! per-method latency metrics. All logic lives in the state machine.
 
-use crate::state::{JobState, NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError};
+use crate::state::{JobState, RendezvousOutcome, RendezvousRequest, StateError};
 use crate::store::DurableWaiter;
 use ferry_rpc::proto::{
-    self, admin_server::Admin, coordinator_server::Coordinator, next_step_reply, rendezvous_reply,
+    self, admin_server::Admin, coordinator_server::Coordinator, rendezvous_reply,
 };
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -134,12 +134,14 @@ impl Coordinator for Service {
         req: Request<proto::RendezvousRequest>,
     ) -> Result<Response<proto::RendezvousReply>, Status> {
         let start = Instant::now();
-        let req = RendezvousRequest::from(req.get_ref());
+        let mut req = RendezvousRequest::from(req.get_ref());
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
         let mut changes = self.lock().subscribe_changes();
         let result = loop {
             changes.borrow_and_update();
             let outcome = self.durably(|s| s.rendezvous(&req, Instant::now())).await;
+            // The offered steps were taken (or refused) on the first pass.
+            req.uncommitted.clear();
             let status = match outcome {
                 Err(e) => break Err(e),
                 Ok(RendezvousOutcome::Ready(assignment)) => break Ok(assignment.into()),
@@ -177,42 +179,17 @@ impl Coordinator for Service {
         observe("rendezvous", start, result)
     }
 
-    async fn next_step(
+    async fn commit_steps(
         &self,
-        req: Request<proto::NextStepRequest>,
-    ) -> Result<Response<proto::NextStepReply>, Status> {
-        let start = Instant::now();
-        let req = req.get_ref().into();
-        let result = self
-            .durably(|s| s.next_step(&req, Instant::now()))
-            .await
-            .map(|o| {
-                let (status, plan) = match o {
-                    NextStepOutcome::Plan(p) => (next_step_reply::Status::Plan, Some(p.into())),
-                    NextStepOutcome::Regroup => (next_step_reply::Status::Regroup, None),
-                    NextStepOutcome::Finished => (next_step_reply::Status::Finished, None),
-                    NextStepOutcome::Stopped => (next_step_reply::Status::Stopped, None),
-                    NextStepOutcome::Released => (next_step_reply::Status::Released, None),
-                };
-                proto::NextStepReply {
-                    status: status as i32,
-                    plan,
-                }
-            });
-        observe("next_step", start, result)
-    }
-
-    async fn commit_step(
-        &self,
-        req: Request<proto::CommitStepRequest>,
-    ) -> Result<Response<proto::CommitStepReply>, Status> {
+        req: Request<proto::CommitStepsRequest>,
+    ) -> Result<Response<proto::CommitStepsReply>, Status> {
         let start = Instant::now();
         let req = req.get_ref().into();
         let result = self
             .durably(|s| s.commit(&req, Instant::now()))
             .await
-            .map(|committed_steps| proto::CommitStepReply { committed_steps });
-        observe("commit_step", start, result)
+            .map(proto::CommitStepsReply::from);
+        observe("commit_steps", start, result)
     }
 
     async fn report_checkpoint(

@@ -154,12 +154,15 @@ pub enum Overlapped {
 }
 
 /// Forward and backward of this rank's micro-batches of `step`, with the gradient all-reduce
-/// running while the last backward does; then the step's partial loss is summed.
+/// running while the last backward does; then the step's partial loss is summed, with
+/// `extra_scalars` after it.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward_all_reduce(
     engine: &mut Engine,
     step: u64,
     first_micro: u64,
     sequences: &[u64],
+    extra_scalars: &[f64],
     buckets: &Buckets,
     dtype: GradientDtype,
     coll: &mut dyn Collective,
@@ -273,7 +276,10 @@ pub fn forward_backward_all_reduce(
             }
         }
     }
-    match all_reduce_scalars(&ps, &[loss], coll) {
+    let scalars: Vec<f64> = std::iter::once(loss)
+        .chain(extra_scalars.iter().copied())
+        .collect();
+    match all_reduce_scalars(&ps, &scalars, coll) {
         Ok(scalars) => Ok(Overlapped::Reduced {
             scalars,
             exposed_s: backward_done.elapsed().as_secs_f64(),

@@ -58,10 +58,22 @@ impl Worker {
             );
         }
         let eval_every = self.spec.eval.every;
+        let ck = self.spec.checkpoint.every;
+        let due = (eval_every > 0 && step % eval_every == 0) || (ck > 0 && step % ck == 0);
+        // Evaluations and checkpoints are of the weights at `step`. Rank 0 commits such a step
+        // before it trains on, so they are; a commit answered only after more steps (the
+        // group changed at that moment) skips them rather than label newer weights as `step`.
+        if due && self.state_step != Some(step) {
+            eprintln!(
+                "step {step}: no evaluation or checkpoint; this rank's weights are at step {} \
+                 (the step's commit was answered later)",
+                self.state_step.unwrap_or(0)
+            );
+            return Ok(());
+        }
         if eval_every > 0 && step % eval_every == 0 {
             self.evaluate(step)?;
         }
-        let ck = self.spec.checkpoint.every;
         if ck > 0 && step % ck == 0 {
             self.checkpoint(step)?;
         }
@@ -128,8 +140,9 @@ impl Worker {
     }
 
     /// At the end (finished or stopped), rank 0 leaves a checkpoint of the last step.
-    pub(super) fn finish(&mut self, rank: u32, step: u64) -> Result<()> {
-        if rank != 0 || step == 0 {
+    pub(super) fn finish(&mut self) -> Result<()> {
+        let step = self.state_step.unwrap_or(0);
+        if self.last_rank != Some(0) || step == 0 {
             return Ok(());
         }
         let every = self.spec.eval.every;

@@ -34,6 +34,11 @@ impl Worker {
                 state_step: self.state_step.unwrap_or(0),
                 blob: self.nccl_id.clone().unwrap_or_default(),
                 collective: collective as i32,
+                uncommitted: self.uncommitted.offer(),
+                trained_as: match &self.member_id {
+                    Some(old) if *old != self.id() => old.clone(),
+                    _ => String::new(),
+                },
             };
             let reply = match self.call_status(|mut c| {
                 let req = req.clone();
@@ -115,10 +120,13 @@ impl Worker {
                 return;
             };
             let mut stream = stream.into_inner();
+            // Only a group that lost a member is broken: a regroup for a join or a leave is
+            // announced to rank 0 at its commit and the ranks finish their step first.
+            let mut lost = false;
             while let Ok(Some(event)) = stream.message().await {
-                let membership = event.kind() == proto::watch_event::Kind::Membership
-                    || event.kind() == proto::watch_event::Kind::WorkerLost;
-                if membership && event.generation > generation {
+                lost |= event.kind() == proto::watch_event::Kind::WorkerLost;
+                let membership = event.kind() == proto::watch_event::Kind::Membership;
+                if lost && membership && event.generation > generation {
                     // Off this runtime's one worker thread: `ncclCommAbort` blocks (up to
                     // seconds), and heartbeats run on it.
                     abort.abort_in_background();

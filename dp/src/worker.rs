@@ -1,11 +1,13 @@
 //! `ferry worker`: one data-parallel rank of a cluster job, elastic.
 //!
 //! Read top to bottom in [`run_worker`]: join the coordinator, then forever: rendezvous into a
-//! generation, connect the collective, take rank 0's state by broadcast, and train the steps
-//! the coordinator plans until it says to regroup, finish, stop or go. A dead peer makes the
-//! collective fail within its timeout; the worker reports it and goes back to rendezvous with
-//! its weights at the last step it applied, so nothing is lost and nothing hangs.
-
+//! generation, connect the collective, take rank 0's state by broadcast, and train: each rank
+//! plans its steps from the shared schedule, the all-reduce carries the group's digest and
+//! rank 0's word, and rank 0 alone commits the group's steps to the coordinator
+//! (`proto/ferry.proto` has the whole protocol). A dead peer makes the collective fail within
+//! its timeout; the worker reports it and goes back to rendezvous with its weights at the last
+//! step it applied and the steps it cannot know committed, so nothing is lost and nothing hangs.
+use super::commits::{control_scalars, read_control, Uncommitted};
 use super::coordinator_link::{rpc, spawn_heartbeats, Failure};
 use super::flat::{all_reduce_bytes, all_reduce_grads, parameter_checksum, Buckets};
 use super::overlap::{self, Overlapped};
@@ -15,14 +17,14 @@ use anyhow::{bail, Context, Result};
 use ferry_collective::{nccl, Collective};
 use ferry_engine::metrics::MetricsLog;
 use ferry_engine::train::{Engine, TrainConfig, TrainedSamplesLog, METRICS_FILE};
-use ferry_rpc::client::{with_backoff, ClientConfig, Clients};
-use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
+use ferry_rpc::client::{is_transient, with_backoff, ClientConfig, Clients, ATTEMPT_DEADLINE};
+use ferry_rpc::proto::{self, commit_steps_reply::Directive, rendezvous_reply};
 use ferry_spec::job::{Backend, GradientDtype, JobSpec};
-use ferry_spec::sampler::sequences_digest;
+use ferry_spec::schedule::StepSchedule;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::Code;
+use tonic::{Code, Status};
 
 /// How a worker process may end without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,15 +58,11 @@ pub(super) struct Progress {
 
 /// One step's outcome that sends the worker back to rendezvous.
 enum Regroup {
-    /// The coordinator moved on to a new generation.
+    /// The coordinator moved on to a new generation, stopped the job, or the job's last step
+    /// is applied: rendezvous says which.
     Asked,
     /// The collective failed (dead or wedged peer, cut link); reported to the coordinator.
     Failed(Failure),
-}
-
-enum Outcome {
-    Exit(WorkerExit),
-    Regroup(Regroup),
 }
 
 /// This worker's id at the coordinator. It changes when the worker joins again after the
@@ -85,6 +83,15 @@ pub(super) struct Worker {
     pub(super) token: String,
     pub(super) listener: TcpListener,
     pub(super) engine: Engine,
+    /// What every rank plans its steps from.
+    schedule: StepSchedule,
+    /// Steps applied in this rank's last generation that it does not know committed.
+    pub(super) uncommitted: Uncommitted,
+    /// Rank 0's commit on its way to the coordinator.
+    inflight: Option<tokio::task::JoinHandle<Result<proto::CommitStepsReply, Status>>>,
+    /// This worker's rank in its last generation, and its id then.
+    pub(super) last_rank: Option<u32>,
+    pub(super) member_id: Option<String>,
     /// The CUDA device when the group talks NCCL; `None` for the CPU ring.
     pub(super) nccl_device: Option<usize>,
     /// An NCCL unique id this worker made as rank 0 of a forming group and no communicator
@@ -97,13 +104,9 @@ pub(super) struct Worker {
     progress: Arc<Mutex<Progress>>,
     pub(super) patience: Duration,
     pub(super) metrics: Option<MetricsLog>,
-    /// The last step this worker applied. If the next group starts right after it and this
-    /// worker is that group's rank 0, the step may still lack its metrics line: its commit was
-    /// refused while the group changed (the coordinator then records it from the held state),
-    /// or the old rank 0 died between the step's commit and its line.
-    last_applied: Option<StepRecord>,
-    /// Fault injection for tests (see [`PAUSE_BEFORE_STEP_LINE`]).
+    /// Fault injection for tests (see [`PAUSE_BEFORE_STEP_LINE`], [`PAUSE_BEFORE_COMMIT`]).
     pause_before_step_line: Option<(u64, Duration)>,
+    pause_before_commit: Option<(u64, Duration)>,
     /// How gradients are grouped for the all-reduce (fixed by the model's parameters).
     buckets: Buckets,
 }
@@ -112,8 +115,13 @@ pub(super) struct Worker {
 /// so a test can kill rank 0 in that window and check the next rank 0 writes the line.
 pub const PAUSE_BEFORE_STEP_LINE: &str = "FERRY_FAULT_PAUSE_BEFORE_STEP_LINE";
 
-fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
-    let Ok(value) = std::env::var(PAUSE_BEFORE_STEP_LINE) else {
+/// `STEP:MS`: as rank 0, wait MS milliseconds after applying step STEP (its all-reduce done)
+/// and before committing it, so a test can kill rank 0 in that window and check the step is
+/// committed once, from the other ranks' offers.
+pub const PAUSE_BEFORE_COMMIT: &str = "FERRY_FAULT_PAUSE_BEFORE_COMMIT";
+
+fn fault_pause(var: &str) -> Result<Option<(u64, Duration)>> {
+    let Ok(value) = std::env::var(var) else {
         return Ok(None);
     };
     let parsed = value
@@ -121,7 +129,7 @@ fn pause_before_step_line() -> Result<Option<(u64, Duration)>> {
         .and_then(|(step, ms)| Some((step.parse().ok()?, ms.parse().ok()?)));
     match parsed {
         Some((step, ms)) => Ok(Some((step, Duration::from_millis(ms)))),
-        None => bail!("{PAUSE_BEFORE_STEP_LINE}={value:?}: expected STEP:MS, e.g. 5:2000"),
+        None => bail!("{var}={value:?}: expected STEP:MS, e.g. 5:2000"),
     }
 }
 
@@ -171,6 +179,18 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
     cfg.validate()?;
     let mut engine = Engine::new(&cfg)?;
     engine.trained_log = TrainedSamplesLog::from_env()?;
+    // Every rank plans its steps itself: its data must be the coordinator's.
+    if engine.num_sequences() != joined.num_sequences {
+        bail!(
+            "data.shards = {}: this worker's copy holds {} training sequences of {} tokens, the \
+             coordinator's {}: every worker needs the same prepared data",
+            spec.data.shards.display(),
+            engine.num_sequences(),
+            spec.data.seq_len,
+            joined.num_sequences
+        );
+    }
+    let schedule = StepSchedule::for_job(&spec, joined.num_sequences);
     let buckets = Buckets::new(&engine.ps, spec.cluster.bucket_mib);
     // `auto` assumes a homogeneous group: GPU workers use NCCL, CPU workers the ring.
     let gpu = match engine.device {
@@ -208,6 +228,11 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         cfg,
         listener,
         engine,
+        schedule,
+        uncommitted: Uncommitted::default(),
+        inflight: None,
+        last_rank: None,
+        member_id: None,
         nccl_device,
         nccl_id: None,
         watchdog: Mutex::new(None),
@@ -216,8 +241,8 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         progress,
         patience: opts.patience,
         metrics: None,
-        last_applied: None,
-        pause_before_step_line: pause_before_step_line()?,
+        pause_before_step_line: fault_pause(PAUSE_BEFORE_STEP_LINE)?,
+        pause_before_commit: fault_pause(PAUSE_BEFORE_COMMIT)?,
         buckets,
     };
     let exit = loop {
@@ -225,14 +250,21 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerExit> {
         match reply.status() {
             rendezvous_reply::Status::Ready => {}
             rendezvous_reply::Status::Released => break WorkerExit::Released,
-            rendezvous_reply::Status::Stopped => break WorkerExit::Stopped,
-            rendezvous_reply::Status::Finished => break WorkerExit::Finished,
+            rendezvous_reply::Status::Stopped => {
+                w.finish()?;
+                break WorkerExit::Stopped;
+            }
+            rendezvous_reply::Status::Finished => {
+                // Every step is committed now, those this rank offered included.
+                w.log_committed(u64::MAX)?;
+                w.finish()?;
+                break WorkerExit::Finished;
+            }
             other => bail!("coordinator rendezvous: unexpected answer {other:?}"),
         }
         match w.run_generation(&reply)? {
-            Outcome::Exit(exit) => break exit,
-            Outcome::Regroup(Regroup::Asked) => {}
-            Outcome::Regroup(Regroup::Failed(Failure { why, suspect })) => {
+            Regroup::Asked => {}
+            Regroup::Failed(Failure { why, suspect }) => {
                 eprintln!("generation {}: {why}; back to rendezvous", reply.generation);
                 let req = proto::FailureReport {
                     worker_id: w.id(),
@@ -271,15 +303,15 @@ impl Worker {
         self.id.lock().map(|id| id.clone()).unwrap_or_default()
     }
 
-    fn run_generation(&mut self, reply: &proto::RendezvousReply) -> Result<Outcome> {
+    fn run_generation(&mut self, reply: &proto::RendezvousReply) -> Result<Regroup> {
         self.generation = reply.generation;
         let rank = reply.rank;
         let mut coll = match self.connect(reply) {
             Ok(c) => c,
-            Err(why) => return Ok(Outcome::Regroup(Regroup::Failed(why))),
+            Err(why) => return Ok(Regroup::Failed(why)),
         };
         if let Some(why) = self.take_group_state(reply, coll.as_mut())? {
-            return Ok(Outcome::Regroup(Regroup::Failed(why)));
+            return Ok(Regroup::Failed(why));
         }
         let id = self.id();
         if let Some(log) = &mut self.engine.trained_log {
@@ -307,61 +339,35 @@ impl Worker {
         } else {
             self.metrics = None;
         }
-        if let Some(record) = self.last_applied.take() {
-            let logged = self
-                .metrics
-                .as_ref()
-                .is_some_and(|log| log.has_step_record(record.step));
-            if rank == 0 && record.step == reply.start_step && !logged {
-                eprintln!(
-                    "generation {}: logging step {}, which this worker applied in generation {} \
-                     and which has no metrics line yet",
-                    reply.generation, record.step, record.generation
-                );
-                self.after_step(&record)?;
-            }
+        // Rank 0 holding the group's start applied every step before it, and they are
+        // committed now (by the old rank 0, or from offers at rendezvous); a step whose old
+        // rank 0 died before its line gets its line here.
+        if rank == 0 && reply.state_source() == proto::StateSource::Held {
+            self.log_committed(reply.start_step)?;
         }
+        self.uncommitted.clear();
+        self.inflight = None;
+        self.last_rank = Some(rank);
+        self.member_id = Some(self.id());
         let tokens_per_step = self.spec.batch.global * self.spec.data.seq_len;
+        let world = u64::from(reply.world_size);
+        // Rank 0's word to the group, sent in the next step's all-reduce.
+        let mut directive = Directive::Continue;
         loop {
             let step = self.state_step.expect("holds the group state");
+            if step >= self.spec.job.steps {
+                // Rendezvous answers FINISHED once the steps are committed.
+                if rank == 0 {
+                    self.commit_and_wait()?;
+                }
+                return Ok(Regroup::Asked);
+            }
             telemetry::beat();
-            // A step as the user waits for it: from asking for the plan to the commit's answer.
+            // A step as the user waits for it, rank 0's commits included.
             let t_step = Instant::now();
-            let req = proto::NextStepRequest {
-                worker_id: self.id(),
-                generation: self.generation,
-                step,
-            };
-            let next = match self.call_status(|mut c| {
-                let req = req.clone();
-                async move { c.next_step(req).await }
-            }) {
-                Ok(next) => next,
-                // Declared lost while it could not be reached: join again at rendezvous.
-                Err(s) if s.code() == Code::NotFound => {
-                    return Ok(Outcome::Regroup(Regroup::Asked))
-                }
-                Err(s) => return Err(rpc(&self.coordinator, "next_step", s)),
-            };
-            let plan = match next.status() {
-                next_step_reply::Status::Plan => {
-                    next.plan.context("coordinator sent PLAN without a plan")?
-                }
-                next_step_reply::Status::Regroup => return Ok(Outcome::Regroup(Regroup::Asked)),
-                next_step_reply::Status::Finished => {
-                    self.finish(rank, step)?;
-                    return Ok(Outcome::Exit(WorkerExit::Finished));
-                }
-                next_step_reply::Status::Stopped => {
-                    self.finish(rank, step)?;
-                    return Ok(Outcome::Exit(WorkerExit::Stopped));
-                }
-                next_step_reply::Status::Released => {
-                    return Ok(Outcome::Exit(WorkerExit::Released))
-                }
-                other => bail!("coordinator next_step: unexpected answer {other:?}"),
-            };
-            let planned_s = t_step.elapsed().as_secs_f64();
+            let plan = self.schedule.plan(step, u64::from(rank), world);
+            let word = (rank == 0).then_some((directive, self.uncommitted.len() as u64));
+            let control = control_scalars(plan.digest(), word);
             let dtype = self.spec.cluster.gradient_dtype;
             // allreduce_s: the communication the step waited for, after backward.
             let (reduced, allreduce_s) = if self.overlaps(coll.as_ref()) {
@@ -370,6 +376,7 @@ impl Worker {
                     step,
                     plan.first_micro_batch,
                     &plan.sequence_ids,
+                    &control,
                     &self.buckets,
                     dtype,
                     coll.as_mut(),
@@ -383,11 +390,12 @@ impl Worker {
                     plan.first_micro_batch,
                     &plan.sequence_ids,
                 )?;
+                let scalars: Vec<f64> = std::iter::once(partial).chain(control).collect();
                 let t_reduce = Instant::now();
                 let r = all_reduce_grads(
                     &self.engine.ps,
                     &self.buckets,
-                    &[partial],
+                    &scalars,
                     dtype,
                     coll.as_mut(),
                 );
@@ -397,68 +405,51 @@ impl Worker {
                 Ok(r) => r,
                 Err(e) => {
                     self.engine.ps.zero_grad();
-                    return Ok(Outcome::Regroup(Regroup::Failed(Failure::of(
+                    return Ok(Regroup::Failed(Failure::of(
                         &format!("all-reduce of step {step} failed"),
                         &e,
-                    ))));
+                    )));
                 }
             };
             let loss = reduced.first().copied().unwrap_or(f64::NAN);
+            let (group_digest, word, behind) = read_control(&reduced[1..]);
             let lr = self.engine.schedule.at(step);
             let grad_norm = self.engine.apply_update(step, lr, loss)?;
             self.state_step = Some(step + 1);
             let every = self.spec.cluster.checksum_every;
             if every > 0 && (step + 1) % every == 0 {
                 if let Some(why) = self.compare_checksums(step + 1, coll.as_mut())? {
-                    return Ok(Outcome::Regroup(Regroup::Failed(why)));
+                    return Ok(Regroup::Failed(why));
                 }
             }
             let secs = t_step.elapsed().as_secs_f64();
             let tps = tokens_per_step as f64 / secs;
-            let commit = proto::CommitStepRequest {
-                worker_id: self.id(),
-                generation: self.generation,
-                step,
-                loss,
-                tokens: tokens_per_step,
-                step_time_s: secs,
-                allreduce_s,
-                sequences_digest: sequences_digest(&plan.sequence_ids),
-            };
-            let mut record = StepRecord {
-                step: step + 1,
-                generation: self.generation,
-                loss,
-                lr,
-                grad_norm,
-                secs,
-                tokens_per_s: tps,
-                allreduce_s,
-                coordinator_s: planned_s,
-                world: plan.world_size,
-            };
-            self.last_applied = Some(record.clone());
-            let t_commit = Instant::now();
-            let committed = self.call_status(|mut c| {
-                let req = commit.clone();
-                async move { c.commit_step(req).await }
-            });
-            match committed {
-                Ok(_) => {}
-                // The group changed while this step ran; the step is ours (applied) and the
-                // coordinator learns so at rendezvous. NotFound: this worker was declared lost
-                // meanwhile; it joins again there and offers the step.
-                Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                    return Ok(Outcome::Regroup(Regroup::Asked));
-                }
-                Err(s) => return Err(rpc(&self.coordinator, "commit_step", s)),
+            if rank != 0 {
+                // Rank 0 has seen the steps before `step - behind` committed.
+                self.uncommitted.take_committed(step.saturating_sub(behind));
             }
-            // The step's wall time now includes the commit's round trip.
-            record.coordinator_s += t_commit.elapsed().as_secs_f64();
-            record.secs = t_step.elapsed().as_secs_f64();
-            record.tokens_per_s = tokens_per_step as f64 / record.secs;
-            self.last_applied = Some(record.clone());
-            let (secs, tps) = (record.secs, record.tokens_per_s);
+            self.uncommitted.push(
+                proto::TrainedStep {
+                    step,
+                    loss,
+                    tokens: tokens_per_step,
+                    step_time_s: secs,
+                    allreduce_s,
+                    group_digest,
+                },
+                StepRecord {
+                    step: step + 1,
+                    generation: self.generation,
+                    loss,
+                    lr,
+                    grad_norm,
+                    secs,
+                    tokens_per_s: tps,
+                    allreduce_s,
+                    coordinator_s: 0.0,
+                    world: reply.world_size,
+                },
+            );
             if let Ok(mut p) = self.progress.lock() {
                 *p = Progress {
                     generation: self.generation,
@@ -475,26 +466,187 @@ impl Worker {
                 allreduce_s,
                 allreduce_bytes: all_reduce_bytes(
                     &self.engine.ps,
-                    1,
+                    1 + control_scalars(0, None).len(),
                     self.spec.cluster.gradient_dtype,
                     coll.world_size(),
                 ),
                 flops_per_token: self.engine.flops_per_token,
                 peak_gflops: self.engine.peak_gflops,
-                world_size: plan.world_size,
+                world_size: reply.world_size,
             });
-            if rank == 0 {
-                if let Some((at, pause)) = self.pause_before_step_line {
-                    if at == record.step {
-                        eprintln!(
-                            "{PAUSE_BEFORE_STEP_LINE}: pausing {pause:?} before step {at}'s line"
-                        );
-                        std::thread::sleep(pause);
-                    }
+            // Rank 0's word in this step's all-reduce ends the generation on every rank alike.
+            if matches!(word, Directive::Regroup | Directive::Stop) {
+                if rank == 0 {
+                    self.commit_and_wait()?;
                 }
-                self.after_step(&record)?;
+                return Ok(Regroup::Asked);
+            }
+            let c = &self.spec.cluster;
+            let interval = Duration::from_secs_f64(c.commit_interval_s);
+            if rank == 0 && step + 1 < self.spec.job.steps {
+                // A step with an evaluation or a checkpoint is committed before the weights
+                // move on: both are of the weights at that step.
+                let n = step + 1;
+                let (ev, ck) = (self.spec.eval.every, self.spec.checkpoint.every);
+                let answer = if (ev > 0 && n % ev == 0) || (ck > 0 && n % ck == 0) {
+                    self.commit_and_wait()?
+                } else {
+                    let due = self.uncommitted.due(c.commit_every, interval);
+                    self.commit_in_background(due)?
+                };
+                if let Some(d) = answer {
+                    directive = d;
+                }
             }
         }
+    }
+
+    /// Rank 0 between steps: takes the answer of the commit in flight, if it has come, and
+    /// starts the next commit when one is due. Commits run on the async runtime while the
+    /// group trains on, so no step waits for the coordinator; an answer's directive goes out
+    /// in the next step's all-reduce. A coordinator that does not answer (restarting, cut off)
+    /// leaves the steps held for the next commit, for at most the worker's patience.
+    fn commit_in_background(&mut self, due: bool) -> Result<Option<Directive>> {
+        if let (Some((at, pause)), Some(newest)) =
+            (self.pause_before_commit, self.uncommitted.newest_mut())
+        {
+            if newest.record.step == at {
+                eprintln!("{PAUSE_BEFORE_COMMIT}: pausing {pause:?} before committing step {at}");
+                std::thread::sleep(pause);
+            }
+        }
+        let mut directive = None;
+        if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
+            let handle = self.inflight.take().expect("checked above");
+            let answer = self
+                .rt
+                .block_on(handle)
+                .unwrap_or_else(|e| Err(Status::internal(format!("commit task: {e}"))));
+            directive = self.take_answer(answer, false)?;
+        }
+        if directive.is_none() && due && self.inflight.is_none() && !self.uncommitted.is_empty() {
+            let req = proto::CommitStepsRequest {
+                worker_id: self.id(),
+                generation: self.generation,
+                steps: self.uncommitted.offer(),
+            };
+            let mut c = self.clients.coordinator.clone();
+            self.inflight = Some(self.rt.spawn(async move {
+                match tokio::time::timeout(ATTEMPT_DEADLINE, c.commit_steps(req)).await {
+                    Ok(r) => r.map(|r| r.into_inner()),
+                    Err(_) => Err(Status::unavailable(format!(
+                        "no answer within {}s",
+                        ATTEMPT_DEADLINE.as_secs()
+                    ))),
+                }
+            }));
+        }
+        Ok(directive)
+    }
+
+    /// Rank 0 at the end of a generation (a directive, the job's last step) and before an
+    /// evaluation or checkpoint: the steps it holds are committed before it goes on, retried
+    /// for the worker's patience.
+    fn commit_and_wait(&mut self) -> Result<Option<Directive>> {
+        let t = Instant::now();
+        let mut directive = None;
+        if let Some(handle) = self.inflight.take() {
+            let answer = self
+                .rt
+                .block_on(handle)
+                .unwrap_or_else(|e| Err(Status::internal(format!("commit task: {e}"))));
+            directive = self.take_answer(answer, false)?;
+        }
+        if !self.uncommitted.is_empty() {
+            let req = proto::CommitStepsRequest {
+                worker_id: self.id(),
+                generation: self.generation,
+                steps: self.uncommitted.offer(),
+            };
+            let waited = t.elapsed().as_secs_f64();
+            if let Some(newest) = self.uncommitted.newest_mut() {
+                // The last step's wall time includes the commit it waited for.
+                newest.record.coordinator_s += waited;
+                newest.record.secs += waited;
+            }
+            let answer = self.call_status(|mut c| {
+                let req = req.clone();
+                async move { c.commit_steps(req).await }
+            });
+            directive = self.take_answer(answer, true)?;
+        }
+        Ok(directive)
+    }
+
+    /// What a commit's answer means for rank 0: the directive to pass on, or `None` when the
+    /// coordinator did not answer and the steps stay held.
+    fn take_answer(
+        &mut self,
+        answer: Result<proto::CommitStepsReply, Status>,
+        wait: bool,
+    ) -> Result<Option<Directive>> {
+        match answer {
+            Ok(reply) => {
+                self.log_committed(reply.committed_steps)?;
+                Ok(Some(match reply.directive() {
+                    Directive::Unspecified => Directive::Continue,
+                    d => d,
+                }))
+            }
+            // The group changed meanwhile: the steps are offered at rendezvous. NotFound: this
+            // worker was declared lost; it joins again there.
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                Ok(Some(Directive::Regroup))
+            }
+            Err(s)
+                if !wait && is_transient(&s) && self.uncommitted.oldest_age() < self.patience =>
+            {
+                eprintln!(
+                    "commit of {} steps: the coordinator did not answer ({}); training on, \
+                     committing later",
+                    self.uncommitted.len(),
+                    s.message()
+                );
+                Ok(None)
+            }
+            Err(s) => Err(rpc(&self.coordinator, "commit_steps", s)),
+        }
+    }
+
+    /// Rank 0: the metrics lines (and the evaluations and checkpoints due) of the held steps
+    /// before `committed`, which the coordinator has recorded.
+    pub(super) fn log_committed(&mut self, committed: u64) -> Result<()> {
+        if self.metrics.is_none() {
+            self.uncommitted.take_committed(committed);
+            return Ok(());
+        }
+        for applied in self.uncommitted.take_committed(committed) {
+            let record = applied.record;
+            if self
+                .metrics
+                .as_ref()
+                .is_some_and(|log| log.has_step_record(record.step))
+            {
+                continue;
+            }
+            if record.generation != self.generation {
+                eprintln!(
+                    "generation {}: logging step {}, which this worker applied in generation {} \
+                     and which has no metrics line yet",
+                    self.generation, record.step, record.generation
+                );
+            }
+            if let Some((at, pause)) = self.pause_before_step_line {
+                if at == record.step {
+                    eprintln!(
+                        "{PAUSE_BEFORE_STEP_LINE}: pausing {pause:?} before step {at}'s line"
+                    );
+                    std::thread::sleep(pause);
+                }
+            }
+            self.after_step(&record)?;
+        }
+        Ok(())
     }
 
     /// Ranks compare a checksum of their weights; a difference is a bug that would silently

@@ -1,11 +1,12 @@
 //! A real `ferry coordinator` process and simulated workers that speak its gRPC protocol: they
-//! join, heartbeat, rendezvous, take step plans and commit them, recording what they "trained".
+//! join, heartbeat, rendezvous, plan their steps from the shared schedule, and rank 0 commits
+//! them, recording what each "trained".
 #![allow(dead_code)]
 
 use super::{ferry, prepared_shared_corpus, scratch};
 use ferry_rpc::client::{ClientConfig, Clients};
-use ferry_rpc::proto::{self, next_step_reply, rendezvous_reply};
-use ferry_spec::sampler::sequences_digest;
+use ferry_rpc::proto::{self, commit_steps_reply::Directive, rendezvous_reply};
+use ferry_spec::schedule::StepSchedule;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -266,19 +267,13 @@ pub struct SimWorker {
     pub world: u32,
     /// Steps applied to the "weights" this worker holds, if it holds any.
     pub state_step: Option<u64>,
-    pub plan: Option<proto::StepPlan>,
     pub trained: Vec<Trained>,
+    /// Steps applied in this generation that it does not know committed (offered at
+    /// rendezvous; rank 0 commits them).
+    pub uncommitted: Vec<proto::TrainedStep>,
     /// The group's blob from the last rendezvous (rank 0's offer).
     pub blob: Vec<u8>,
-}
-
-#[derive(Debug, PartialEq)]
-pub enum Next {
-    Plan,
-    Regroup,
-    Finished,
-    Stopped,
-    Released,
+    schedule: StepSchedule,
 }
 
 impl SimWorker {
@@ -296,6 +291,8 @@ impl SimWorker {
             .await
             .expect("join")
             .into_inner();
+        let spec = ferry_spec::job::JobSpec::from_toml(&reply.job_toml, "the coordinator's job")
+            .expect("the coordinator's job spec reads back");
         SimWorker {
             c,
             id: reply.worker_id,
@@ -303,9 +300,10 @@ impl SimWorker {
             rank: 0,
             world: 0,
             state_step: None,
-            plan: None,
             trained: Vec::new(),
+            uncommitted: Vec::new(),
             blob: Vec::new(),
+            schedule: StepSchedule::for_job(&spec, reply.num_sequences),
         }
     }
 
@@ -324,7 +322,8 @@ impl SimWorker {
             .map(|r| r.into_inner())
     }
 
-    /// Calls Rendezvous until the answer is not WAIT (or `patience` runs out).
+    /// Calls Rendezvous, offering its uncommitted steps, until the answer is not WAIT (or
+    /// `patience` runs out).
     pub async fn rendezvous(&mut self, patience: Duration) -> rendezvous_reply::Status {
         let deadline = Instant::now() + patience;
         loop {
@@ -338,6 +337,8 @@ impl SimWorker {
                     state_step: self.state_step.unwrap_or(0),
                     blob: self.id.as_bytes().to_vec(),
                     collective: proto::Collective::Ring as i32,
+                    uncommitted: self.uncommitted.clone(),
+                    trained_as: String::new(),
                 })
                 .await
                 .expect("rendezvous")
@@ -360,72 +361,62 @@ impl SimWorker {
                 // Everyone ends up with rank 0's state (the broadcast).
                 self.state_step = Some(reply.start_step);
                 self.blob = reply.blob;
+                self.uncommitted.clear();
             }
             return status;
         }
     }
 
-    pub async fn next_step(&mut self) -> Result<Next, Status> {
-        let reply = self
-            .c
-            .coordinator
-            .next_step(proto::NextStepRequest {
-                worker_id: self.id.clone(),
-                generation: self.generation,
-                step: self.state_step.unwrap_or(0),
-            })
-            .await?
-            .into_inner();
-        Ok(match reply.status() {
-            next_step_reply::Status::Plan => {
-                let plan = reply.plan.expect("PLAN carries a plan");
-                assert_eq!(plan.rank, self.rank);
-                assert_eq!(plan.generation, self.generation);
-                self.plan = Some(plan);
-                Next::Plan
-            }
-            next_step_reply::Status::Regroup => Next::Regroup,
-            next_step_reply::Status::Finished => Next::Finished,
-            next_step_reply::Status::Stopped => Next::Stopped,
-            next_step_reply::Status::Released => Next::Released,
-            other => panic!("unexpected NextStep status {other:?}"),
-        })
+    /// What the group of `world` knows of `step` after its all-reduce.
+    pub fn trained_step(&mut self, step: u64) -> proto::TrainedStep {
+        proto::TrainedStep {
+            step,
+            loss: 10.0 / (1.0 + step as f64),
+            tokens: 64,
+            step_time_s: 0.01,
+            allreduce_s: 0.001,
+            group_digest: self.schedule.group_digest(step, self.world.into()),
+        }
     }
 
-    /// Commits the current plan ("applies" the step) and records what was trained.
-    pub async fn commit(&mut self) -> Result<u64, Status> {
-        let plan = self.plan.clone().expect("a plan to commit");
-        let reply = self
-            .c
-            .coordinator
-            .commit_step(proto::CommitStepRequest {
-                worker_id: self.id.clone(),
-                generation: self.generation,
-                step: plan.step,
-                loss: 10.0 / (1.0 + plan.step as f64),
-                tokens: plan.global_batch * 64,
-                step_time_s: 0.01,
-                allreduce_s: 0.001,
-                sequences_digest: sequences_digest(&plan.sequence_ids),
-            })
-            .await?
-            .into_inner();
-        self.apply();
-        Ok(reply.committed_steps)
-    }
-
-    /// Applies the current plan to the "weights" without telling the coordinator: what a rank
-    /// holds when its all-reduce completed and its commit never arrived.
-    pub fn apply(&mut self) {
-        let plan = self.plan.take().expect("a plan to apply");
-        self.state_step = Some(plan.step + 1);
+    /// Trains the next step of its own plan and applies it (its all-reduce completed),
+    /// without telling the coordinator.
+    pub fn train(&mut self) {
+        let step = self.state_step.expect("holds the group's state");
+        let plan = self
+            .schedule
+            .plan(step, self.rank.into(), self.world.into());
         self.trained.push(Trained {
-            step: plan.step,
-            generation: plan.generation,
-            rank: plan.rank,
+            step,
+            generation: self.generation,
+            rank: self.rank,
             stream_start: plan.stream_start,
             ids: plan.sequence_ids,
         });
+        let trained = self.trained_step(step);
+        self.uncommitted.push(trained);
+        self.state_step = Some(step + 1);
+    }
+
+    /// Rank 0 commits the steps it holds; returns the committed count and the directive.
+    pub async fn commit(&mut self) -> Result<(u64, Directive), Status> {
+        let reply = self
+            .c
+            .coordinator
+            .commit_steps(proto::CommitStepsRequest {
+                worker_id: self.id.clone(),
+                generation: self.generation,
+                steps: self.uncommitted.clone(),
+            })
+            .await?
+            .into_inner();
+        self.heard_committed(reply.committed_steps);
+        Ok((reply.committed_steps, reply.directive()))
+    }
+
+    /// Rank 0's word in the next all-reduce: the steps before `committed` are committed.
+    pub fn heard_committed(&mut self, committed: u64) {
+        self.uncommitted.retain(|s| s.step >= committed);
     }
 }
 
@@ -439,43 +430,57 @@ pub async fn rendezvous_all(workers: &mut [SimWorker]) -> Vec<rendezvous_reply::
     .await
 }
 
-/// Runs `steps` lockstep steps with `workers` (every rank fetches its plan, then every rank
-/// commits, as an all-reduce would order them). Regroups whenever asked to. Workers told to
-/// go (RELEASED) are taken out of `workers` and returned.
+/// The members of the newest generation among `workers`, as indices; rank 0's first.
+fn members(workers: &[SimWorker]) -> Vec<usize> {
+    let newest = workers.iter().map(|w| w.generation).max().unwrap_or(0);
+    let mut m: Vec<usize> = (0..workers.len())
+        .filter(|&i| workers[i].generation == newest && workers[i].state_step.is_some())
+        .collect();
+    m.sort_by_key(|&i| workers[i].rank);
+    m
+}
+
+/// One step of the group as ferry's ranks run it: each trains its plan, the all-reduce
+/// completes, rank 0 commits; returns rank 0's directive.
+async fn group_step(workers: &mut [SimWorker]) -> Directive {
+    let m = members(workers);
+    for &i in &m {
+        workers[i].train();
+    }
+    let (committed, directive) = workers[m[0]].commit().await.expect("commit");
+    for &i in &m {
+        workers[i].heard_committed(committed);
+    }
+    directive
+}
+
+/// Runs `steps` steps with `workers` as ferry's ranks do. When rank 0's commit says to
+/// regroup, the group trains one more step (the word travels in its all-reduce; not when
+/// `steps` are done) and everyone, newcomers included, comes to rendezvous. Workers told to go
+/// (RELEASED) are taken out of `workers` and returned.
 pub async fn run_steps(workers: &mut Vec<SimWorker>, steps: u64) -> Vec<SimWorker> {
     let mut gone = Vec::new();
     let mut done = 0;
     while done < steps {
-        let mut regroup = false;
-        let mut i = 0;
-        while i < workers.len() {
-            match workers[i].next_step().await.expect("next_step") {
-                Next::Plan => i += 1,
-                Next::Regroup => {
-                    regroup = true;
-                    i += 1;
-                }
-                Next::Released => gone.push(workers.remove(i)),
-                other => panic!("{}: unexpected {other:?}", workers[i].id),
-            }
-        }
-        if regroup {
-            for w in workers.iter_mut() {
-                w.plan = None;
-            }
-            let statuses = rendezvous_all(workers).await;
-            assert!(
-                statuses
-                    .iter()
-                    .all(|s| *s == rendezvous_reply::Status::Ready),
-                "{statuses:?}"
-            );
+        let directive = group_step(workers).await;
+        done += 1;
+        if directive == Directive::Continue {
             continue;
         }
-        for w in workers.iter_mut() {
-            w.commit().await.expect("commit");
+        assert_eq!(directive, Directive::Regroup);
+        if done < steps {
+            group_step(workers).await;
+            done += 1;
         }
-        done += 1;
+        let statuses = rendezvous_all(workers).await;
+        let mut i = 0;
+        for status in statuses {
+            match status {
+                rendezvous_reply::Status::Ready => i += 1,
+                rendezvous_reply::Status::Released => gone.push(workers.remove(i)),
+                other => panic!("unexpected rendezvous answer {other:?}"),
+            }
+        }
     }
     gone
 }

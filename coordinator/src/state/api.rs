@@ -23,6 +23,8 @@ pub struct Joined {
     pub job_toml: String,
     pub heartbeat_interval: Duration,
     pub generation: u64,
+    /// Training sequences in the corpus: every rank plans its steps from this count.
+    pub num_sequences: u64,
 }
 
 /// A worker's periodic sign of life, with what `ferry status` shows of it.
@@ -51,6 +53,10 @@ pub struct RendezvousRequest {
     pub holds_step: Option<u64>,
     pub collective: CollectiveKind,
     pub blob: Vec<u8>,
+    /// Steps its last group (`known_generation`) trained that it does not know committed.
+    pub uncommitted: Vec<TrainedStep>,
+    /// The id it had in that group, if it joined again since.
+    pub trained_as: Option<String>,
 }
 
 /// The collective a worker's rank runs; every member of a group runs the same one.
@@ -101,52 +107,40 @@ pub enum RendezvousOutcome {
     Finished,
 }
 
-/// A member ready to run `step` in `generation`.
-#[derive(Clone, Debug, Default)]
-pub struct StepRequest {
-    pub worker_id: String,
-    pub generation: u64,
-    pub step: u64,
-}
-
-/// One rank's part of one step: its sequences, in order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepPlan {
-    pub step: u64,
-    pub generation: u64,
-    pub rank: u32,
-    pub world_size: u32,
-    pub sequence_ids: Vec<u64>,
-    /// Index (within the step) of this rank's first micro-batch: it seeds dropout.
-    pub first_micro_batch: u64,
-    pub micro_batch: u64,
-    pub global_batch: u64,
-    /// Position of this rank's first sequence in the endless sample stream.
-    pub stream_start: u64,
-    pub epoch: u64,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum NextStepOutcome {
-    Plan(StepPlan),
-    Regroup,
-    Finished,
-    Stopped,
-    Released,
-}
-
-/// A rank's report that it finished a step: the group's figures and the digest of the
-/// sequences it trained.
-#[derive(Clone, Debug, Default)]
-pub struct StepCommit {
-    pub worker_id: String,
-    pub generation: u64,
+/// One step a group trained, as its ranks know it after the step's all-reduce.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainedStep {
     pub step: u64,
     pub loss: f64,
     pub tokens: u64,
     pub step_time_s: f64,
     pub allreduce_s: f64,
-    pub sequences_digest: u64,
+    /// The wrapping sum of every rank's sequences digest of the step.
+    pub group_digest: u64,
+}
+
+/// Rank 0's commit of the steps its group trained since its last commit.
+#[derive(Clone, Debug, Default)]
+pub struct StepsCommit {
+    pub worker_id: String,
+    pub generation: u64,
+    pub steps: Vec<TrainedStep>,
+}
+
+/// What the group does after its next step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directive {
+    Continue,
+    /// Membership changes: back to rendezvous.
+    Regroup,
+    /// The job was stopped: back to rendezvous, which answers STOPPED.
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitAnswer {
+    pub committed: u64,
+    pub directive: Directive,
 }
 
 #[derive(Clone, Debug, Default)]

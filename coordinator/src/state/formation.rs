@@ -177,17 +177,6 @@ impl JobState {
         let Phase::Forming(mut f) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("checked above");
         };
-        // A member that already applied the step in flight proves it complete.
-        let newest = f.arrived.values().filter_map(|a| a.holds_step).max();
-        if newest == Some(self.job.committed + 1) {
-            if let Some(prev) = self.previous.clone() {
-                tracing::info!(
-                    step = self.job.committed,
-                    "late commit: a member holds its result"
-                );
-                self.record_commit(&prev, f64::NAN, 0, 0.0)?;
-            }
-        }
         let committed = self.job.committed;
         let prev_rank = |id: &String| {
             self.previous
@@ -250,7 +239,6 @@ impl JobState {
         });
         self.index_ranks();
         self.phase = Phase::Formed;
-        self.handed_out = None;
         self.store.save_job(&self.job).map_err(store_err)?;
         tracing::info!(
             generation = f.generation,
@@ -271,6 +259,10 @@ impl JobState {
     ) -> Result<RendezvousOutcome, StateError> {
         if req.blob.len() > 64 * 1024 {
             return Err(StateError::invalid_argument("blob is larger than 64 KiB"));
+        }
+        self.worker_mut(&req.worker_id, now)?;
+        if !req.uncommitted.is_empty() {
+            self.accept_offer(req);
         }
         let w = self.worker_mut(&req.worker_id, now)?;
         if w.released {
@@ -368,6 +360,31 @@ impl JobState {
             Phase::Formed => "standing by: the group is full".to_string(),
         };
         Ok(RendezvousOutcome::Wait(why))
+    }
+
+    /// Commits the steps a worker's last group trained that it offers at rendezvous (rank 0
+    /// died before committing them, the coordinator restarted, the group broke up after
+    /// applying them). Whatever the answer, the worker goes on to rendezvous: an offer from a
+    /// group that a newer one replaced, or one that does not match the schedule, is only
+    /// logged, and those steps are trained again.
+    fn accept_offer(&mut self, req: &RendezvousRequest) {
+        let before = self.job.committed;
+        // A worker that joined again (declared lost while cut off) trained under its old id.
+        let member = req.trained_as.as_deref().unwrap_or(&req.worker_id);
+        match self.accept_trained(member, req.known_generation, &req.uncommitted) {
+            Ok(()) if self.job.committed > before => tracing::info!(
+                worker = %req.worker_id,
+                generation = req.known_generation,
+                "late commit of steps {before}..{}: offered at rendezvous",
+                self.job.committed
+            ),
+            Ok(()) => {}
+            Err(e) => tracing::info!(
+                worker = %req.worker_id,
+                generation = req.known_generation,
+                "offered steps not committed: {e}"
+            ),
+        }
     }
 
     /// A group runs one collective: a worker whose collective differs from that of another

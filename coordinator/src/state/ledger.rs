@@ -2,173 +2,117 @@
 //! that records a step exactly once with every rank's slice, the rollback to a checkpoint,
 //! and reading the ledger back.
 
-use super::api::{CheckpointReport, EventKind, StepCommit, StepPlan, StepRequest};
-use super::{store_err, JobState, LedgerMeta, NextStepOutcome, Phase, StateError};
+use super::api::{CheckpointReport, CommitAnswer, Directive, EventKind, StepsCommit, TrainedStep};
+use super::{store_err, JobState, LedgerMeta, Phase, StateError};
 use crate::store::{CheckpointRecord, FormedRecord, LedgerRecord, SliceRecord, StateSourceRecord};
-use ferry_spec::sampler::{rank_micro_batches, sequences_digest};
 use std::time::Instant;
 
 impl JobState {
-    pub fn next_step(
-        &mut self,
-        req: &StepRequest,
-        now: Instant,
-    ) -> Result<NextStepOutcome, StateError> {
-        let w = self.worker_mut(&req.worker_id, now)?;
-        if w.released {
-            let id = req.worker_id.clone();
-            self.remove_worker(&id, "released");
-            return Ok(NextStepOutcome::Released);
-        }
-        if self.job.stopped {
-            return Ok(NextStepOutcome::Stopped);
-        }
-        let Some(rank) = self.member_rank(&req.worker_id, req.generation)? else {
-            return Ok(NextStepOutcome::Regroup);
-        };
-        let step = self.job.committed;
-        if req.step != step {
-            return Err(StateError::out_of_range(format!(
-                "step {} is out of range: the next step to run is {step}",
-                req.step
-            )));
-        }
-        if self.finished() {
-            return Ok(NextStepOutcome::Finished);
-        }
-        let generation = req.generation;
-        if self.handed_out != Some((generation, step)) {
-            // A step boundary: membership changes take effect here.
-            if self.membership_pending {
-                self.propose(now, false)?;
-                if !matches!(self.phase, Phase::Formed) {
-                    return Ok(NextStepOutcome::Regroup);
-                }
-            }
-            self.handed_out = Some((generation, step));
-        }
-        let formed = self.job.formed.as_ref().expect("member of a formed group");
-        let world = formed.ranks.len() as u64;
-        Ok(NextStepOutcome::Plan(self.plan(
-            step,
-            generation,
-            rank as u64,
-            world,
-        )))
-    }
-
-    /// Stream positions `[start, start + count)` of rank `rank` of `world` at `step`.
-    pub(super) fn slice(&self, step: u64, rank: u64, world: u64) -> (u64, u64, u64) {
-        let b = &self.spec.batch;
-        let (first_micro, micro_count) = rank_micro_batches(self.spec.micro_batches(), world, rank);
-        let start = step * b.global + first_micro * b.micro;
-        (start, micro_count * b.micro, first_micro)
-    }
-
-    pub(super) fn plan(&mut self, step: u64, generation: u64, rank: u64, world: u64) -> StepPlan {
-        let (stream_start, count, first_micro) = self.slice(step, rank, world);
-        let sequence_ids = (stream_start..stream_start + count)
-            .map(|p| self.order.at(p).1)
-            .collect();
-        StepPlan {
-            step,
-            generation,
-            rank: rank as u32,
-            world_size: world as u32,
-            sequence_ids,
-            first_micro_batch: first_micro,
-            micro_batch: self.spec.batch.micro,
-            global_batch: self.spec.batch.global,
-            stream_start,
-            epoch: stream_start / self.num_sequences,
-        }
-    }
-
-    pub(super) fn expected_digest(&mut self, step: u64, rank: u64, world: u64) -> u64 {
-        let (start, count, _) = self.slice(step, rank, world);
-        let ids: Vec<u64> = (start..start + count).map(|p| self.order.at(p).1).collect();
-        sequences_digest(&ids)
-    }
-
-    pub fn commit(&mut self, req: &StepCommit, now: Instant) -> Result<u64, StateError> {
+    /// Rank 0's commit of the steps its group trained since its last commit. Answers what the
+    /// group does after its next step: go on, or go back to rendezvous (membership changes
+    /// take effect here, at a boundary every rank learns in the next step's all-reduce).
+    pub fn commit(&mut self, req: &StepsCommit, now: Instant) -> Result<CommitAnswer, StateError> {
         self.worker_mut(&req.worker_id, now)?;
-        if let Some((rank, expected)) = self.recorded_slice_digest(req) {
-            // A confirmation of the step just recorded: checked against the ledger's slice, so
-            // it is answered the same whether the group still runs or a join or a loss has
-            // dissolved it since the first rank's commit (a refusal would make the rank treat a
-            // step it applied, and that counts, as unconfirmed, and on rank 0 leave it out of
-            // the run's metrics).
-            self.check_digest(req, rank, expected)?;
-            self.note_worker_step(req);
-            return Ok(self.job.committed);
-        }
-        let Some(rank) = self.member_rank(&req.worker_id, req.generation)? else {
-            return Err(StateError::failed_precondition(format!(
-                "generation {} is not the running group (newest is {}): regroup",
-                req.generation, self.job.generation
-            )));
+        self.accept_trained(&req.worker_id, req.generation, &req.steps)?;
+        let running = matches!(self.phase, Phase::Formed)
+            && self
+                .job
+                .formed
+                .as_ref()
+                .is_some_and(|f| f.generation == req.generation);
+        let directive = if self.job.stopped {
+            Directive::Stop
+        } else if !running {
+            Directive::Regroup
+        } else if self.membership_pending && !self.finished() {
+            self.propose(now, false)?;
+            if matches!(self.phase, Phase::Formed) {
+                Directive::Continue
+            } else {
+                Directive::Regroup
+            }
+        } else {
+            Directive::Continue
         };
-        let committed = self.job.committed;
-        if req.step != committed {
-            return Err(StateError::out_of_range(format!(
-                "step {} is out of range: the next step to commit is {committed}",
-                req.step
-            )));
-        }
-        let world = self.job.formed.as_ref().map_or(1, |f| f.ranks.len()) as u64;
-        let expected = self.expected_digest(req.step, rank as u64, world);
-        self.check_digest(req, rank as u32, expected)?;
-        self.note_worker_step(req);
-        // Once per step: the record names every rank's slice.
-        let formed = self.job.formed.clone().expect("member of a formed group");
-        self.record_commit(&formed, req.loss, req.tokens, req.step_time_s)?;
-        if req.step_time_s > 0.0 {
-            metrics::gauge!("ferry_tokens_per_second").set(req.tokens as f64 / req.step_time_s);
-        }
-        if req.allreduce_s > 0.0 {
-            metrics::histogram!("ferry_allreduce_seconds").record(req.allreduce_s);
-        }
-        Ok(self.job.committed)
+        Ok(CommitAnswer {
+            committed: self.job.committed,
+            directive,
+        })
     }
 
-    /// For a commit of the step just recorded, by a worker with a slice in it, in the
-    /// generation that trained it: that slice's rank and sequences digest.
-    pub(super) fn recorded_slice_digest(&mut self, req: &StepCommit) -> Option<(u32, u64)> {
-        let tail = self.ledger_tail.as_ref()?;
-        if tail.generation != req.generation
-            || tail.step != req.step
-            || req.step + 1 != self.job.committed
-        {
-            return None;
-        }
-        let slice = tail.slices.iter().find(|s| s.worker_id == req.worker_id)?;
-        let (rank, start, count) = (slice.rank, slice.stream_start, slice.count);
-        let ids: Vec<u64> = (start..start + count).map(|p| self.order.at(p).1).collect();
-        Some((rank, sequences_digest(&ids)))
-    }
-
-    pub(super) fn check_digest(
-        &self,
-        req: &StepCommit,
-        rank: u32,
-        expected: u64,
+    /// Records the steps of `steps` that continue the ledger, as trained by `generation`: the
+    /// running group, or the one before a proposal while no newer group has formed (once one
+    /// has, it may already be training those steps again). Steps already committed are
+    /// skipped, so a retried commit, or every survivor offering the same steps, records each
+    /// step once.
+    pub(super) fn accept_trained(
+        &mut self,
+        worker_id: &str,
+        generation: u64,
+        steps: &[TrainedStep],
     ) -> Result<(), StateError> {
-        if req.sequences_digest != expected {
+        if steps.len() > 100_000 {
             return Err(StateError::invalid_argument(format!(
-                "sequences digest {:#x} does not match the plan of rank {rank} at step {} ({expected:#x})",
-                req.sequences_digest, req.step
+                "{} steps in one commit: at most 100000",
+                steps.len()
             )));
+        }
+        if generation > self.job.generation {
+            return Err(StateError::failed_precondition(format!(
+                "generation {generation} is from the future: the newest is {}",
+                self.job.generation
+            )));
+        }
+        let group = match (&self.job.formed, &self.previous) {
+            (Some(f), _) if f.generation == generation => f,
+            (None, Some(p)) if p.generation == generation => p,
+            _ => {
+                return Err(StateError::failed_precondition(format!(
+                    "generation {generation} is not the running group (newest is {}): regroup",
+                    self.job.generation
+                )))
+            }
+        };
+        if !group.ranks.iter().any(|id| id == worker_id) {
+            return Err(StateError::failed_precondition(format!(
+                "worker {worker_id} is not a member of generation {generation}"
+            )));
+        }
+        let group = group.clone();
+        let world = group.ranks.len() as u64;
+        for s in steps {
+            if s.step < self.job.committed {
+                continue;
+            }
+            if s.step != self.job.committed {
+                return Err(StateError::out_of_range(format!(
+                    "step {} is out of range: the next step to commit is {}",
+                    s.step, self.job.committed
+                )));
+            }
+            if self.finished() {
+                return Err(StateError::out_of_range(format!(
+                    "step {} is beyond the job's {} steps",
+                    s.step, self.spec.job.steps
+                )));
+            }
+            let expected = self.schedule.group_digest(s.step, world);
+            if s.group_digest != expected {
+                return Err(StateError::invalid_argument(format!(
+                    "group digest {:#x} of step {} does not match the schedule of generation \
+                     {generation}'s {world} ranks ({expected:#x})",
+                    s.group_digest, s.step
+                )));
+            }
+            self.record_commit(&group, s.loss, s.tokens, s.step_time_s)?;
+            if s.step_time_s > 0.0 {
+                metrics::gauge!("ferry_tokens_per_second").set(s.tokens as f64 / s.step_time_s);
+            }
+            if s.allreduce_s > 0.0 {
+                metrics::histogram!("ferry_allreduce_seconds").record(s.allreduce_s);
+            }
         }
         Ok(())
-    }
-
-    pub(super) fn note_worker_step(&mut self, req: &StepCommit) {
-        if let Some(w) = self.workers.get_mut(&req.worker_id) {
-            w.step = w.step.max(req.step + 1);
-            if req.loss.is_finite() {
-                w.loss = req.loss;
-            }
-        }
     }
 
     /// Commits step `job.committed`, as trained by the group `by`.
@@ -186,7 +130,7 @@ impl JobState {
             .iter()
             .enumerate()
             .map(|(rank, id)| {
-                let (stream_start, count, _) = self.slice(step, rank as u64, world);
+                let (stream_start, count, _) = self.schedule.slice(step, rank as u64, world);
                 SliceRecord {
                     rank: rank as u32,
                     worker_id: id.clone(),
@@ -406,7 +350,7 @@ impl JobState {
 
     pub fn ledger_meta(&self) -> LedgerMeta {
         LedgerMeta {
-            num_sequences: self.num_sequences,
+            num_sequences: self.schedule.num_sequences(),
             global_batch: self.spec.batch.global,
             seed: self.spec.job.seed,
             rollbacks: self.job.rollbacks,

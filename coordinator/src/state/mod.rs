@@ -5,26 +5,29 @@
 //!
 //! * **Generations.** A generation is a fixed group of workers with ranks. It is *proposed*
 //!   (members chosen), then *formed* once every member has called `Rendezvous`. Joins, graceful
-//!   leaves and scale orders take effect at a step boundary: the first `NextStep` for a step that
-//!   nobody in the group has started yet answers REGROUP. A lost member (heartbeat timeout, a
-//!   reported data-plane failure) re-proposes at once; the step in flight is abandoned and redone.
+//!   leaves and scale orders take effect when rank 0 next commits: its answer says REGROUP,
+//!   which every rank learns in the next step's all-reduce, applies that step and comes back.
+//!   A lost member (heartbeat timeout, a reported data-plane failure) re-proposes at once; the
+//!   step in flight is abandoned and redone.
+//! * **Commits.** Nobody asks for a step: each rank derives its plan from the shared
+//!   [`StepSchedule`]. Rank 0 commits the group's steps, every `cluster.commit_every` steps or
+//!   `commit_interval_s` seconds, with the group digest its all-reduce summed; a finished
+//!   all-reduce proves every rank contributed. Steps a group trained but did not commit (rank
+//!   0 died, the coordinator restarted, the group broke up) come back in its members' offers
+//!   at rendezvous and are committed from there, once, while no newer group has formed.
 //! * **State hand-over.** When a group forms, rank 0 is a member that holds the weights of the
-//!   last committed step (`HELD`); its state is broadcast to all. A member that applied the step
-//!   in flight whose commit never reached us (commit lost in a restart, or all-reduce finished
-//!   just as a peer died) proves that step complete: it is committed late, from the plan of the
-//!   generation that ran it. With no holder, rank 0 loads the latest checkpoint and the ledger is
-//!   rolled back to it, or starts from the seed.
+//!   last committed step (`HELD`); its state is broadcast to all. With no holder, rank 0 loads
+//!   the latest checkpoint and the ledger is rolled back to it, or starts from the seed.
 //! * **Schedule.** Step `s` trains stream positions `s*G .. (s+1)*G` of the seeded endless
-//!   permutation ([`SampleOrder`]); rank `r` of `W` gets a contiguous run of whole micro-batches
-//!   of it ([`ferry_spec::sampler::rank_micro_batches`]). A step commits on the first rank's report: a finished
-//!   all-reduce on any rank proves every rank contributed. Later reports confirm it.
+//!   permutation; rank `r` of `W` gets a contiguous run of whole micro-batches of it
+//!   ([`ferry_spec::schedule`]).
 
 pub use self::api::*;
 pub use self::error::StateError;
 use crate::links::LinkHealth;
 use crate::store::{FormedRecord, JobRecord, LedgerRecord, Store, StoreError, WorkerRecord};
 use ferry_spec::job::JobSpec;
-use ferry_spec::sampler::SampleOrder;
+use ferry_spec::schedule::StepSchedule;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -111,20 +114,16 @@ pub struct JobState {
     spec: JobSpec,
     spec_toml: String,
     timing: Timing,
-    num_sequences: u64,
     job: JobRecord,
     workers: BTreeMap<String, Worker>,
     phase: Phase,
-    /// (generation, step) most recently handed out: a step boundary is reached when the next
-    /// step has not been handed out in the current generation.
-    handed_out: Option<(u64, u64)>,
     /// The generation that ran before the current proposal, for late commits.
     previous: Option<FormedRecord>,
     membership_pending: bool,
     /// Worker id -> rank in `job.formed`, so per-RPC lookups do not scan the group.
     rank_index: HashMap<String, usize>,
     last_join: Instant,
-    order: SampleOrder,
+    schedule: StepSchedule,
     ledger_tail: Option<LedgerRecord>,
     /// The next roll-back continues the last one (its checkpoint did not verify, no step ran
     /// in between): its steps count as redone, but it is not another rollback.
@@ -156,7 +155,7 @@ impl JobState {
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let (changed, _) = tokio::sync::watch::channel(0);
         let mut state = JobState {
-            order: SampleOrder::new(spec.job.seed, num_sequences),
+            schedule: StepSchedule::for_job(&spec, num_sequences),
             job: JobRecord {
                 job_id: new_id(),
                 committed: 0,
@@ -172,10 +171,8 @@ impl JobState {
             spec,
             spec_toml,
             timing,
-            num_sequences,
             workers: BTreeMap::new(),
             phase: Phase::Idle,
-            handed_out: None,
             previous: None,
             membership_pending: false,
             rank_index: HashMap::new(),
@@ -201,11 +198,9 @@ impl JobState {
                     (known, f.generation)
                 });
                 match whole {
-                    Some((true, generation)) => {
+                    Some((true, _)) => {
+                        // The group may be training on: its rank 0 commits to us again.
                         state.phase = Phase::Formed;
-                        // The group may be mid-step: treat the next step as started, so that a
-                        // join waits for its commit instead of breaking the step in flight.
-                        state.handed_out = Some((generation, state.job.committed));
                     }
                     Some((false, generation)) => {
                         // A member left for good before the restart (while the job was

@@ -67,6 +67,7 @@ impl JobState {
             job_toml: self.spec_toml.clone(),
             heartbeat_interval: self.timing.heartbeat_interval,
             generation: self.job.generation,
+            num_sequences: self.schedule.num_sequences(),
         })
     }
 

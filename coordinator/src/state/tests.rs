@@ -1,15 +1,27 @@
 //! The state machine on its own: no sockets, no gRPC, time passed in. Each test drives the
-//! calls workers make (join, rendezvous, next step, commit, heartbeats by way of `tick`) and
-//! checks what the machine answers and records.
+//! calls workers make (join, rendezvous with offered steps, rank 0's commits, heartbeats by
+//! way of `tick`) and checks what the machine answers and records.
 
 use super::*;
 use crate::store::StateSourceRecord;
-use ferry_spec::sampler::sequences_digest;
+use ferry_spec::schedule::StepSchedule;
 use std::collections::BTreeSet;
 
 /// 16 sequences per step in micro-batches of 4; 1,000 sequences in the corpus.
 const GLOBAL: u64 = 16;
 const SEQUENCES: u64 = 1000;
+
+/// What every rank of a group of `world` knows of `step` after its all-reduce.
+fn trained(step: u64, world: u32) -> TrainedStep {
+    TrainedStep {
+        step,
+        loss: 2.5,
+        tokens: 100,
+        step_time_s: 0.1,
+        allreduce_s: 0.0,
+        group_digest: StepSchedule::new(3, SEQUENCES, GLOBAL, 4).group_digest(step, world.into()),
+    }
+}
 
 struct Harness {
     state: JobState,
@@ -113,47 +125,67 @@ impl Harness {
             .collect()
     }
 
-    fn next_step(&mut self, id: &str, a: &Assignment, step: u64) -> NextStepOutcome {
-        let req = StepRequest {
+    /// A rendezvous offering the steps of `known`'s group this worker applied uncommitted.
+    fn offer(
+        &mut self,
+        id: &str,
+        known: u64,
+        holds: u64,
+        steps: &[u64],
+        world: u32,
+    ) -> RendezvousOutcome {
+        let req = RendezvousRequest {
             worker_id: id.into(),
-            generation: a.generation,
-            step,
+            known_generation: known,
+            holds_step: Some(holds),
+            blob: id.as_bytes().to_vec(),
+            uncommitted: steps.iter().map(|&s| trained(s, world)).collect(),
+            ..Default::default()
         };
-        self.state.next_step(&req, self.now).unwrap()
+        self.state.rendezvous(&req, self.now).unwrap()
     }
 
-    fn commit(&mut self, id: &str, plan: &StepPlan) -> Result<u64, StateError> {
-        let req = StepCommit {
+    fn commit(
+        &mut self,
+        id: &str,
+        a: &Assignment,
+        steps: &[u64],
+    ) -> Result<CommitAnswer, StateError> {
+        let req = StepsCommit {
             worker_id: id.into(),
-            generation: plan.generation,
-            step: plan.step,
-            loss: 2.5,
-            tokens: 100,
-            step_time_s: 0.1,
-            sequences_digest: sequences_digest(&plan.sequence_ids),
-            ..Default::default()
+            generation: a.generation,
+            steps: steps.iter().map(|&s| trained(s, a.world_size)).collect(),
         };
         self.state.commit(&req, self.now)
     }
 
-    /// Every member plans and commits `steps` steps; returns the sequences trained per step.
+    /// The group trains the next step, each rank on its own plan, and rank 0 commits it.
+    /// Returns the answer and the sequences trained, in rank order.
+    fn step(&mut self, members: &[(&str, &Assignment)]) -> (Directive, Vec<u64>) {
+        let step = self.state.committed();
+        let world = members[0].1.world_size;
+        let mut schedule = StepSchedule::new(3, SEQUENCES, GLOBAL, 4);
+        let trained = (0..world)
+            .flat_map(|r| schedule.plan(step, r.into(), world.into()).sequence_ids)
+            .collect();
+        let (id, a) = members
+            .iter()
+            .find(|(_, a)| a.rank == 0)
+            .expect("a rank 0 among the members");
+        let answer = self.commit(id, a, &[step]).unwrap();
+        assert_eq!(answer.committed, step + 1);
+        (answer.directive, trained)
+    }
+
+    /// The group trains and commits `steps` steps; returns the sequences trained per step.
     fn run(&mut self, members: &[(&str, &Assignment)], steps: u64) -> Vec<Vec<u64>> {
-        let mut trained = Vec::new();
-        for _ in 0..steps {
-            let step = self.state.committed();
-            let plans: Vec<StepPlan> = members
-                .iter()
-                .map(|(id, a)| match self.next_step(id, a, step) {
-                    NextStepOutcome::Plan(p) => p,
-                    other => panic!("{id} at step {step}: {other:?}"),
-                })
-                .collect();
-            for ((id, _), plan) in members.iter().zip(&plans) {
-                self.commit(id, plan).unwrap();
-            }
-            trained.push(plans.iter().flat_map(|p| p.sequence_ids.clone()).collect());
-        }
-        trained
+        (0..steps)
+            .map(|_| {
+                let (directive, trained) = self.step(members);
+                assert_eq!(directive, Directive::Continue);
+                trained
+            })
+            .collect()
     }
 
     /// The ledger as the service reads it: after the store's writer has caught up.
@@ -294,12 +326,7 @@ fn a_worker_whose_collective_differs_from_the_jobs_is_refused_with_the_reason() 
     let workers = h.state.status(h.now).workers;
     assert_eq!(workers.len(), 1, "the refused worker stays: {workers:?}");
     // The job goes on with the workers it had.
-    let again = match h.next_step(&a, &first[0], 1) {
-        NextStepOutcome::Plan(_) => first,
-        NextStepOutcome::Regroup => h.form(&[&a], first[0].generation, &[Some(1)]),
-        other => panic!("{other:?}"),
-    };
-    h.run(&[(&a, &again[0])], 1);
+    h.run(&[(&a, &first[0])], 1);
     assert_eq!(h.state.committed(), 2);
 }
 
@@ -327,30 +354,37 @@ fn every_sequence_of_a_step_is_planned_to_exactly_one_rank_and_committed_once() 
 }
 
 #[test]
-fn a_commit_must_match_its_plan_and_come_from_a_known_member() {
-    let mut h = Harness::new("min_workers = 1");
+fn a_commit_must_match_the_schedule_and_come_from_a_member_of_its_group() {
+    let mut h = Harness::new("min_workers = 1\nmax_workers = 1");
     let a = h.join("a");
     h.state.tick(h.now).unwrap();
     let got = h.form(&[&a], 0, &[None]);
-    let NextStepOutcome::Plan(mut plan) = h.next_step(&a, &got[0], 0) else {
-        panic!("no plan")
-    };
-    plan.sequence_ids.reverse();
-    plan.sequence_ids[0] += 1;
-    assert!(
-        matches!(h.commit(&a, &plan), Err(StateError::InvalidArgument(m)) if m.contains("digest"))
-    );
-    assert!(matches!(
-        h.commit("w99-nobody", &plan),
-        Err(StateError::NotFound(_))
-    ));
-    let step = StepRequest {
+    let b = h.join("b");
+    let mut req = StepsCommit {
         worker_id: a.clone(),
         generation: got[0].generation,
-        step: 7,
+        steps: vec![trained(0, 1)],
     };
+    req.steps[0].group_digest ^= 1;
+    assert!(
+        matches!(h.state.commit(&req, h.now), Err(StateError::InvalidArgument(m)) if m.contains("digest"))
+    );
+    // Trained by a group of two: not this group's schedule.
+    req.steps = vec![trained(0, 2)];
     assert!(matches!(
-        h.state.next_step(&step, h.now),
+        h.state.commit(&req, h.now),
+        Err(StateError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        h.commit("w99-nobody", &got[0], &[0]),
+        Err(StateError::NotFound(_))
+    ));
+    assert!(matches!(
+        h.commit(&b, &got[0], &[0]),
+        Err(StateError::FailedPrecondition(m)) if m.contains("not a member")
+    ));
+    assert!(matches!(
+        h.commit(&a, &got[0], &[7]),
         Err(StateError::OutOfRange(_))
     ));
     assert_eq!(
@@ -358,6 +392,10 @@ fn a_commit_must_match_its_plan_and_come_from_a_known_member() {
         0,
         "a refused commit changed the ledger"
     );
+    // Retried or repeated, a step is recorded once.
+    assert_eq!(h.commit(&a, &got[0], &[0, 1]).unwrap().committed, 2);
+    assert_eq!(h.commit(&a, &got[0], &[1, 2]).unwrap().committed, 3);
+    assert_eq!(h.ledger(0, 0).len(), 3);
 }
 
 #[test]
@@ -368,9 +406,13 @@ fn a_join_regroups_at_the_next_step_boundary_and_the_holder_becomes_rank_0() {
     let first = h.form(&[&a], 0, &[None]);
     h.run(&[(&a, &first[0])], 2);
     let b = h.join("b");
-    // The step in flight is not broken: the join waits for the boundary, which is now.
-    assert_eq!(h.next_step(&a, &first[0], 2), NextStepOutcome::Regroup);
-    let second = h.form(&[&b, &a], first[0].generation, &[None, Some(2)]);
+    // The step in flight is not broken: the join waits for rank 0's next commit, which says
+    // to regroup after one more step (the directive travels in that step's all-reduce).
+    assert_eq!(h.step(&[(&a, &first[0])]).0, Directive::Regroup);
+    // a applied step 3 too and offers it: it is committed from the offer.
+    let _ = h.offer(&a, first[0].generation, 4, &[3], 1);
+    assert_eq!(h.state.committed(), 4);
+    let second = h.form(&[&b, &a], first[0].generation, &[None, Some(4)]);
     let a_side = &second[1];
     assert!(a_side.generation > first[0].generation);
     assert_eq!(
@@ -380,11 +422,12 @@ fn a_join_regroups_at_the_next_step_boundary_and_the_holder_becomes_rank_0() {
     );
     assert_eq!(
         (a_side.source, a_side.start_step),
-        (StateSourceRecord::Held, 2)
+        (StateSourceRecord::Held, 4)
     );
     h.run(&[(&a, &second[1]), (&b, &second[0])], 1);
-    assert_eq!(h.state.committed(), 3);
-    assert_eq!(h.ledger(2, 3)[0].world_size, 2);
+    assert_eq!(h.state.committed(), 5);
+    assert_eq!(h.ledger(3, 4)[0].world_size, 1);
+    assert_eq!(h.ledger(4, 5)[0].world_size, 2);
 }
 
 /// A graceful leave (SIGTERM) of the only worker holding the committed state, while a new
@@ -406,33 +449,34 @@ fn the_only_holder_leaves_while_a_newcomer_joins(while_forming: bool) {
             "a leaves at the boundary"
         );
     }
-    assert_eq!(h.next_step(&a, &alone[0], 2), NextStepOutcome::Regroup);
+    assert_eq!(h.step(&[(&a, &alone[0])]).0, Directive::Regroup);
+    // a applies one more step (3) and comes back offering it.
+    let _ = h.offer(&a, alone[0].generation, 4, &[3], 1);
     if while_forming {
-        h.rendezvous(&a, alone[0].generation, Some(2));
         assert!(
             !h.state.leave(&a, h.now).unwrap(),
             "a leaves once it handed over"
         );
     }
-    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(2), None]);
+    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(4), None]);
     assert_eq!(
         (handover[0].rank, handover[0].source, handover[0].start_step),
-        (0, StateSourceRecord::Held, 2),
+        (0, StateSourceRecord::Held, 4),
         "the leaver hands its state over as rank 0"
     );
-    h.run(&[(&a, &handover[0]), (&b, &handover[1])], 1);
-    // b holds the state now: a is let go at the boundary.
-    assert_eq!(h.next_step(&a, &handover[0], 3), NextStepOutcome::Regroup);
+    // b holds the state once the group commits a step: a is let go after the next one.
+    let pair = [(a.as_str(), &handover[0]), (b.as_str(), &handover[1])];
+    assert_eq!(h.step(&pair).0, Directive::Regroup);
     assert_eq!(
-        h.rendezvous(&a, handover[0].generation, Some(3)),
+        h.offer(&a, handover[0].generation, 6, &[5], 2),
         RendezvousOutcome::Released,
         "the leaver is let go once the state is handed over"
     );
-    assert_eq!(h.next_step(&b, &handover[1], 3), NextStepOutcome::Regroup);
-    let after = h.form(&[&b], handover[1].generation, &[Some(3)]);
+    assert_eq!(h.state.committed(), 6, "the leaver's offer was committed");
+    let after = h.form(&[&b], handover[1].generation, &[Some(6)]);
     assert_eq!(
         (after[0].source, after[0].start_step),
-        (StateSourceRecord::Held, 3)
+        (StateSourceRecord::Held, 6)
     );
     let meta = h.state.ledger_meta();
     assert_eq!(
@@ -464,8 +508,9 @@ fn a_handover_never_makes_the_group_larger_than_max_workers() {
     let b = h.join("b");
     let c = h.join("c");
     assert!(!h.state.leave(&a, h.now).unwrap());
-    assert_eq!(h.next_step(&a, &alone[0], 2), NextStepOutcome::Regroup);
-    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(2), None]);
+    assert_eq!(h.step(&[(&a, &alone[0])]).0, Directive::Regroup);
+    let _ = h.offer(&a, alone[0].generation, 4, &[3], 1);
+    let handover = h.form(&[&a, &b], alone[0].generation, &[Some(4), None]);
     assert_eq!(handover[0].world_size, 2, "a hands over to b; c waits");
     assert_eq!(
         (handover[0].rank, handover[0].source),
@@ -484,10 +529,7 @@ fn a_silent_member_is_declared_dead_and_the_step_in_flight_is_redone() {
     h.state.tick(h.now).unwrap();
     let got = h.form(&[&a, &b], 0, &[None, None]);
     h.run(&[(&a, &got[0]), (&b, &got[1])], 1);
-    // Step 1 starts; b never commits nor heartbeats again.
-    let NextStepOutcome::Plan(_) = h.next_step(&a, &got[0], 1) else {
-        panic!()
-    };
+    // Step 1 starts; b never heartbeats again, and a's all-reduce of step 1 never completes.
     h.later(11);
     h.state
         .heartbeat(
@@ -500,7 +542,11 @@ fn a_silent_member_is_declared_dead_and_the_step_in_flight_is_redone() {
         .unwrap();
     h.state.tick(h.now).unwrap();
     assert_eq!(h.state.status(h.now).workers.len(), 1, "b is still listed");
-    assert_eq!(h.next_step(&a, &got[0], 1), NextStepOutcome::Regroup);
+    // The old group's commits are answered REGROUP.
+    assert_eq!(
+        h.commit(&a, &got[0], &[]).unwrap().directive,
+        Directive::Regroup
+    );
     let again = h.form(&[&a], got[0].generation, &[Some(1)]);
     assert_eq!((again[0].world_size, again[0].start_step), (1, 1));
     assert_eq!(h.state.committed(), 1, "the abandoned step was counted");
@@ -578,11 +624,9 @@ fn a_restarted_machine_keeps_its_ledger_group_and_workers() {
     let before = h.ledger(0, 0);
     let mut h = h.restart();
     assert_eq!(h.ledger(0, 0), before);
-    // The group runs on: the next step is planned for the same generation.
-    match h.next_step(&a, &got[0], 3) {
-        NextStepOutcome::Plan(p) => assert_eq!((p.step, p.rank), (3, 0)),
-        other => panic!("{other:?}"),
-    }
+    // The group runs on: rank 0's next commit is taken for the same generation.
+    h.run(&[(&a, &got[0]), (&b, &got[1])], 1);
+    assert_eq!(h.state.committed(), 4);
     assert_eq!(h.state.status(h.now).workers.len(), 2);
 }
 
@@ -717,4 +761,40 @@ fn a_checkpoint_that_does_not_verify_on_rank_0_gives_way_to_the_older_one_it_nam
     );
     assert!(h.ledger(0, 0).is_empty());
     assert_eq!(h.run(&[(&c, &fresh[0])], 7), first);
+}
+
+/// Issue 19: the coordinator was cut off long enough to declare every worker lost while the
+/// group trained on. The workers join again under new ids and offer what they trained under
+/// their old ones: accepted as the old member's (no rollback), refused without it.
+#[test]
+fn a_worker_that_joined_again_offers_the_steps_it_trained_under_its_old_id() {
+    let mut h = Harness::new("min_workers = 2");
+    let (a, b) = (h.join("a"), h.join("b"));
+    h.state.tick(h.now).unwrap();
+    let got = h.form(&[&a, &b], 0, &[None, None]);
+    h.run(&[(&a, &got[0]), (&b, &got[1])], 2);
+    // Step 2 is applied on both; no heartbeat reaches the coordinator for 11 s.
+    h.later(11);
+    h.state.tick(h.now).unwrap();
+    assert!(h.state.status(h.now).workers.is_empty());
+    let (a2, b2) = (h.join("a"), h.join("b"));
+    let offer = |id: &str, old: Option<&str>| RendezvousRequest {
+        worker_id: id.into(),
+        known_generation: got[0].generation,
+        holds_step: Some(3),
+        blob: id.as_bytes().to_vec(),
+        uncommitted: vec![trained(2, 2)],
+        trained_as: old.map(str::to_string),
+        ..Default::default()
+    };
+    h.state.rendezvous(&offer(&b2, None), h.now).unwrap();
+    assert_eq!(h.state.committed(), 2, "a stranger's offer was taken");
+    h.state.rendezvous(&offer(&a2, Some(&a)), h.now).unwrap();
+    assert_eq!(h.state.committed(), 3, "the old member's offer was refused");
+    let again = h.form(&[&a2, &b2], got[0].generation, &[Some(3), Some(3)]);
+    assert_eq!(
+        (again[0].source, again[0].start_step),
+        (StateSourceRecord::Held, 3)
+    );
+    assert_eq!(h.state.ledger_meta().rollbacks, 0);
 }

@@ -450,6 +450,11 @@ impl Engine {
         })
     }
 
+    /// Training sequences of the corpus this engine reads (what the sample order permutes).
+    pub fn num_sequences(&self) -> u64 {
+        self.order.num_sequences()
+    }
+
     /// One optimizer step over the global batch; returns (mean token loss, gradient norm).
     fn train_step(&mut self, step: u64, lr: f64) -> Result<(f64, f64)> {
         let sequences = self.order.step_sequences(step, self.cfg.global_batch);
