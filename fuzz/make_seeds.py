@@ -141,7 +141,7 @@ def checkpoint_load():
 # coordinator_requests takes `arbitrary`'s encoding (arbitrary 1.5): integers little-endian,
 # a bool is a byte's low bit, an Option a bool then the value, an enum variant a u32 scaled to
 # the variant count, and the op list each element after a "keep going" bool.
-OPS = ["Join", "JoinRaw", "Heartbeat", "Leave", "Tick", "Rendezvous", "NextStep", "Commit",
+OPS = ["Join", "JoinRaw", "Heartbeat", "Leave", "Tick", "Rendezvous", "RendezvousOffer", "Commit",
        "Checkpoint", "Failure", "Scale", "Stop", "Resume", "Ledger", "Restart", "RendezvousAll",
        "StepAll", "Proto", "Fallback"]  # the order of `enum Op` in fuzz_targets/coordinator_requests.rs
 
@@ -162,12 +162,18 @@ some = lambda v: b"\x01" + v
 joined = lambda i: variant(0, 2) + u8(i)  # Who::Joined
 assigned = variant(1, 3)  # Gen::Assigned
 near = lambda d: variant(0, 2) + struct.pack("<b", d)  # StepSel::Near
+RIGHT = variant(0, 4)  # DigestSel::Right
+corrupt = lambda at, flip: variant(1, 4) + u8(at) + struct.pack("<Q", flip)  # DigestSel::Corrupt
+steps = lambda d, count, digest=RIGHT: near(d) + u8(count) + digest  # struct Steps
 
 join = lambda host: op("Join", u8(host), u16(29500 + host), u8(1))
 rendezvous_all = lambda holds=NONE: op("RendezvousAll", holds)
 step_all = lambda: op("StepAll", f64(2.5))
 tick = lambda ms: op("Tick", u16(ms))
 checkpoint = lambda who: op("Checkpoint", joined(who), assigned, near(0), NONE)
+commit = lambda who, s: op("Commit", joined(who), assigned, s, f64(2.5), f64(0.5))
+offer = lambda who, s, holds=NONE: op("RendezvousOffer", joined(who), assigned, holds, s)
+heartbeat = lambda who: op("Heartbeat", joined(who), assigned, struct.pack("<Q", 0), f64(2.5))
 
 
 def coordinator_requests():
@@ -196,11 +202,29 @@ def coordinator_requests():
         # A one-worker job to the end.
         "to-the-end": (2, [join(0), rendezvous_all(), step_all(), step_all(), step_all(),
                            step_all(), rendezvous_all()]),
-        # Three of six, a member gone mid-step, a late commit proved by a member's state.
+        # A group of four; after a coordinator restart its rank 0 is lost with a step
+        # trained but not committed, which the survivors offer (holding its state) at
+        # rendezvous: committed late, and the group of three goes on from there.
         "late-commit": (3, [
             join(0), join(1), join(2), join(3), tick(600), rendezvous_all(), step_all(),
-            op("Restart"), step_all(), tick(11000), rendezvous_all(some(near(1))), step_all(),
-            op("Ledger", u8(0), u8(0)), rendezvous_all(some(near(0))), step_all()]),
+            op("Restart"), step_all(), tick(6000), heartbeat(1), heartbeat(2), heartbeat(3),
+            tick(6000), offer(1, steps(0, 1), some(near(1))), offer(2, steps(-1, 1), some(near(0))),
+            offer(3, steps(-1, 1), some(near(0))), step_all(), op("Ledger", u8(0), u8(0))]),
+        # A graceful leave of the only holder with the job at max_workers: it is kept one more
+        # generation to hand the state over, and the group does not grow for it.
+        "handover-at-max-workers": (2, [
+            join(0), join(1), join(2), rendezvous_all(), step_all(), op("Leave", joined(0)),
+            step_all(), rendezvous_all(some(near(0))), step_all(), rendezvous_all()]),
+        # Commits of several steps by any member, a retried one, one with a wrong digest; the
+        # group breaks and its members offer the steps they applied at rendezvous, holding
+        # their state; a commit after a stop order.
+        "commits-and-offers": (0, [
+            join(0), join(1), rendezvous_all(), step_all(), commit(1, steps(0, 2)),
+            commit(0, steps(-1, 2)), commit(0, steps(0, 2, corrupt(1, 8))),
+            op("Failure", joined(0), assigned, some(u8(1))),
+            offer(1, steps(0, 1), some(near(1))), offer(0, steps(-1, 2), some(near(1))),
+            step_all(), op("Stop"), commit(0, steps(0, 1)), rendezvous_all(some(near(0))),
+            op("Resume"), rendezvous_all(some(near(0))), step_all()]),
     }
     for name, (job, ops) in scenarios.items():
         write("coordinator_requests", name, u8(job) + b"".join(ops))

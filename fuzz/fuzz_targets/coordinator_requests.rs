@@ -1,21 +1,21 @@
 //! The coordinator's state machine (`coordinator/src/state/`) driven by arbitrary sequences of
-//! the requests workers and admins make: joins, heartbeats, rendezvous, steps, commits,
-//! checkpoint and failure reports, scale/stop, the passing of time, restarts from the durable
-//! store, and protobuf messages decoded from raw bytes and converted as the gRPC service
-//! does. Nothing may panic; after every request the job's invariants must hold.
+//! the requests workers and admins make: joins, heartbeats, rendezvous (offering steps not
+//! known committed), commits of trained steps (digests from the shared `StepSchedule`, right or
+//! corrupted), checkpoint and failure reports, scale/stop, the passing of time, restarts from
+//! the durable store, and protobuf messages decoded from raw bytes and converted as the gRPC
+//! service does. Nothing may panic; after every request the job's invariants must hold.
 
 #![no_main]
 
 use arbitrary::Arbitrary;
-use ferry_spec::job::JobSpec;
-use ferry_rpc::proto;
-use ferry_spec::sampler::sequences_digest;
 use ferry_coordinator::state::{
-    CheckpointReport, CollectiveKind, FailureReport, Heartbeat, JobState, JobStatus, JoinRequest,
-    NextStepOutcome, RendezvousOutcome, RendezvousRequest, StateError, StepCommit, StepPlan,
-    StepRequest,
+    CheckpointReport, CollectiveKind, Directive, FailureReport, Heartbeat, JobState, JobStatus,
+    JoinRequest, RendezvousOutcome, RendezvousRequest, StateError, StepsCommit, TrainedStep,
 };
 use ferry_coordinator::store::Store;
+use ferry_rpc::proto;
+use ferry_spec::job::JobSpec;
+use ferry_spec::schedule::StepSchedule;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use std::collections::{BTreeSet, HashMap};
@@ -59,16 +59,19 @@ enum Op {
         nccl: bool,
         blob_len: u16,
     },
-    NextStep {
+    /// A worker back at rendezvous offering steps of its last group (`known`) it applied
+    /// but does not know committed.
+    RendezvousOffer {
         who: Who,
-        generation: Gen,
-        step: StepSel,
+        known: Gen,
+        holds: Option<StepSel>,
+        offer: Steps,
     },
+    /// A worker commits steps its group trained.
     Commit {
         who: Who,
         generation: Gen,
-        step: StepSel,
-        digest: Option<u64>,
+        steps: Steps,
         loss: f64,
         step_time_s: f64,
     },
@@ -91,16 +94,19 @@ enum Op {
         to: u8,
     },
     Restart,
-    /// Every joined worker comes to rendezvous (twice: to arrive, then to hear the group).
+    /// Every joined worker comes to rendezvous (twice: to arrive, then to hear the group; one
+    /// given its group the first time trains, and does not come back to break it).
     RendezvousAll {
         holds: Option<StepSel>,
     },
-    /// Every worker asks for the next step in its assigned generation, then each one that got
-    /// a plan commits it (with the plan's digest).
+    /// The running group trains the next step and its rank 0 commits it, with the schedule's
+    /// group digest (it must be accepted).
     StepAll {
         loss: f64,
     },
     /// A protobuf request decoded from raw bytes, converted as the service converts it.
+    /// `kind % 7` picks the message (4: a commit given the schedule's digests); `kind / 7`
+    /// odd: its worker id is a joined worker's, and a rendezvous offer has the right digests.
     Proto {
         kind: u8,
         bytes: Vec<u8>,
@@ -128,6 +134,28 @@ enum Gen {
     Current,
     /// The one this worker was last assigned.
     Assigned,
+    Raw(u64),
+}
+
+/// Consecutive trained steps: `count % 6` of them from `from`.
+#[derive(Arbitrary, Debug)]
+struct Steps {
+    from: StepSel,
+    count: u8,
+    digest: DigestSel,
+}
+
+#[derive(Arbitrary, Debug)]
+enum DigestSel {
+    /// The schedule's group digest for the generation's group.
+    Right,
+    /// The right one but at one step (`at % count`), xored with `flip | 1`.
+    Corrupt {
+        at: u8,
+        flip: u64,
+    },
+    /// The digest a group of `world % 9` ranks would have summed.
+    World(u8),
     Raw(u64),
 }
 
@@ -188,9 +216,15 @@ struct Harness {
     state: Option<JobState>,
     now: Instant,
     ids: Vec<String>,
-    /// Per worker: the generation of its last assignment, and its last plan.
+    /// Per worker: the generation of its last assignment.
     assigned: HashMap<String, u64>,
-    plans: HashMap<String, StepPlan>,
+    /// The size of every group seen formed, by generation.
+    worlds: HashMap<u64, u64>,
+    /// A checkpoint that does not verify was reported since the last formation: the roll-back
+    /// of the next formation continues the last one, and is not counted as another.
+    fell_back: bool,
+    /// Built as the state builds its own: what every rank plans its steps from.
+    schedule: StepSchedule,
     before: JobStatus,
 }
 
@@ -229,6 +263,8 @@ impl Harness {
 
     fn restart(&mut self) {
         let job_id = self.before.job_id.clone();
+        // The coordinator forgets it: the next roll-back counts.
+        self.fell_back = false;
         drop(self.state.take());
         let store = Store::open(&self.dir.path().join("state")).expect("reopen the store");
         let loaded = store
@@ -337,41 +373,40 @@ impl Harness {
                     },
                     blob: vec![7; usize::from(blob_len)],
                     worker_id,
+                    uncommitted: Vec::new(),
+                    trained_as: None,
                 };
                 self.rendezvous(&req)?;
             }
-            Op::NextStep {
+            Op::RendezvousOffer {
                 who,
-                generation,
-                step,
+                known,
+                holds,
+                offer,
             } => {
                 let worker_id = self.who(&who);
-                let req = StepRequest {
-                    generation: self.generation(&worker_id, &generation),
-                    step: self.step(&step),
+                let known_generation = self.generation(&worker_id, &known);
+                let req = RendezvousRequest {
+                    known_generation,
+                    holds_step: holds.map(|s| self.step(&s)),
+                    uncommitted: self.trained(known_generation, &offer, 2.0, 0.5),
                     worker_id,
+                    ..Default::default()
                 };
-                self.next_step(&req)?;
+                self.rendezvous(&req)?;
             }
             Op::Commit {
                 who,
                 generation,
-                step,
-                digest,
+                steps,
                 loss,
                 step_time_s,
             } => {
                 let worker_id = self.who(&who);
-                let plan = self.plans.get(&worker_id);
-                let plan_digest = plan.map_or(0, |p| sequences_digest(&p.sequence_ids));
-                let req = StepCommit {
-                    generation: self.generation(&worker_id, &generation),
-                    step: self.step(&step),
-                    loss,
-                    tokens: 100,
-                    step_time_s,
-                    allreduce_s: 0.01,
-                    sequences_digest: digest.unwrap_or(plan_digest),
+                let generation = self.generation(&worker_id, &generation);
+                let req = StepsCommit {
+                    steps: self.trained(generation, &steps, loss, step_time_s),
+                    generation,
                     worker_id,
                 };
                 self.commit(&req)?;
@@ -396,7 +431,7 @@ impl Harness {
                     worker_id,
                     ..Default::default()
                 };
-                self.state().report_checkpoint(&req, now)?;
+                self.report_checkpoint(&req)?;
                 let status = self.state().status(now);
                 assert_eq!(status.latest_checkpoint.map(|c| c.0), Some(step));
             }
@@ -429,48 +464,67 @@ impl Harness {
             Op::Restart => self.restart(),
             Op::RendezvousAll { holds } => {
                 let holds = holds.map(|s| self.step(&s));
+                let mut placed = BTreeSet::new();
                 for _ in 0..2 {
                     for id in self.ids.clone() {
+                        if placed.contains(&id) {
+                            continue;
+                        }
+                        let known = self.assigned.get(&id).copied().unwrap_or(0);
                         let req = RendezvousRequest {
-                            known_generation: self.assigned.get(&id).copied().unwrap_or(0),
+                            known_generation: known,
                             holds_step: holds,
                             blob: id.as_bytes().to_vec(),
-                            worker_id: id,
+                            worker_id: id.clone(),
                             ..Default::default()
                         };
                         self.rendezvous(&req).or_else(expected)?;
+                        if self.assigned.get(&id).copied().unwrap_or(0) != known {
+                            placed.insert(id);
+                        }
                     }
                 }
             }
             Op::StepAll { loss } => {
-                let step = self.before.committed_steps;
-                let mut planned = Vec::new();
-                for id in self.ids.clone() {
-                    let req = StepRequest {
-                        generation: self.assigned.get(&id).copied().unwrap_or(0),
+                let s = self.state().status(now);
+                if s.phase != "running" {
+                    return Ok(());
+                }
+                let step = s.committed_steps;
+                let world = u64::from(s.world_size);
+                // Every member trains it (and says so: a heartbeat, which changes nothing).
+                let mut rank0 = None;
+                for w in s.workers.iter().filter(|w| w.rank.is_some()) {
+                    let req = Heartbeat {
+                        worker_id: w.worker_id.clone(),
+                        generation: s.generation,
                         step,
-                        worker_id: id.clone(),
+                        loss,
+                        tokens_per_s: 1.0,
                     };
-                    self.plans.remove(&id);
-                    self.next_step(&req).or_else(expected)?;
-                    if self.plans.contains_key(&id) {
-                        planned.push(id);
+                    let a = self.state().heartbeat(&req, now)?;
+                    assert_eq!((a.generation, a.stop), (s.generation, false));
+                    if w.rank == Some(0) {
+                        rank0 = Some(w.worker_id.clone());
                     }
                 }
-                for id in planned {
-                    let plan = &self.plans[&id];
-                    let req = StepCommit {
-                        generation: plan.generation,
-                        step: plan.step,
+                let worker_id = rank0.expect("a running group has a rank 0");
+                let req = StepsCommit {
+                    worker_id,
+                    generation: s.generation,
+                    steps: vec![TrainedStep {
+                        step,
                         loss,
                         tokens: 100,
                         step_time_s: 0.5,
                         allreduce_s: 0.01,
-                        sequences_digest: sequences_digest(&plan.sequence_ids),
-                        worker_id: id,
-                    };
-                    self.commit(&req).or_else(expected)?;
+                        group_digest: self.digest(step, world),
+                    }],
+                };
+                if let Err(e) = self.commit(&req) {
+                    panic!("the running group's rank 0 could not commit step {step}: {e}");
                 }
+                assert_eq!(self.state().committed(), step + 1);
             }
             Op::Proto { kind, bytes } => self.proto(kind, &bytes)?,
             Op::Fallback {
@@ -501,7 +555,7 @@ impl Harness {
                     unverified_step,
                     unverified_reason: "model.safetensors: checksum mismatch".into(),
                 };
-                self.state().report_checkpoint(&req, now)?;
+                self.report_checkpoint(&req)?;
                 let latest = self.state().status(now).latest_checkpoint.map(|c| c.0);
                 if unverified_step == 0 {
                     // No step that does not verify: a plain report.
@@ -531,7 +585,16 @@ impl Harness {
 
     fn rendezvous(&mut self, req: &RendezvousRequest) -> Result<(), StateError> {
         let now = self.now;
-        match self.state().rendezvous(req, now)? {
+        let at_most = self.expect_committed(req.known_generation, &req.uncommitted);
+        let outcome = self.state().rendezvous(req, now);
+        // Offered steps are committed at most as far as they continue the ledger with the
+        // schedule's digests; the formation that may follow can only roll back.
+        assert!(
+            self.state().committed() <= at_most,
+            "rendezvous committed offered steps beyond the valid ones ({} > {at_most})",
+            self.state().committed()
+        );
+        match outcome? {
             RendezvousOutcome::Ready(a) => {
                 let status = self.state().status(now);
                 assert_eq!(a.generation, status.generation);
@@ -540,6 +603,7 @@ impl Harness {
                 assert_eq!(a.peers.len(), a.world_size as usize);
                 assert!(a.start_step <= status.committed_steps);
                 self.assigned.insert(req.worker_id.clone(), a.generation);
+                self.saw_group(a.generation, a.world_size);
             }
             // Only a worker that runs NCCL is asked for a unique id.
             RendezvousOutcome::SendBlob(_) => assert_eq!(req.collective, CollectiveKind::Nccl),
@@ -548,29 +612,137 @@ impl Harness {
         Ok(())
     }
 
-    fn next_step(&mut self, req: &StepRequest) -> Result<(), StateError> {
+    fn commit(&mut self, req: &StepsCommit) -> Result<(), StateError> {
         let now = self.now;
-        if let NextStepOutcome::Plan(plan) = self.state().next_step(req, now)? {
-            let status = self.state().status(now);
-            assert_eq!(plan.step, status.committed_steps);
-            assert!(plan.rank < plan.world_size);
-            assert!(plan.global_batch == self.spec.batch.global);
-            assert!(!plan.sequence_ids.is_empty());
-            assert!(plan.sequence_ids.iter().all(|&id| id < self.sequences));
-            self.plans.insert(req.worker_id.clone(), plan);
+        let before = self.state().committed();
+        let valid = self.expect_committed(req.generation, &req.steps);
+        let answer = self.state().commit(req, now);
+        let after = self.state().committed();
+        // Steps are committed in order, each once, only with the schedule's digest, and
+        // never taken back by a commit: up to the first invalid one, or none if the worker
+        // may not commit for that generation.
+        assert!(
+            after == before || after == valid,
+            "a commit took the ledger from {before} to {after} steps (valid: {valid})"
+        );
+        let answer = answer?;
+        assert_eq!(answer.committed, after);
+        assert_eq!(after, valid, "an accepted commit left valid steps out");
+        let s = self.state().status(now);
+        assert_eq!(
+            answer.directive == Directive::Stop,
+            s.phase == "stopped",
+            "directive {:?} to a job {}",
+            answer.directive,
+            s.phase
+        );
+        if answer.directive == Directive::Continue {
+            assert!(s.phase == "running" || s.phase == "finished");
+            assert_eq!(
+                s.generation, req.generation,
+                "a group told to continue that is not the newest"
+            );
         }
         Ok(())
     }
 
-    fn commit(&mut self, req: &StepCommit) -> Result<(), StateError> {
-        let now = self.now;
-        let committed = self.state().commit(req, now)?;
-        assert_eq!(committed, self.state().committed());
-        Ok(())
+    /// Where the ledger ends if `steps`, trained by `generation`'s group, are accepted: steps
+    /// below the committed count are skipped, and the first one that does not continue the
+    /// ledger, is beyond the job, or does not carry the schedule's digest stops them.
+    fn expect_committed(&mut self, generation: u64, steps: &[TrainedStep]) -> u64 {
+        let mut committed = self.state().committed();
+        let Some(&world) = self.worlds.get(&generation) else {
+            return committed;
+        };
+        for s in steps {
+            if s.step < committed {
+                continue;
+            }
+            if s.step != committed
+                || committed >= self.spec.job.steps
+                || s.group_digest != self.digest(s.step, world)
+            {
+                break;
+            }
+            committed += 1;
+        }
+        committed
+    }
+
+    /// The group digest of `step` for `world` ranks (0 for steps beyond the job: nothing is
+    /// planned there).
+    fn digest(&mut self, step: u64, world: u64) -> u64 {
+        if step < self.spec.job.steps {
+            self.schedule.group_digest(step, world)
+        } else {
+            0
+        }
+    }
+
+    /// The steps `sel` names, as `generation`'s group would report them.
+    fn trained(
+        &mut self,
+        generation: u64,
+        sel: &Steps,
+        loss: f64,
+        step_time_s: f64,
+    ) -> Vec<TrainedStep> {
+        let from = self.step(&sel.from);
+        let count = u64::from(sel.count % 6);
+        let world = match self.worlds.get(&generation) {
+            Some(&w) => w,
+            None => u64::from(self.before.world_size),
+        };
+        (0..count)
+            .map(|i| {
+                let step = from.saturating_add(i);
+                let group_digest = match sel.digest {
+                    DigestSel::Right => self.digest(step, world),
+                    DigestSel::Corrupt { at, flip } if u64::from(at) % count == i => {
+                        self.digest(step, world) ^ (flip | 1)
+                    }
+                    DigestSel::Corrupt { .. } => self.digest(step, world),
+                    DigestSel::World(w) => self.digest(step, u64::from(w % 9)),
+                    DigestSel::Raw(d) => d,
+                };
+                TrainedStep {
+                    step,
+                    loss,
+                    tokens: 100,
+                    step_time_s,
+                    allreduce_s: 0.01,
+                    group_digest,
+                }
+            })
+            .collect()
+    }
+
+    /// A group of `world` ranks formed as `generation`: one generation, one group.
+    fn saw_group(&mut self, generation: u64, world: u32) {
+        let world = u64::from(world);
+        let known = *self.worlds.entry(generation).or_insert(world);
+        assert_eq!(known, world, "generation {generation} formed twice");
+    }
+
+    /// Replaces the worker id of a decoded request by a joined worker's when `pick` is odd
+    /// (random bytes never name one).
+    fn pick_worker(&self, pick: u8, worker_id: &mut String) {
+        if pick % 2 == 1 && !self.ids.is_empty() {
+            *worker_id = self.ids[usize::from(pick / 2) % self.ids.len()].clone();
+        }
+    }
+
+    /// The decoded steps of `generation` with the schedule's digests.
+    fn fix_digests(&mut self, generation: u64, steps: &mut [TrainedStep]) {
+        let world = self.worlds.get(&generation).copied().unwrap_or(0);
+        for s in steps {
+            s.group_digest = self.digest(s.step, world);
+        }
     }
 
     fn proto(&mut self, kind: u8, bytes: &[u8]) -> Result<(), StateError> {
         let now = self.now;
+        let pick = kind / 7;
         macro_rules! decode {
             ($t:ty) => {
                 match <$t>::decode(bytes) {
@@ -582,30 +754,47 @@ impl Harness {
         match kind % 7 {
             0 => self.join(decode!(proto::JoinRequest).into()),
             1 => {
-                let m = decode!(proto::HeartbeatRequest);
+                let mut m = decode!(proto::HeartbeatRequest);
+                self.pick_worker(pick, &mut m.worker_id);
                 self.state().heartbeat(&(&m).into(), now).map(drop)
             }
             2 => {
-                let m = decode!(proto::RendezvousRequest);
-                self.rendezvous(&(&m).into())
+                let mut m = decode!(proto::RendezvousRequest);
+                self.pick_worker(pick, &mut m.worker_id);
+                let mut req: RendezvousRequest = (&m).into();
+                if pick % 2 == 1 {
+                    self.fix_digests(req.known_generation, &mut req.uncommitted);
+                }
+                self.rendezvous(&req)
             }
-            3 => {
-                let m = decode!(proto::NextStepRequest);
-                self.next_step(&(&m).into())
-            }
-            4 => {
-                let m = decode!(proto::CommitStepRequest);
-                self.commit(&(&m).into())
+            k @ (3 | 4) => {
+                let mut m = decode!(proto::CommitStepsRequest);
+                self.pick_worker(pick, &mut m.worker_id);
+                let mut req: StepsCommit = (&m).into();
+                if k == 4 {
+                    // Nor do they carry the schedule's digests.
+                    self.fix_digests(req.generation, &mut req.steps);
+                }
+                self.commit(&req)
             }
             5 => {
-                let m = decode!(proto::CheckpointReport);
-                self.state().report_checkpoint(&(&m).into(), now)
+                let mut m = decode!(proto::CheckpointReport);
+                self.pick_worker(pick, &mut m.worker_id);
+                self.report_checkpoint(&(&m).into())
             }
             _ => {
-                let m = decode!(proto::FailureReport);
+                let mut m = decode!(proto::FailureReport);
+                self.pick_worker(pick, &mut m.worker_id);
                 self.state().report_failure(&(&m).into(), now).map(drop)
             }
         }
+    }
+
+    fn report_checkpoint(&mut self, req: &CheckpointReport) -> Result<(), StateError> {
+        let now = self.now;
+        self.state().report_checkpoint(req, now)?;
+        self.fell_back |= req.unverified_step != 0;
+        Ok(())
     }
 
     /// What must hold between any two requests.
@@ -621,7 +810,7 @@ impl Harness {
         assert!(s.rollbacks >= before.rollbacks && s.redone_steps >= before.redone_steps);
         if s.committed_steps < before.committed_steps {
             assert!(
-                s.rollbacks > before.rollbacks,
+                s.rollbacks > before.rollbacks || self.fell_back,
                 "steps lost without a rollback"
             );
             assert!(
@@ -637,6 +826,11 @@ impl Harness {
             "a rank held twice"
         );
         assert!(ranks.iter().all(|&r| r < s.world_size.max(1)));
+        if s.world_size > 0 {
+            // A group is formed: it is the newest generation.
+            self.saw_group(s.generation, s.world_size);
+            self.fell_back = false;
+        }
         if let Some((step, path)) = &s.latest_checkpoint {
             assert!(*step >= 1);
             let expected = ferry_spec::run_dir::checkpoint_dir(&self.spec.job.run_dir, *step);
@@ -664,6 +858,7 @@ fuzz_target!(|input: Input| {
     let state = JobState::open(spec.clone(), toml.clone(), sequences, store, None, now)
         .expect("open the job");
     let before = state.status(now);
+    let schedule = StepSchedule::for_job(&spec, sequences);
     let mut h = Harness {
         dir,
         spec,
@@ -673,15 +868,17 @@ fuzz_target!(|input: Input| {
         now,
         ids: Vec::new(),
         assigned: HashMap::new(),
-        plans: HashMap::new(),
+        worlds: HashMap::new(),
+        fell_back: false,
+        schedule,
         before,
     };
-    for op in input.ops.into_iter().take(200) {
+    for (i, op) in input.ops.into_iter().take(200).enumerate() {
+        ferry_fuzz::debug(format_args!("request {i}: {op:?}"));
         match h.apply(op) {
-            Ok(()) | Err(StateError::InvalidArgument(_)) | Err(StateError::NotFound(_)) => {}
-            Err(StateError::FailedPrecondition(_)) | Err(StateError::OutOfRange(_)) => {}
-            Err(StateError::PermissionDenied(_)) => {}
+            Ok(()) => {}
             Err(e @ StateError::Store(_)) => panic!("the store failed: {e}"),
+            Err(e) => ferry_fuzz::debug(format_args!("request {i} refused: {e}")),
         }
         h.check();
     }
