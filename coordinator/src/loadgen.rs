@@ -28,8 +28,12 @@ pub struct BenchCoordinatorArgs {
     data: PathBuf,
     /// The job's `cluster.heartbeat_timeout_s`: workers heartbeat every quarter of it, as the
     /// coordinator tells them at join.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 30.0)]
     heartbeat_timeout_s: f64,
+    /// Heartbeat this often instead of the interval the join answers (earlier figures in
+    /// BENCHMARKS.md used 1 s).
+    #[arg(long)]
+    heartbeat_s: Option<f64>,
     /// Time between steps (the simulated compute time of one step).
     #[arg(long, default_value_t = 1.0)]
     step_interval_s: f64,
@@ -199,10 +203,13 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
     let lat = Arc::new(Mutex::new(Latencies::default()));
     let n = a.workers as usize;
 
-    rt.block_on(async {
+    let outcome = rt.block_on(async {
         // Join everyone; each starts heartbeating, at the interval the join answers, as soon as
         // it has joined.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Heartbeats while the group joins and forms are counted apart from those while it
+        // steps: the first queue behind 2W joins and rendezvous, the second is the steady state.
+        let stepping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let heartbeat_s = Arc::new(Mutex::new(f64::NAN));
         let t_join = Instant::now();
         let mut joins = tokio::task::JoinSet::new();
@@ -210,7 +217,9 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             let mut c = pool[i % pool.len()].coordinator.clone();
             let lat = lat.clone();
             let stop = stop.clone();
+            let stepping = stepping.clone();
             let heartbeat_s = heartbeat_s.clone();
+            let forced = a.heartbeat_s;
             joins.spawn(async move {
                 let t = Instant::now();
                 let r = c
@@ -225,8 +234,9 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                 lat.lock().unwrap().record("join", t);
                 let reply = r?.into_inner();
                 let (id, num_sequences) = (reply.worker_id, reply.num_sequences);
-                *heartbeat_s.lock().unwrap() = reply.heartbeat_interval_s;
-                let every = Duration::from_secs_f64(reply.heartbeat_interval_s.max(0.05));
+                let interval = forced.unwrap_or(reply.heartbeat_interval_s);
+                *heartbeat_s.lock().unwrap() = interval;
+                let every = Duration::from_secs_f64(interval.max(0.05));
                 let mut hb = c.clone();
                 let hb_id = id.clone();
                 tokio::spawn(async move {
@@ -247,7 +257,12 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
                             .await
                             .is_ok();
                         if ok {
-                            lat.lock().unwrap().record("heartbeat", t);
+                            let method = if stepping.load(std::sync::atomic::Ordering::Relaxed) {
+                                "heartbeat"
+                            } else {
+                                "heartbeat_forming"
+                            };
+                            lat.lock().unwrap().record(method, t);
                         }
                     }
                 });
@@ -317,6 +332,7 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
         let rank0 = sims.iter().find(|s| s.rank == 0).context("no rank 0 in the group")?;
         let mut schedule = StepSchedule::new(1234, num_sequences.max(1), u64::from(a.workers), 1);
         let mut c = pool[0].coordinator.clone();
+        stepping.store(true, std::sync::atomic::Ordering::Relaxed);
         let (cpu0, _, _) = proc_usage(pid)?;
         let (own0, _, _) = proc_usage(std::process::id())?;
         let t_steps = Instant::now();
@@ -384,12 +400,12 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             a.workers, a.steps, a.step_interval_s, *heartbeat_s.lock().unwrap()
         );
         eprintln!(
-            "{:<12} {:>8} {:>9} {:>9} {:>9}",
+            "{:<17} {:>8} {:>9} {:>9} {:>9}",
             "rpc", "calls", "p50 ms", "p99 ms", "max ms"
         );
         for r in &rows {
             eprintln!(
-                "{:<12} {:>8} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<17} {:>8} {:>9.3} {:>9.3} {:>9.3}",
                 r["method"].as_str().unwrap_or(""),
                 r["calls"],
                 r["p50_ms"].as_f64().unwrap_or(f64::NAN),
@@ -411,7 +427,13 @@ pub fn run(a: BenchCoordinatorArgs) -> Result<()> {
             idle_rss.round()
         );
         Ok::<_, anyhow::Error>(())
-    })?;
+    });
+    if let Err(e) = outcome {
+        let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(e.context(format!("the coordinator's log ends:\n{}", tail.join("\n"))));
+    }
     drop(coordinator);
     Ok(())
 }

@@ -70,6 +70,13 @@ pub enum CollectiveKind {
 }
 
 impl CollectiveKind {
+    pub(crate) fn index(self) -> usize {
+        match self {
+            CollectiveKind::Ring => 0,
+            CollectiveKind::Nccl => 1,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             CollectiveKind::Ring => "the ring (CPU)",

@@ -95,12 +95,13 @@ impl JobState {
             }
             self.emit(EventKind::Released, &id, "left".into());
         }
+        let member_set: std::collections::HashSet<String> = members.iter().cloned().collect();
         let carried: BTreeMap<String, Arrival> =
             match std::mem::replace(&mut self.phase, Phase::Idle) {
                 Phase::Forming(f) => f
                     .arrived
                     .into_iter()
-                    .filter(|(id, _)| members.contains(id))
+                    .filter(|(id, _)| member_set.contains(id.as_str()))
                     .collect(),
                 _ => BTreeMap::new(),
             };
@@ -118,6 +119,7 @@ impl JobState {
         self.phase = Phase::Forming(Forming {
             generation: self.job.generation,
             members,
+            member_set,
             arrived: carried,
             proposed_at: now,
             awaiting_blob_from: None,
@@ -171,19 +173,19 @@ impl JobState {
         let Phase::Forming(f) = &self.phase else {
             return Ok(());
         };
-        if !f.members.iter().all(|m| f.arrived.contains_key(m)) {
+        if !f.complete() {
             return Ok(());
         }
         let Phase::Forming(mut f) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("checked above");
         };
         let committed = self.job.committed;
-        let prev_rank = |id: &String| {
-            self.previous
-                .as_ref()
-                .and_then(|p| p.ranks.iter().position(|r| r == id))
-                .unwrap_or(usize::MAX)
-        };
+        let previous_ranks: std::collections::HashMap<&str, usize> = self
+            .previous
+            .iter()
+            .flat_map(|p| p.ranks.iter().enumerate().map(|(r, id)| (id.as_str(), r)))
+            .collect();
+        let prev_rank = |id: &String| previous_ranks.get(id.as_str()).copied().unwrap_or(usize::MAX);
         let join_seq = |id: &String| self.workers.get(id).map_or(u64::MAX, |w| w.rec.join_seq);
         let mut ranks = f.members.clone();
         ranks.sort_by_key(|id| (prev_rank(id), join_seq(id)));
@@ -299,7 +301,7 @@ impl JobState {
             blob: req.blob.clone(),
         };
         match &mut self.phase {
-            Phase::Forming(f) if f.members.contains(&req.worker_id) => {
+            Phase::Forming(f) if f.has(&req.worker_id) => {
                 f.arrived.insert(req.worker_id.clone(), arrival);
                 self.try_form()?;
             }
@@ -309,7 +311,7 @@ impl JobState {
                 if matches!(self.phase, Phase::Idle) {
                     self.propose(now, false)?;
                     if let Phase::Forming(f) = &mut self.phase {
-                        if f.members.contains(&req.worker_id) {
+                        if f.has(&req.worker_id) {
                             f.arrived.insert(req.worker_id.clone(), arrival);
                             self.try_form()?;
                         }
@@ -397,11 +399,18 @@ impl JobState {
         if known == Some(req.collective) {
             return Ok(());
         }
-        let other = self.workers.values().find(|w| {
-            w.rec.id != req.worker_id
-                && !w.released
-                && w.collective.is_some_and(|c| c != req.collective)
-        });
+        let others = self.collective_count.iter().sum::<usize>()
+            - self.collective_count[req.collective.index()]
+            - usize::from(known.is_some());
+        let other = (others > 0)
+            .then(|| {
+                self.workers.values().find(|w| {
+                    w.rec.id != req.worker_id
+                        && !w.released
+                        && w.collective.is_some_and(|c| c != req.collective)
+                })
+            })
+            .flatten();
         if let Some(other) = other {
             let message = format!(
                 "worker {} runs {}, but this job's workers (such as {} on {}) run {}: a group \
@@ -418,7 +427,10 @@ impl JobState {
             return Err(StateError::failed_precondition(message));
         }
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
-            w.collective = Some(req.collective);
+            if let Some(was) = w.collective.replace(req.collective) {
+                self.collective_count[was.index()] -= 1;
+            }
+            self.collective_count[req.collective.index()] += 1;
         }
         Ok(())
     }

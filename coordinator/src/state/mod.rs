@@ -95,6 +95,8 @@ struct Arrival {
 struct Forming {
     generation: u64,
     members: Vec<String>,
+    /// `members` for lookups: a rendezvous of each of W members must not scan W.
+    member_set: std::collections::HashSet<String>,
     arrived: BTreeMap<String, Arrival>,
     proposed_at: Instant,
     /// Every member is here, and the one that is to be rank 0 was asked for its offer (its
@@ -129,6 +131,9 @@ pub struct JobState {
     /// in between): its steps count as redone, but it is not another rollback.
     rollback_continues: bool,
     loss_history: Vec<(u64, f64)>,
+    /// Workers that said they run the ring, and NCCL: a rendezvous checks a newcomer against
+    /// these counts, not by scanning every worker of the job.
+    collective_count: [usize; 2],
     /// Broken links between workers and who is set aside for them (see [`crate::links`]).
     links: LinkHealth,
     store: Store,
@@ -180,6 +185,7 @@ impl JobState {
             ledger_tail: None,
             rollback_continues: false,
             loss_history: Vec::new(),
+            collective_count: [0, 0],
             links: LinkHealth::default(),
             store,
             events,
@@ -307,6 +313,17 @@ impl JobState {
                 .collect(),
             None => HashMap::new(),
         };
+    }
+}
+
+impl Forming {
+    fn has(&self, id: &str) -> bool {
+        self.member_set.contains(id)
+    }
+
+    /// Every member has come (only members' arrivals are kept).
+    fn complete(&self) -> bool {
+        self.arrived.len() == self.members.len()
     }
 }
 

@@ -104,7 +104,7 @@ impl JobState {
             return Ok(false);
         }
         let in_proposal =
-            matches!(&self.phase, Phase::Forming(f) if f.members.iter().any(|m| m == id));
+            matches!(&self.phase, Phase::Forming(f) if f.has(id));
         if in_proposal {
             // The only holder of the committed state, leaving while its next group forms:
             // it stays in that group to hand the state over, and goes at its first boundary
@@ -125,7 +125,10 @@ impl JobState {
 
     pub(super) fn remove_worker(&mut self, id: &str, why: &str) {
         self.links.forget(id);
-        if self.workers.remove(id).is_some() {
+        if let Some(w) = self.workers.remove(id) {
+            if let Some(kind) = w.collective {
+                self.collective_count[kind.index()] -= 1;
+            }
             if let Err(e) = self.store.remove_worker(id) {
                 tracing::error!("state store: {e}");
             }
@@ -147,7 +150,7 @@ impl JobState {
         let mut lost_member = false;
         for id in dead {
             let member = self.rank_of(&id).is_some()
-                || matches!(&self.phase, Phase::Forming(f) if f.members.contains(&id));
+                || matches!(&self.phase, Phase::Forming(f) if f.has(&id));
             lost_member |= member;
             tracing::warn!(worker = %id, "no heartbeat for {:?}: worker declared dead", timeout);
             self.remove_worker(&id, "heartbeat timeout");
@@ -304,7 +307,7 @@ impl JobState {
             ),
         );
         let in_group = self.rank_of(&d.worker).is_some()
-            || matches!(&self.phase, Phase::Forming(f) if f.members.contains(&d.worker));
+            || matches!(&self.phase, Phase::Forming(f) if f.has(&d.worker));
         if in_group {
             self.propose(now, true)?;
         }
