@@ -191,6 +191,91 @@ async fn worker_killed_and_worker_joining_mid_run_change_nothing() {
     );
 }
 
+/// Rank 0 (the worker that joins first) told by a fault-injection variable to pause at a
+/// step, and a second worker beside it, on a coordinator that notices a dead worker quickly.
+struct PausedRank0 {
+    c: CoordinatorProc,
+    run: std::path::PathBuf,
+    paused: WorkerProc,
+    survivor: WorkerProc,
+}
+
+impl PausedRank0 {
+    async fn start(name: &str, fault: &str, at: u64) -> PausedRank0 {
+        let dir = support::scratch(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = dir.join("run");
+        let c = CoordinatorProc::start(
+            &format!("{name}-coord"),
+            &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
+            &[],
+        );
+        // Ranks follow the order of joining: the paused worker joins first and is rank 0.
+        let paused = WorkerProc::start_with_env(&c, "paused", &[(fault, &format!("{at}:20000"))]);
+        let start = Instant::now();
+        while c.status().await.workers.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{}",
+                paused.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let survivor = WorkerProc::start(&c, "survivor");
+        PausedRank0 {
+            c,
+            run,
+            paused,
+            survivor,
+        }
+    }
+
+    /// Waits until rank 0 of the pair is in its pause.
+    async fn wait_for_pause(&self, within: Duration) {
+        let start = Instant::now();
+        while !self.paused.log_text().contains("pausing") {
+            assert!(
+                start.elapsed() < within,
+                "{}\n{}",
+                self.paused.log_text(),
+                self.survivor.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            self.paused.log_text().contains("rank 0 of 2"),
+            "{}",
+            self.paused.log_text()
+        );
+    }
+
+    /// Waits until the survivor has finished the job and written its final checkpoint.
+    async fn wait_finished(&self) {
+        let start = Instant::now();
+        while self.c.status().await.phase != "finished" {
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{}",
+                self.survivor.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ckpt = self
+            .run
+            .join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
+        let start = Instant::now();
+        while !ckpt.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{}",
+                self.survivor.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The second race CI caught in the test above: rank 0 killed after step s was committed (the
 /// other rank's commit got in) but before rank 0 wrote step s's metrics line. The survivor, rank
 /// 1 then, holds step s and becomes rank 0; it must write the line. Rank 0 is made to wait in
@@ -200,74 +285,19 @@ async fn rank_0_killed_between_a_commit_and_its_metrics_line_loses_no_line() {
     let reference = tokio::task::spawn_blocking(single_worker_run)
         .await
         .unwrap();
-    let dir = support::scratch("dp-line");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
-    let c = CoordinatorProc::start(
-        "dp-line-coord",
-        &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
-        &[],
-    );
     const AT: u64 = 5;
-    // Ranks follow the order of joining: the paused worker joins first and is rank 0.
-    let paused = WorkerProc::start_with_env(
-        &c,
-        "paused",
-        &[("FERRY_FAULT_PAUSE_BEFORE_STEP_LINE", &format!("{AT}:20000"))],
-    );
-    let start = Instant::now();
-    while c.status().await.workers.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{}",
-            paused.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let survivor = WorkerProc::start(&c, "survivor");
-    let _ = wait_for_step(&c, AT, Duration::from_secs(120)).await;
-    let start = Instant::now();
-    while !paused.log_text().contains("pausing") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            paused.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pair = PausedRank0::start("dp-line", "FERRY_FAULT_PAUSE_BEFORE_STEP_LINE", AT).await;
+    let _ = wait_for_step(&pair.c, AT, Duration::from_secs(120)).await;
+    pair.wait_for_pause(Duration::from_secs(20)).await;
+    pair.paused.signal(libc::SIGKILL);
+    pair.wait_finished().await;
+    assert_same_training(&reference, &pair.run);
     assert!(
-        paused.log_text().contains("rank 0 of 2"),
-        "{}",
-        paused.log_text()
-    );
-    paused.signal(libc::SIGKILL);
-    let start = Instant::now();
-    while c.status().await.phase != "finished" {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{}",
-            survivor.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
-    let start = Instant::now();
-    while !ckpt.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            survivor.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    assert_same_training(&reference, &run);
-    assert!(
-        survivor.log_text().contains(&format!(
+        pair.survivor.log_text().contains(&format!(
             "logging step {AT}, which this worker applied in generation 1"
         )),
         "{}",
-        survivor.log_text()
+        pair.survivor.log_text()
     );
 }
 
@@ -280,74 +310,19 @@ async fn rank_0_killed_between_the_all_reduce_and_its_commit_loses_nothing() {
     let reference = tokio::task::spawn_blocking(single_worker_run)
         .await
         .unwrap();
-    let dir = support::scratch("dp-commit");
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = dir.join("run");
-    let c = CoordinatorProc::start(
-        "dp-commit-coord",
-        &job(&run, "min_workers = 1\nsettle_s = 2.0\nheartbeat_timeout_s = 3.0\ncollective_timeout_s = 5.0"),
-        &[],
-    );
     const AT: u64 = 5;
-    let paused = WorkerProc::start_with_env(
-        &c,
-        "paused",
-        &[("FERRY_FAULT_PAUSE_BEFORE_COMMIT", &format!("{AT}:20000"))],
-    );
-    let start = Instant::now();
-    while c.status().await.workers.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{}",
-            paused.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let survivor = WorkerProc::start(&c, "survivor");
-    let start = Instant::now();
-    while !paused.log_text().contains("pausing") {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{}\n{}",
-            paused.log_text(),
-            survivor.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        paused.log_text().contains("rank 0 of 2"),
-        "{}",
-        paused.log_text()
-    );
+    let pair = PausedRank0::start("dp-commit", "FERRY_FAULT_PAUSE_BEFORE_COMMIT", AT).await;
+    pair.wait_for_pause(Duration::from_secs(120)).await;
     // Commits run in the background: the one before may still be on its way.
-    let committed = c.status().await.committed_steps;
+    let committed = pair.c.status().await.committed_steps;
     assert!(
         committed < AT,
         "step {AT} is applied but not committed: {committed}"
     );
-    paused.signal(libc::SIGKILL);
-    let start = Instant::now();
-    while c.status().await.phase != "finished" {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{}",
-            survivor.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ckpt = run.join(format!("checkpoints/step-{STEPS:08}/model.safetensors"));
-    let start = Instant::now();
-    while !ckpt.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            survivor.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    assert_same_training(&reference, &run);
-    let ledger = c.ledger().await;
+    pair.paused.signal(libc::SIGKILL);
+    pair.wait_finished().await;
+    assert_same_training(&reference, &pair.run);
+    let ledger = pair.c.ledger().await;
     assert_eq!(
         (ledger.rollbacks, ledger.redone_steps),
         (0, 0),
@@ -359,11 +334,12 @@ async fn rank_0_killed_between_the_all_reduce_and_its_commit_loses_nothing() {
         "step {AT} by the pair"
     );
     assert!(
-        c.log_text()
+        pair.c
+            .log_text()
             .lines()
             .any(|l| l.contains("late commit of steps") && l.contains(&format!("..{AT}"))),
         "{}",
-        c.log_text()
+        pair.c.log_text()
     );
 }
 

@@ -185,7 +185,12 @@ impl JobState {
             .iter()
             .flat_map(|p| p.ranks.iter().enumerate().map(|(r, id)| (id.as_str(), r)))
             .collect();
-        let prev_rank = |id: &String| previous_ranks.get(id.as_str()).copied().unwrap_or(usize::MAX);
+        let prev_rank = |id: &String| {
+            previous_ranks
+                .get(id.as_str())
+                .copied()
+                .unwrap_or(usize::MAX)
+        };
         let join_seq = |id: &String| self.workers.get(id).map_or(u64::MAX, |w| w.rec.join_seq);
         let mut ranks = f.members.clone();
         ranks.sort_by_key(|id| (prev_rank(id), join_seq(id)));

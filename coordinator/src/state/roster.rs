@@ -103,8 +103,7 @@ impl JobState {
             tracing::info!(worker = %id, "worker leaves at the next step boundary");
             return Ok(false);
         }
-        let in_proposal =
-            matches!(&self.phase, Phase::Forming(f) if f.has(id));
+        let in_proposal = matches!(&self.phase, Phase::Forming(f) if f.has(id));
         if in_proposal {
             // The only holder of the committed state, leaving while its next group forms:
             // it stays in that group to hand the state over, and goes at its first boundary
