@@ -525,11 +525,7 @@ impl Worker {
             directive = self.take_answer(answer, false)?;
         }
         if directive.is_none() && due && self.inflight.is_none() && !self.uncommitted.is_empty() {
-            let req = proto::CommitStepsRequest {
-                worker_id: self.id(),
-                generation: self.generation,
-                steps: self.uncommitted.offer(),
-            };
+            let req = self.commit_request();
             let mut c = self.clients.coordinator.clone();
             self.inflight = Some(self.rt.spawn(async move {
                 match tokio::time::timeout(ATTEMPT_DEADLINE, c.commit_steps(req)).await {
@@ -542,6 +538,15 @@ impl Worker {
             }));
         }
         Ok(directive)
+    }
+
+    /// Every step this rank holds, in its generation's name.
+    fn commit_request(&self) -> proto::CommitStepsRequest {
+        proto::CommitStepsRequest {
+            worker_id: self.id(),
+            generation: self.generation,
+            steps: self.uncommitted.offer(),
+        }
     }
 
     /// Rank 0 at the end of a generation (a directive, the job's last step) and before an
@@ -558,11 +563,7 @@ impl Worker {
             directive = self.take_answer(answer, false)?;
         }
         if !self.uncommitted.is_empty() {
-            let req = proto::CommitStepsRequest {
-                worker_id: self.id(),
-                generation: self.generation,
-                steps: self.uncommitted.offer(),
-            };
+            let req = self.commit_request();
             let waited = t.elapsed().as_secs_f64();
             if let Some(newest) = self.uncommitted.newest_mut() {
                 // The last step's wall time includes the commit it waited for.

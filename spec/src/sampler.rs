@@ -118,7 +118,7 @@ impl Default for Fnv1a {
 }
 
 /// FNV-1a over the little-endian bytes of sequence ids: a worker's proof of what it trained.
-pub fn sequences_digest(ids: &[u64]) -> u64 {
+pub fn sequences_digest(ids: impl IntoIterator<Item = u64>) -> u64 {
     let mut h = Fnv1a::new();
     for id in ids {
         h.write(&id.to_le_bytes());

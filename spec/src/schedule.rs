@@ -29,7 +29,7 @@ pub struct StepPlan {
 
 impl StepPlan {
     pub fn digest(&self) -> u64 {
-        sequences_digest(&self.sequence_ids)
+        sequences_digest(self.sequence_ids.iter().copied())
     }
 }
 
@@ -94,11 +94,7 @@ impl StepSchedule {
     /// The sequences digest of rank `rank`'s slice of `step`.
     pub fn rank_digest(&mut self, step: u64, rank: u64, world: u64) -> u64 {
         let (start, count, _) = self.slice(step, rank, world);
-        let mut h = crate::sampler::Fnv1a::new();
-        for p in start..start + count {
-            h.write(&self.order.at(p).1.to_le_bytes());
-        }
-        h.finish()
+        sequences_digest((start..start + count).map(|p| self.order.at(p).1))
     }
 
     /// What a group of `world` ranks that trained `step` sums in its all-reduce.
