@@ -136,6 +136,21 @@ fn try_status(rt: &tokio::runtime::Runtime, c: &CoordinatorProc) -> Option<proto
     })
 }
 
+/// Whether the coordinator says the job is finished; it is asked for up to 10 s, since the
+/// test may have just restarted it.
+fn job_finished(rt: &tokio::runtime::Runtime, c: &CoordinatorProc) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = try_status(rt, c) {
+            return st.phase == "finished";
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn chaos(events: usize, steps: u64) {
     let seed = std::env::var("FERRY_CHAOS_SEED")
         .ok()
@@ -166,9 +181,12 @@ fn chaos(events: usize, steps: u64) {
     }
     let (mut worker_kills, mut leaves, mut joins, mut coordinator_kills) = (0, 0, 0, 0);
     let mut last_step = 0;
-    let check_no_unexpected_exit = |workers: &mut Vec<Worker>, finished: bool| {
+    // A worker may leave on its own only because the job finished. Its exit comes after the
+    // coordinator's answer that said so, so the coordinator is asked after the exit is seen:
+    // a status read before it (the loops below poll) can still say "running".
+    let check_no_unexpected_exit = |workers: &mut Vec<Worker>, c: &CoordinatorProc| {
         for w in workers.iter_mut() {
-            if w.fate == Fate::Running && !w.process.alive() && !finished {
+            if w.fate == Fate::Running && !w.process.alive() && !job_finished(&rt, c) {
                 panic!(
                     "worker {} exited although nothing was done to it and the job is not \
                      finished:\n{}",
@@ -205,7 +223,7 @@ fn chaos(events: usize, steps: u64) {
                 break;
             }
         }
-        check_no_unexpected_exit(&mut workers, false);
+        check_no_unexpected_exit(&mut workers, &c);
         let running: Vec<usize> = (0..workers.len())
             .filter(|&i| workers[i].fate == Fate::Running)
             .collect();
@@ -246,7 +264,7 @@ fn chaos(events: usize, steps: u64) {
     }
     let finish_by = Instant::now() + Duration::from_secs(600);
     let status = loop {
-        check_no_unexpected_exit(&mut workers, false);
+        check_no_unexpected_exit(&mut workers, &c);
         if let Some(st) = try_status(&rt, &c) {
             if st.phase == "finished" {
                 break st;
