@@ -6,6 +6,14 @@
 //! writer thread in durable transactions that batch whatever is queued ([`Store`]); the gRPC
 //! services answer a call only once its changes are on disk, so nothing a worker was told is
 //! lost in a crash, and a join storm of thousands of workers costs a few disk flushes.
+//!
+//! A commit must cost the same at 2 ranks and at 100,000, so what grows with the group is
+//! written once per generation, not once per step: the formed group (ranks, peers) goes into
+//! the `generations` table when it forms, the job record names it by number, and a ledger
+//! record holds the step's scalars only; who trained which slice is derived when the ledger is
+//! read, from the generation's ranks and the step schedule. State written before this rule
+//! holds the group inside the job record and every slice in the ledger record, and reads back
+//! as it was.
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -14,6 +22,8 @@ use std::path::{Path, PathBuf};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const LEDGER: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger");
+/// Generation number -> its [`FormedRecord`].
+const GENERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("generations");
 
 const SPEC_KEY: &str = "job_spec";
 const JOB_KEY: &str = "job";
@@ -33,7 +43,9 @@ pub struct JobRecord {
     pub committed: u64,
     /// The newest generation number handed out (forming or formed).
     pub generation: u64,
-    /// The formed group, if one is running.
+    /// The formed group, if one is running. On disk it is in the generations table and the
+    /// record holds its number ([`JobOnDisk`]); state written before that holds it here.
+    #[serde(default, skip_serializing)]
     pub formed: Option<FormedRecord>,
     pub target_workers: u32,
     pub stopped: bool,
@@ -84,12 +96,31 @@ pub struct WorkerRecord {
     pub join_seq: u64,
 }
 
+/// The job record as written: the formed group by its generation number.
+#[derive(Serialize)]
+struct JobOnDisk<'a> {
+    #[serde(flatten)]
+    job: &'a JobRecord,
+    formed_generation: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct JobFromDisk {
+    #[serde(flatten)]
+    job: JobRecord,
+    #[serde(default)]
+    formed_generation: Option<u64>,
+}
+
 /// One committed step: who trained which positions of the sample stream.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct LedgerRecord {
     pub step: u64,
     pub generation: u64,
     pub world_size: u32,
+    /// Every rank's slice. Empty as stored (derived when read, see the module's comment);
+    /// full in state written before that.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slices: Vec<SliceRecord>,
     /// NaN when no rank reported one (a step recorded late, at rendezvous).
     #[serde(with = "nan_as_null")]
@@ -150,6 +181,7 @@ pub enum Durable {
 enum Change {
     Meta { key: &'static str, value: Vec<u8> },
     Ledger { step: u64, value: Vec<u8> },
+    Generation { generation: u64, value: Vec<u8> },
     TruncateLedger { from_step: u64 },
     PutWorker { id: String, value: Vec<u8> },
     RemoveWorker { id: String },
@@ -183,6 +215,8 @@ pub struct Store {
     path: PathBuf,
     shared: std::sync::Arc<Shared>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// The newest generation whose group is queued into the generations table.
+    generation_written: std::sync::Mutex<Option<u64>>,
 }
 
 impl Store {
@@ -202,6 +236,7 @@ impl Store {
             txn.open_table(META).map(drop),
             txn.open_table(WORKERS).map(drop),
             txn.open_table(LEDGER).map(drop),
+            txn.open_table(GENERATIONS).map(drop),
         ] {
             result.map_err(|e| store_err(&path, e))?;
         }
@@ -230,6 +265,7 @@ impl Store {
             path,
             shared,
             writer: Some(writer),
+            generation_written: std::sync::Mutex::new(None),
         })
     }
 
@@ -306,8 +342,27 @@ impl Store {
             .get(JOB_KEY)
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err("the job record is missing"))?;
-        let job: JobRecord = serde_json::from_slice(job_bytes.value())
+        let JobFromDisk {
+            mut job,
+            formed_generation,
+        } = serde_json::from_slice(job_bytes.value())
             .map_err(|e| self.err(format!("job record: {e}")))?;
+        if let Some(g) = formed_generation {
+            let formed = self
+                .generation(g)
+                .map_err(|e| self.err(format!("the job record's formed group: {}", e.message)))?;
+            job.formed = Some(formed);
+            *lock(&self.generation_written) = Some(g);
+        } else if let Some(f) = &job.formed {
+            // Written before the generations table: put the group there now, since steps it
+            // commits from here on are read back through it.
+            let value = serde_json::to_vec(f).map_err(|e| self.err(e))?;
+            self.queue([Change::Generation {
+                generation: f.generation,
+                value,
+            }])?;
+            *lock(&self.generation_written) = Some(f.generation);
+        }
         let mut workers = Vec::new();
         for row in txn
             .open_table(WORKERS)
@@ -342,11 +397,45 @@ impl Store {
         }))
     }
 
-    fn job_change(&self, job: &JobRecord) -> Result<Change, StoreError> {
-        Ok(Change::Meta {
+    /// The job record, and its formed group when that is not yet in the generations table.
+    fn job_change(&self, job: &JobRecord) -> Result<Vec<Change>, StoreError> {
+        let mut changes = Vec::with_capacity(2);
+        if let Some(f) = &job.formed {
+            let mut written = lock(&self.generation_written);
+            if *written != Some(f.generation) {
+                changes.push(Change::Generation {
+                    generation: f.generation,
+                    value: serde_json::to_vec(f).map_err(|e| self.err(e))?,
+                });
+                *written = Some(f.generation);
+            }
+        }
+        let on_disk = JobOnDisk {
+            job,
+            formed_generation: job.formed.as_ref().map(|f| f.generation),
+        };
+        changes.push(Change::Meta {
             key: JOB_KEY,
-            value: serde_json::to_vec(job).map_err(|e| self.err(e))?,
-        })
+            value: serde_json::to_vec(&on_disk).map_err(|e| self.err(e))?,
+        });
+        Ok(changes)
+    }
+
+    /// The group that formed as `generation`, as written so far. Every generation that
+    /// committed a step or is named by the job record is there.
+    pub fn generation(&self, generation: u64) -> Result<FormedRecord, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(GENERATIONS).map_err(|e| self.err(e))?;
+        let v = table
+            .get(generation)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| {
+                self.err(format!(
+                    "generation {generation} is missing from the generations table"
+                ))
+            })?;
+        serde_json::from_slice(v.value())
+            .map_err(|e| self.err(format!("generation {generation}'s record: {e}")))
     }
 
     /// Stores a new job and waits until it is on disk.
@@ -355,27 +444,32 @@ impl Store {
             key: SPEC_KEY,
             value: spec_toml.as_bytes().to_vec(),
         };
-        self.queue([spec, self.job_change(job)?])?;
+        self.queue(std::iter::once(spec).chain(self.job_change(job)?))?;
         self.sync()
     }
 
     pub fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        self.queue([self.job_change(job)?]).map(drop)
+        self.queue(self.job_change(job)?).map(drop)
     }
 
-    /// Records a committed step and the new job record, in one transaction.
+    /// Records a committed step (its scalars; its slices are derived when read) and the new
+    /// job record, in one transaction.
     pub fn commit_step(&self, entry: &LedgerRecord, job: &JobRecord) -> Result<(), StoreError> {
+        debug_assert!(entry.slices.is_empty(), "slices are derived, not stored");
         let ledger = Change::Ledger {
             step: entry.step,
             value: serde_json::to_vec(entry).map_err(|e| self.err(e))?,
         };
-        self.queue([ledger, self.job_change(job)?]).map(drop)
+        self.queue(std::iter::once(ledger).chain(self.job_change(job)?))
+            .map(drop)
     }
 
     /// Forgets committed steps from `from_step` on (a fall-back to an older checkpoint).
     pub fn truncate_ledger(&self, from_step: u64, job: &JobRecord) -> Result<(), StoreError> {
-        self.queue([Change::TruncateLedger { from_step }, self.job_change(job)?])
-            .map(drop)
+        self.queue(
+            std::iter::once(Change::TruncateLedger { from_step }).chain(self.job_change(job)?),
+        )
+        .map(drop)
     }
 
     /// Committed steps in `[from, to)`, as written so far (wait for durability first to
@@ -515,6 +609,7 @@ fn apply(
         let mut meta = txn.open_table(META)?;
         let mut ledger = txn.open_table(LEDGER)?;
         let mut workers = txn.open_table(WORKERS)?;
+        let mut generations = txn.open_table(GENERATIONS)?;
         for c in changes {
             match c {
                 Change::Meta { key, value } => {
@@ -522,6 +617,9 @@ fn apply(
                 }
                 Change::Ledger { step, value } => {
                     ledger.insert(*step, value.as_slice())?;
+                }
+                Change::Generation { generation, value } => {
+                    generations.insert(*generation, value.as_slice())?;
                 }
                 Change::TruncateLedger { from_step } => {
                     ledger.retain(|step, _| step < *from_step)?;
@@ -565,12 +663,7 @@ mod tests {
             step,
             generation: 1,
             world_size: 1,
-            slices: vec![SliceRecord {
-                rank: 0,
-                worker_id: "w".into(),
-                stream_start: step * 4,
-                count: 4,
-            }],
+            slices: vec![],
             loss,
             tokens: 0,
             step_time_s,
@@ -594,5 +687,111 @@ mod tests {
             "not finite reads back as NaN"
         );
         assert_eq!(loaded.job.committed, 3);
+    }
+
+    fn group(generation: u64, ranks: &[&str]) -> FormedRecord {
+        FormedRecord {
+            generation,
+            ranks: ranks.iter().map(|r| r.to_string()).collect(),
+            peers: ranks.iter().map(|r| format!("{r}:1")).collect(),
+            blob: vec![],
+            start_step: 0,
+            source: StateSourceRecord::Init,
+            checkpoint_path: String::new(),
+        }
+    }
+
+    fn job_with(formed: Option<FormedRecord>) -> JobRecord {
+        JobRecord {
+            job_id: "j".into(),
+            committed: 0,
+            generation: formed.as_ref().map_or(0, |f| f.generation),
+            formed,
+            target_workers: 2,
+            stopped: false,
+            checkpoint: None,
+            rollbacks: 0,
+            redone_steps: 0,
+            next_join_seq: 0,
+        }
+    }
+
+    fn step_record(step: u64, generation: u64) -> LedgerRecord {
+        LedgerRecord {
+            step,
+            generation,
+            world_size: 2,
+            slices: vec![],
+            loss: 1.0,
+            tokens: 8,
+            step_time_s: 0.1,
+        }
+    }
+
+    #[test]
+    fn a_commit_writes_the_group_once_per_generation_and_it_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut job = job_with(Some(group(3, &["a", "b"])));
+        store.init("spec", &job).unwrap();
+        for step in 0..3 {
+            job.committed = step + 1;
+            store.commit_step(&step_record(step, 3), &job).unwrap();
+        }
+        store.sync().unwrap();
+        // The job record names the group; neither it nor the ledger repeats the ranks.
+        let txn = store.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let job_json = String::from_utf8(meta.get(JOB_KEY).unwrap().unwrap().value().to_vec());
+        let job_json = job_json.unwrap();
+        assert!(job_json.contains("\"formed_generation\":3"), "{job_json}");
+        assert!(!job_json.contains("\"ranks\""), "{job_json}");
+        let ledger = txn.open_table(LEDGER).unwrap();
+        let row = String::from_utf8(ledger.get(1).unwrap().unwrap().value().to_vec()).unwrap();
+        assert!(!row.contains("slices"), "{row}");
+        drop((meta, ledger, txn));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded.job.formed, Some(group(3, &["a", "b"])));
+        assert_eq!(loaded.ledger.len(), 3);
+        assert_eq!(store.generation(3).unwrap().ranks, ["a", "b"]);
+        let missing = store.generation(4).unwrap_err().to_string();
+        assert!(missing.contains("generation 4 is missing"), "{missing}");
+    }
+
+    #[test]
+    fn state_written_with_the_group_inside_the_job_record_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.init("spec", &job_with(None)).unwrap();
+        // As the coordinator wrote it before the generations table: the group inside the
+        // job record, every slice in the ledger record.
+        let legacy_job = r#"{"job_id":"j","committed":1,"generation":2,
+            "formed":{"generation":2,"ranks":["a","b"],"peers":["a:1","b:1"],"blob":[],
+                      "start_step":0,"source":"Init","checkpoint_path":""},
+            "target_workers":2,"stopped":false,"checkpoint":null,"rollbacks":0,
+            "redone_steps":0,"next_join_seq":2}"#;
+        let legacy_step = r#"{"step":0,"generation":2,"world_size":2,"slices":[
+            {"rank":0,"worker_id":"a","stream_start":0,"count":4},
+            {"rank":1,"worker_id":"b","stream_start":4,"count":4}],
+            "loss":2.0,"tokens":8,"step_time_s":0.1}"#;
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(JOB_KEY, legacy_job.as_bytes()).unwrap();
+            let mut ledger = txn.open_table(LEDGER).unwrap();
+            ledger.insert(0, legacy_step.as_bytes()).unwrap();
+        }
+        txn.commit().unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded.job.formed, Some(group(2, &["a", "b"])));
+        assert_eq!(loaded.job.committed, 1);
+        assert_eq!(loaded.ledger[0].slices.len(), 2);
+        assert_eq!(loaded.ledger[0].slices[1].worker_id, "b");
+        // Steps the old group commits from here on are read back through the generations
+        // table, which loading filled.
+        store.sync().unwrap();
+        assert_eq!(store.generation(2).unwrap().ranks, ["a", "b"]);
     }
 }

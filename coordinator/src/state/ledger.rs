@@ -124,26 +124,13 @@ impl JobState {
         step_time_s: f64,
     ) -> Result<(), StateError> {
         let step = self.job.committed;
-        let world = by.ranks.len() as u64;
-        let slices = by
-            .ranks
-            .iter()
-            .enumerate()
-            .map(|(rank, id)| {
-                let (stream_start, count, _) = self.schedule.slice(step, rank as u64, world);
-                SliceRecord {
-                    rank: rank as u32,
-                    worker_id: id.clone(),
-                    stream_start,
-                    count,
-                }
-            })
-            .collect();
+        // The slices follow from the generation's ranks and the schedule: derived when the
+        // ledger is read ([`Self::ledger`]), so a commit costs the same at any group size.
         let entry = LedgerRecord {
             step,
             generation: by.generation,
-            world_size: world as u32,
-            slices,
+            world_size: by.ranks.len() as u32,
+            slices: Vec::new(),
             loss,
             tokens,
             step_time_s,
@@ -345,7 +332,29 @@ impl JobState {
                 "ask for at most 100000 steps at a time",
             ));
         }
-        self.store.read_ledger(from, to).map_err(store_err)
+        let mut entries = self.store.read_ledger(from, to).map_err(store_err)?;
+        let mut group: Option<FormedRecord> = None;
+        for e in entries.iter_mut().filter(|e| e.slices.is_empty()) {
+            if group.as_ref().map(|g| g.generation) != Some(e.generation) {
+                group = Some(self.store.generation(e.generation).map_err(store_err)?);
+            }
+            let ranks = &group.as_ref().expect("just read").ranks;
+            let world = ranks.len() as u64;
+            e.slices = ranks
+                .iter()
+                .enumerate()
+                .map(|(rank, id)| {
+                    let (stream_start, count, _) = self.schedule.slice(e.step, rank as u64, world);
+                    SliceRecord {
+                        rank: rank as u32,
+                        worker_id: id.clone(),
+                        stream_start,
+                        count,
+                    }
+                })
+                .collect();
+        }
+        Ok(entries)
     }
 
     pub fn ledger_meta(&self) -> LedgerMeta {
