@@ -22,7 +22,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(
     name = "ferry",
-    version,
+    // The build id is the coordinator's (`ferry_coordinator::BUILD_ID`): scripts compare it
+    // with `ferry-coordinator --version` before running the slim binary.
+    version = ferry_coordinator::VERSION,
     about = "Data-parallel pretraining and fine-tuning of GPT, GPT-2 and BERT"
 )]
 #[command(args_override_self = true)]

@@ -7,7 +7,7 @@ use ferry_coordinator::cli::{run, CoordinatorArgs};
 #[derive(Parser)]
 #[command(
     name = "ferry-coordinator",
-    version,
+    version = ferry_coordinator::VERSION,
     about = "The ferry coordinator: membership, rendezvous, the sample ledger and durable job \
              state for one job (the same command as `ferry coordinator`, without libtorch)"
 )]

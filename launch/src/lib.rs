@@ -217,6 +217,61 @@ fn spawn(console: &Console, name: &str, mut cmd: Command, token: &str) -> Result
     })
 }
 
+/// The coordinator to start: the slim `ferry-coordinator` beside this binary when it is of
+/// the same build (it idles in a few MiB, where `ferry` maps libtorch), else `ferry
+/// coordinator`, which is always this build. A `ferry-coordinator` left from an older build
+/// might speak another protocol or store its state in another form: it is never used.
+fn coordinator_command(exe: &Path, console: &Console) -> Command {
+    let slim = exe.with_file_name("ferry-coordinator");
+    let mut in_binary = Command::new(exe);
+    in_binary.arg("coordinator");
+    if !slim.is_file() {
+        return in_binary;
+    }
+    match slim_build_id(&slim) {
+        Ok(id) if id == ferry_coordinator::BUILD_ID => Command::new(slim),
+        found => {
+            let found = match found {
+                Ok(id) => format!("is of build {id}"),
+                Err(e) => format!("did not say its build ({e:#})"),
+            };
+            console.line(format!(
+                "[launch] {} {found}, this ferry is of build {}: running `ferry coordinator` \
+                 instead (rebuild both: cargo build --release -p ferry -p ferry-coordinator)",
+                slim.display(),
+                ferry_coordinator::BUILD_ID
+            ));
+            in_binary
+        }
+    }
+}
+
+/// The build id in `ferry-coordinator --version` ("ferry-coordinator 0.1.0 (build <id>)").
+fn slim_build_id(slim: &Path) -> Result<String> {
+    let mut child = Command::new(slim)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("--version did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("piped"), &mut out)?;
+    out.split("(build ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("--version printed {:?}", out.trim()))
+}
+
 fn load_or_create_token(state: &Path) -> Result<String> {
     let path = state.join("token");
     if let Ok(t) = std::fs::read_to_string(&path) {
@@ -273,8 +328,8 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     };
     let console = Console { bar: bar.clone() };
 
-    let mut cmd = Command::new(&exe);
-    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--job"])
+    let mut cmd = coordinator_command(&exe, &console);
+    cmd.args(["--listen", "127.0.0.1:0", "--job"])
         .arg(&a.job)
         .arg("--state")
         .arg(&state)
@@ -474,7 +529,71 @@ pub fn run(a: LaunchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::DeviceSlots;
+    use super::{coordinator_command, Console, DeviceSlots};
+    use std::path::Path;
+
+    /// A stand-in `ferry-coordinator` beside a stand-in `ferry` in `dir` whose `--version`
+    /// prints `version`; returns the program and arguments launch would start.
+    fn chosen_with_slim(dir: &Path, version: Option<&str>) -> (String, Vec<String>) {
+        let slim = dir.join("ferry-coordinator");
+        if let Some(v) = version {
+            std::fs::write(&slim, format!("#!/bin/sh\necho '{v}'\n")).unwrap();
+            let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+            std::fs::set_permissions(&slim, perms).unwrap();
+        }
+        let console = Console {
+            bar: indicatif::ProgressBar::hidden(),
+        };
+        let cmd = coordinator_command(&dir.join("ferry"), &console);
+        let program = Path::new(cmd.get_program())
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let args = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        (program, args)
+    }
+
+    #[test]
+    fn launch_runs_the_slim_coordinator_only_when_it_is_of_the_same_build() {
+        let (ferry, coordinator) = ("ferry".to_string(), vec!["coordinator".to_string()]);
+        let same = format!(
+            "ferry-coordinator 0.1.0 (build {})",
+            ferry_coordinator::BUILD_ID
+        );
+        let d = tempfile_dir("same");
+        assert_eq!(
+            chosen_with_slim(&d, Some(&same)),
+            ("ferry-coordinator".to_string(), vec![])
+        );
+        let d = tempfile_dir("stale");
+        let stale = "ferry-coordinator 0.1.0 (build 0123456789abcdef)";
+        assert_eq!(
+            chosen_with_slim(&d, Some(stale)),
+            (ferry.clone(), coordinator.clone())
+        );
+        // One from before build ids: its --version names no build.
+        let d = tempfile_dir("old");
+        let old = "ferry-coordinator 0.1.0";
+        assert_eq!(
+            chosen_with_slim(&d, Some(old)),
+            (ferry.clone(), coordinator.clone())
+        );
+        let d = tempfile_dir("none");
+        assert_eq!(chosen_with_slim(&d, None), (ferry, coordinator));
+        let _ = std::fs::remove_dir_all(tempfile_dir(""));
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir()
+            .join(format!("ferry-launch-{}", std::process::id()))
+            .join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 
     /// A worker started in place of one that exited takes the GPU it freed. Before, worker
     /// number `i` took GPU `i % gpus`: on two GPUs, w1 exiting left GPU 1 free and its
