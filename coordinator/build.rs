@@ -48,10 +48,9 @@ fn main() {
         h.write(f.to_string_lossy().as_bytes());
         h.write(&std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())));
     }
-    println!(
-        "cargo:rustc-env=FERRY_COORDINATOR_BUILD_ID={:016x}",
-        h.finish()
-    );
+    // A compile-time name for env!(), not a variable anyone sets: hence no FERRY_ prefix,
+    // which the deploy checks reserve for what the binaries read at run time.
+    println!("cargo:rustc-env=COORDINATOR_BUILD_ID={:016x}", h.finish());
 }
 
 struct Fnv(u64);

@@ -28,13 +28,13 @@ pub use server::{serve, ServeConfig, ENDPOINT_FILE};
 
 /// A digest of every source that decides how the coordinator behaves (`build.rs`): `ferry`
 /// and `ferry-coordinator` carry the same id exactly when they run the same coordinator.
-pub const BUILD_ID: &str = env!("FERRY_COORDINATOR_BUILD_ID");
+pub const BUILD_ID: &str = env!("COORDINATOR_BUILD_ID");
 
 /// `ferry-coordinator --version`: the package version and the build id, which `ferry launch`
 /// checks before it runs the slim binary instead of `ferry coordinator`.
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (build ",
-    env!("FERRY_COORDINATOR_BUILD_ID"),
+    env!("COORDINATOR_BUILD_ID"),
     ")"
 );
