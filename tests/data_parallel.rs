@@ -861,9 +861,10 @@ fn ctrl_c_stops_launch_while_its_coordinator_is_frozen() {
         s["committed_steps"].as_u64() >= Some(1)
     });
     let needle = state.display().to_string();
+    // `ferry-coordinator ...` when the slim binary is of this build, else `ferry coordinator ...`.
     let coordinator = processes_mentioning(&needle)
         .into_iter()
-        .find(|(_, c)| c.contains(" coordinator "))
+        .find(|(_, c)| c.contains(" coordinator ") || c.contains("ferry-coordinator "))
         .expect("the launched coordinator process")
         .0;
     unsafe { libc::kill(coordinator, libc::SIGSTOP) };
