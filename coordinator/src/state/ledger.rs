@@ -63,9 +63,16 @@ impl JobState {
                 self.job.generation
             )));
         }
-        let group = match (&self.job.formed, &self.previous) {
-            (Some(f), _) if f.generation == generation => f,
-            (None, Some(p)) if p.generation == generation => p,
+        // Nothing here may cost O(W) per commit (at 100,000 ranks, a copy of the group took
+        // longer than the rest): the running group's members are looked up in its rank index.
+        let (world, member) = match (&self.job.formed, &self.previous) {
+            (Some(f), _) if f.generation == generation => {
+                (f.ranks.len() as u64, self.rank_of(worker_id).is_some())
+            }
+            (None, Some(p)) if p.generation == generation => (
+                p.ranks.len() as u64,
+                p.ranks.iter().any(|id| id == worker_id),
+            ),
             _ => {
                 return Err(StateError::failed_precondition(format!(
                     "generation {generation} is not the running group (newest is {}): regroup",
@@ -73,13 +80,12 @@ impl JobState {
                 )))
             }
         };
-        if !group.ranks.iter().any(|id| id == worker_id) {
+        if !member {
             return Err(StateError::failed_precondition(format!(
                 "worker {worker_id} is not a member of generation {generation}"
             )));
         }
-        let group = group.clone();
-        let world = group.ranks.len() as u64;
+        let committed_before = self.job.committed;
         for s in steps {
             if s.step < self.job.committed {
                 continue;
@@ -104,7 +110,7 @@ impl JobState {
                     s.group_digest, s.step
                 )));
             }
-            self.record_commit(&group, s.loss, s.tokens, s.step_time_s)?;
+            self.record_commit(generation, world, s.loss, s.tokens, s.step_time_s)?;
             if s.step_time_s > 0.0 {
                 metrics::gauge!("ferry_tokens_per_second").set(s.tokens as f64 / s.step_time_s);
             }
@@ -112,13 +118,23 @@ impl JobState {
                 metrics::histogram!("ferry_allreduce_seconds").record(s.allreduce_s);
             }
         }
+        if self.job.committed > committed_before {
+            // The group's links all worked for these steps.
+            let ranks = match (&self.job.formed, &self.previous) {
+                (Some(f), _) if f.generation == generation => &f.ranks,
+                (_, Some(p)) if p.generation == generation => &p.ranks,
+                _ => return Ok(()),
+            };
+            self.links.trained_together(ranks);
+        }
         Ok(())
     }
 
-    /// Commits step `job.committed`, as trained by the group `by`.
+    /// Commits step `job.committed`, as trained by generation `generation` of `world` ranks.
     pub(super) fn record_commit(
         &mut self,
-        by: &FormedRecord,
+        generation: u64,
+        world: u64,
         loss: f64,
         tokens: u64,
         step_time_s: f64,
@@ -128,8 +144,8 @@ impl JobState {
         // ledger is read ([`Self::ledger`]), so a commit costs the same at any group size.
         let entry = LedgerRecord {
             step,
-            generation: by.generation,
-            world_size: by.ranks.len() as u32,
+            generation,
+            world_size: world as u32,
             slices: Vec::new(),
             loss,
             tokens,
@@ -145,7 +161,6 @@ impl JobState {
             metrics::gauge!("ferry_loss").set(loss);
         }
         self.ledger_tail = Some(entry);
-        self.links.trained_together(&by.ranks);
         self.emit(EventKind::Committed, "", format!("step {step} committed"));
         if self.finished() {
             tracing::info!(
