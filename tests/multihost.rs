@@ -538,8 +538,14 @@ fn a_link_cut_between_two_workers_sets_one_aside_and_the_job_finishes() {
     let Some((_serial, hosts, reference, run)) = prologue(4, test, "mh-pair") else {
         return;
     };
-    let spec =
-        partition_job(&run, 0).replace("min_workers = 3", "min_workers = 2\nmax_workers = 3");
+    // Two may train on after the cut (min_workers = 2), but the job starts with all three: the
+    // first group forms once three have joined (the target) or 10 s after the last join.
+    // With settle_s = 0 the first two formed a group before the third joined, and on a
+    // loaded machine the group of three could be cut before it committed a step.
+    let spec = partition_job(&run, 0)
+        .replace("min_workers = 3", "min_workers = 2\nmax_workers = 3")
+        .replace("settle_s = 0.0", "settle_s = 10.0");
+    assert!(spec.contains("settle_s = 10.0"), "{spec}");
     let c = start_coordinator(&hosts, "mh-pair-coord", &spec);
     let workers = start_workers(&hosts, &c, "w", &[]);
     let st = wait_until(
