@@ -65,20 +65,22 @@ impl JobState {
         }
         // Nothing here may cost O(W) per commit (at 100,000 ranks, a copy of the group took
         // longer than the rest): the running group's members are looked up in its rank index.
-        let (world, member) = match (&self.job.formed, &self.previous) {
-            (Some(f), _) if f.generation == generation => {
-                (f.ranks.len() as u64, self.rank_of(worker_id).is_some())
-            }
-            (None, Some(p)) if p.generation == generation => (
-                p.ranks.len() as u64,
-                p.ranks.iter().any(|id| id == worker_id),
-            ),
-            _ => {
-                return Err(StateError::failed_precondition(format!(
-                    "generation {generation} is not the running group (newest is {}): regroup",
-                    self.job.generation
-                )))
-            }
+        let Some(group) = committing_group(&self.job.formed, &self.previous, generation) else {
+            return Err(StateError::failed_precondition(format!(
+                "generation {generation} is not the running group (newest is {}): regroup",
+                self.job.generation
+            )));
+        };
+        let world = group.ranks.len() as u64;
+        let member = if self
+            .job
+            .formed
+            .as_ref()
+            .is_some_and(|f| f.generation == generation)
+        {
+            self.rank_of(worker_id).is_some()
+        } else {
+            group.ranks.iter().any(|id| id == worker_id)
         };
         if !member {
             return Err(StateError::failed_precondition(format!(
@@ -120,12 +122,9 @@ impl JobState {
         }
         if self.job.committed > committed_before {
             // The group's links all worked for these steps.
-            let ranks = match (&self.job.formed, &self.previous) {
-                (Some(f), _) if f.generation == generation => &f.ranks,
-                (_, Some(p)) if p.generation == generation => &p.ranks,
-                _ => return Ok(()),
-            };
-            self.links.trained_together(ranks);
+            if let Some(g) = committing_group(&self.job.formed, &self.previous, generation) {
+                self.links.trained_together(&g.ranks);
+            }
         }
         Ok(())
     }
@@ -384,5 +383,20 @@ impl JobState {
 
     pub fn committed(&self) -> u64 {
         self.job.committed
+    }
+}
+
+/// The group that trained as `generation` and may commit its steps: the running one, or the
+/// one before a proposal while no newer group has formed (once one has, it may already be
+/// training those steps again). Fields, not `&self`, so the caller may borrow others.
+fn committing_group<'a>(
+    formed: &'a Option<FormedRecord>,
+    previous: &'a Option<FormedRecord>,
+    generation: u64,
+) -> Option<&'a FormedRecord> {
+    match (formed, previous) {
+        (Some(f), _) if f.generation == generation => Some(f),
+        (None, Some(p)) if p.generation == generation => Some(p),
+        _ => None,
     }
 }
